@@ -1,0 +1,226 @@
+"""One typed schema for params.yaml, shared by the stages, the Optuna study and the GUI.
+
+Every section forbids unknown keys, so a typo stops a run at start with the key's dotted name instead of being
+silently ignored. `load_params` and `validate_params` turn pydantic's errors into one ValueError that names the
+file, the key, what was expected and what came.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DATASETS = ("synthetic", "sop", "inshop", "cub", "cars", "vehicleid")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticParams(_Section):
+    """The embedded SOP-like benchmark, generated from a seed (no download)."""
+
+    num_classes: int = Field(1000, ge=8, le=20000)
+    images_per_class_min: int = Field(4, ge=2)
+    images_per_class_max: int = Field(12, ge=2)
+    classes_per_superclass: int = Field(10, ge=1)
+    image_size: int = Field(32, ge=16, le=256)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _range(self) -> "SyntheticParams":
+        if self.images_per_class_max < self.images_per_class_min:
+            raise ValueError(
+                f"images_per_class_max ({self.images_per_class_max}) must be >= images_per_class_min "
+                f"({self.images_per_class_min})"
+            )
+        return self
+
+
+class DataParams(_Section):
+    name: Literal["synthetic", "sop", "inshop", "cub", "cars", "vehicleid"] = "synthetic"
+    root: str = "data/raw"
+    prepared: str = "data/prepared"
+    download: bool = True
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    skip_corrupt: bool = False
+    train_size: int = Field(32, ge=8)
+    test_resize: int = Field(32, ge=8)
+    test_size: int = Field(32, ge=8)
+    vehicleid_test: Literal[800, 1600, 2400] = 800
+    num_workers: int = Field(0, ge=0)
+    synthetic: SyntheticParams = SyntheticParams()
+
+
+class ModelParams(_Section):
+    backbone: Literal["smallcnn", "resnet18", "resnet50"] = "smallcnn"
+    embedding_dim: int = Field(128, ge=2)
+    pretrained: Literal["none", "imagenet"] = "none"
+    freeze_bn: bool = False
+
+
+class LossParams(_Section):
+    name: Literal["contrastive", "multi_similarity", "triplet"] = "contrastive"
+    margin: float = Field(0.5, ge=-1.0, le=1.0)
+    ms_alpha: float = Field(2.0, gt=0)
+    ms_beta: float = Field(50.0, gt=0)
+    ms_base: float = Field(0.5, ge=-1.0, le=1.0)
+    ms_epsilon: float = Field(0.1, ge=0)
+    triplet_margin: float = Field(0.1, ge=0)
+    reduction: Literal["mean_active", "sum_over_batch"] = "mean_active"
+
+
+class MemoryParams(_Section):
+    enabled: bool = True
+    mode: Literal["queue", "index"] = "queue"
+    ratio: float = Field(0.5, gt=0.0, le=1.0)
+    size: int | None = Field(None, ge=1)
+    weight: float = Field(1.0, ge=0.0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TrainParams(_Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(64, ge=2)
+    images_per_class: int = Field(4, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(300, ge=0)
+    xbm_steps: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    eval_every: int = Field(0, ge=0)
+    num_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _pk(self) -> "TrainParams":
+        if self.batch_size % self.images_per_class:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of images_per_class ({self.images_per_class})"
+            )
+        return self
+
+
+class EvalParams(_Section):
+    recall_at: list[int] = Field(default_factory=lambda: [1, 10, 100])
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _ks(self) -> "EvalParams":
+        if not self.recall_at or any(k < 1 for k in self.recall_at):
+            raise ValueError(f"recall_at must be a non-empty list of integers >= 1, got {self.recall_at}")
+        return self
+
+
+class TrackingParams(_Section):
+    experiment: str = "xbm"
+    uri: str | None = None
+    runs_dir: str = "runs"
+
+
+class TuneSpace(_Section):
+    memory_ratio: tuple[float, float] = (0.01, 1.0)
+    margin: tuple[float, float] = (0.3, 0.7)
+    memory_weight: tuple[float, float] = (0.25, 2.0)
+    lr: tuple[float, float] = (1e-4, 3e-3)
+    ms_alpha: tuple[float, float] = (1.0, 4.0)
+    ms_beta: tuple[float, float] = (20.0, 60.0)
+    ms_base: tuple[float, float] = (0.3, 0.7)
+
+
+class TuneParams(_Section):
+    study_name: str = "xbm"
+    storage: str | None = None
+    n_trials: int = Field(3, ge=1)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "none"] = "median"
+    metric: Literal["recall@1", "map@r"] = "recall@1"
+    xbm_steps: int | None = Field(None, ge=1)
+    space: TuneSpace = TuneSpace()
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    loss: LossParams = LossParams()
+    memory: MemoryParams = MemoryParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+    tune: TuneParams = TuneParams()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys (memory.ratio -> 0.5): the form MLflow, Optuna and `dvc exp run -S` use."""
+        return flatten(self.model_dump(mode="json"))
+
+    def digest(self, sections: tuple[str, ...] | None = None) -> str:
+        """Stable short hash of the given sections (all when None)."""
+        d = self.model_dump(mode="json")
+        if sections is not None:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and section)"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ValueError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read and validate a params file; `overrides` are `dvc exp run -S` style `a.b=value` strings."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for ov in overrides or []:
+        set_dotted(raw, ov)
+    return validate_params(raw, str(path))
+
+
+def set_dotted(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML (0.2, true, [1, 10])."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r}: expected KEY=VALUE, e.g. memory.ratio=0.2")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
