@@ -97,6 +97,9 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(200, ge=1)
     eval_every: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1)
+    # auto: bfloat16 autocast on a GPU that has it (tensor cores, float32's range so no loss scaling), float32 on
+    # the CPU. float16 (GPUs without bfloat16) trains with a GradScaler.
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @model_validator(mode="after")
     def _pk(self) -> "TrainParams":
