@@ -127,25 +127,85 @@ class TrackingParams(_Section):
     runs_dir: str = "runs"
 
 
+Range = tuple[float, float]
+
+
 class TuneSpace(_Section):
-    memory_ratio: tuple[float, float] = (0.01, 1.0)
-    margin: tuple[float, float] = (0.3, 0.7)
-    memory_weight: tuple[float, float] = (0.25, 2.0)
-    lr: tuple[float, float] = (1e-4, 3e-3)
-    ms_alpha: tuple[float, float] = (1.0, 4.0)
-    ms_beta: tuple[float, float] = (20.0, 60.0)
-    ms_base: tuple[float, float] = (0.3, 0.7)
+    """Search ranges (low, high) of the Optuna study; null leaves a key at its params.yaml value.
+
+    Each range maps to one params key (the Optuna parameter is named after it, e.g. "memory.ratio"), so the best
+    trial converts to `dvc exp run -S key=value` without translation. Keys that the warm-up does not depend on are
+    the only ones here: every trial then reuses one warm-up checkpoint.
+    """
+
+    # The paper's ablation spans 1% to 100% of the train set; log scale because the effect is multiplicative.
+    memory_ratio: Range | None = (0.01, 1.0)
+    # Contrastive negative margin: below ~0.3 nearly no negatives are active, above ~0.7 nearly all are.
+    margin: Range | None = (0.3, 0.7)
+    # Triplet margin (hardest positive/negative), used when loss.name is triplet.
+    triplet_margin: Range | None = (0.05, 0.3)
+    # w in L = L(batch) + w * L(memory); log scale, 1.0 (the paper) in the middle.
+    memory_weight: Range | None = (0.25, 2.0)
+    # The XBM-phase learning rate (log scale); the warm-up lr stays fixed so the warm-up is shared.
+    lr: Range | None = (1e-4, 3e-3)
+    # Multi-similarity parameters, used when loss.name is multi_similarity (the MS paper's values lie inside).
+    ms_alpha: Range | None = (1.0, 4.0)
+    ms_beta: Range | None = (20.0, 60.0)
+    ms_base: Range | None = (0.3, 0.7)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TuneSpace":
+        for name, r in self:
+            if r is not None and not r[0] < r[1]:
+                raise ValueError(f"{name}: expected [low, high] with low < high, got {list(r)}")
+        for name in ("memory_ratio", "memory_weight", "lr"):  # sampled on a log scale
+            r = getattr(self, name)
+            if r is not None and r[0] <= 0:
+                raise ValueError(f"{name}: a log-scale range needs low > 0, got {list(r)}")
+        if self.memory_ratio is not None and self.memory_ratio[1] > 1.0:
+            raise ValueError(f"memory_ratio: the memory holds at most the whole train set (<= 1.0), "
+                             f"got {list(self.memory_ratio)}")
+        return self
 
 
 class TuneParams(_Section):
     study_name: str = "xbm"
+    # null: sqlite:///<project root>/optuna.db. An RDB URL (relative sqlite paths are taken from the project
+    # root) or a plain path, which is a journal file (optuna JournalStorage) that several workers can share.
     storage: str | None = None
+    # The budget of the study across restarts and workers: complete, pruned and failed trials all count.
     n_trials: int = Field(3, ge=1)
     sampler: Literal["tpe", "random"] = "tpe"
+    # Trials drawn at random before TPE models the results (optuna's default is 10; studies here are short).
+    startup_trials: int = Field(5, ge=0)
+    # Sampler seed; trial n draws from (seed, n), so a one-worker study is reproducible and workers differ.
+    seed: int = 0
     pruner: Literal["median", "none"] = "median"
+    # Trials finished before pruning starts (the median of fewer is mostly noise).
+    prune_startup_trials: int = Field(2, ge=0)
+    # No pruning during the first steps after the memory switches on: the loss rebalances as the memory term
+    # appears, and a trial must not be judged on its warm-up (which all trials share anyway).
+    prune_grace_steps: int = Field(100, ge=0)
     metric: Literal["recall@1", "map@r"] = "recall@1"
+    # XBM-phase steps per trial (null: train.xbm_steps); shorter trials buy more of them.
     xbm_steps: int | None = Field(None, ge=1)
+    # Validation every N steps in a trial, the points the pruner judges (null: train.eval_every, or 5 points
+    # per trial when that is 0).
+    eval_every: int | None = Field(None, ge=1)
+    # A RUNNING trial whose worker has not written a heartbeat for stale_after_s is failed by the next worker
+    # that starts (a dead worker on this host is detected at once from its process id).
+    heartbeat_s: float = Field(30.0, gt=0)
+    stale_after_s: float = Field(300.0, gt=0)
+    # "best": delete the artifacts of finished trials that are not the best (a resnet50 trial weighs ~0.3 GB).
+    keep_artifacts: Literal["best", "all"] = "best"
     space: TuneSpace = TuneSpace()
+
+    @model_validator(mode="after")
+    def _stale(self) -> "TuneParams":
+        if self.stale_after_s <= 2 * self.heartbeat_s:
+            raise ValueError(f"stale_after_s ({self.stale_after_s}) must exceed twice heartbeat_s "
+                             f"({self.heartbeat_s}), or live trials would be failed")
+        return self
 
 
 class Params(_Section):

@@ -1,0 +1,144 @@
+"""The study in MLflow: one parent run per study, one nested run per trial.
+
+The parent's id is kept in the study's storage (a study user attribute), so every worker and every restart
+attaches to the same parent. The trial's stages log their curves into the trial's run through
+XBM_MLFLOW_RUN_ID; this module writes what only the study knows: the sampled values, the trial state, the
+objective value, and on the parent the best trial so far.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "xbm.mlflow_parent"
+RUN_ATTR = "xbm.mlflow_run_id"  # trial user attribute: the trial's run, closed by whoever fails it when stale
+# Trial state -> MLflow run status: a pruned trial was stopped on purpose, not broken.
+STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+STATE_TAG = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
+
+
+def metric_key(name: str) -> str:
+    """MLflow refuses "@" in metric names: recall@1 -> recall_at_1."""
+    return name.replace("@", "_at_")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _chunks(items: list, n: int = 100):  # MLflow takes at most 100 params / 1000 metrics per batch
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class StudyTracker:
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(experiment)
+            except MlflowException:  # created by another worker in the meantime
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+
+    # -- parent -------------------------------------------------------------------------------------------
+
+    def attach_parent(self, study: optuna.Study, params_flat: dict[str, Any], storage_url: str) -> str:
+        """Find the study's parent run in this tracking store or create it (call under the study lock)."""
+        ref = study.user_attrs.get(PARENT_ATTR) or {}
+        if ref.get("uri") == self.uri:
+            try:
+                run = self.client.get_run(ref["run_id"])
+                if run.info.lifecycle_stage == "active":
+                    self.parent_id = run.info.run_id
+                    self.client.update_run(self.parent_id, status="RUNNING")
+                    return self.parent_id
+            except MlflowException:
+                pass  # deleted from the store: start a new parent below
+        run = self.client.create_run(self.experiment_id, run_name=f"study-{study.study_name}", tags={
+            "xbm.study": study.study_name, "xbm.role": "study", "xbm.storage": storage_url,
+        })
+        self.parent_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in sorted(params_flat.items())]
+        for batch in _chunks(params):
+            self.client.log_batch(self.parent_id, params=batch)
+        study.set_user_attr(PARENT_ATTR, {"uri": self.uri, "run_id": self.parent_id})
+        return self.parent_id
+
+    def update_best(self, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state.is_finished()]
+        complete = [t for t in done if t.state == TrialState.COMPLETE]
+        if not complete:
+            return
+        best = max(complete, key=lambda t: t.value)
+        tags = [RunTag("xbm.best_trial", str(best.number))]
+        tags += [RunTag(f"best.{k}", repr(v)) for k, v in sorted(best.params.items())]
+        metrics = [Metric("tune/best_value", best.value, _now_ms(), len(done)),
+                   Metric("tune/n_complete", len(complete), _now_ms(), len(done))]
+        self.client.log_batch(self.parent_id, metrics=metrics, tags=tags)
+
+    def log_report(self, files: list[Path], test_metrics: dict[str, float] | None) -> None:
+        for f in files:
+            self.client.log_artifact(self.parent_id, str(f))
+        if test_metrics:
+            ts = _now_ms()
+            self.client.log_batch(self.parent_id, metrics=[
+                Metric(metric_key(f"test/{k}"), float(v), ts, 0) for k, v in sorted(test_metrics.items())])
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.parent_id, status="FINISHED")
+
+    # -- trials -------------------------------------------------------------------------------------------
+
+    def start_trial(self, study: optuna.Study, number: int, params_flat: dict[str, Any],
+                    sampled: dict[str, float]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:04d}", tags={
+            "mlflow.parentRunId": self.parent_id, "xbm.study": study.study_name, "xbm.role": "trial",
+            "xbm.trial": str(number), "xbm.trial_state": "running", "xbm.tuned_keys": ",".join(sorted(sampled)),
+        })
+        params = [Param(k, str(v)) for k, v in sorted(params_flat.items())]
+        for batch in _chunks(params):
+            self.client.log_batch(run.info.run_id, params=batch)
+        return run.info.run_id
+
+    def end_stale(self, trial: FrozenTrial) -> None:
+        """Close the run of a trial whose worker died (it was left RUNNING in MLflow too)."""
+        run_id = trial.user_attrs.get(RUN_ATTR)
+        if run_id is None:
+            return
+        try:
+            self.client.log_batch(run_id, tags=[RunTag("xbm.trial_state", "failed"),
+                                                RunTag("xbm.error", "worker died while the trial ran")])
+            self.client.set_terminated(run_id, status="FAILED")
+        except MlflowException as err:  # another tracking store, or deleted: nothing to close here
+            log.warning("MLflow run %s of trial %d not closed: %s", run_id, trial.number, err)
+
+    def end_trial(self, run_id: str, trial: FrozenTrial, metric: str, error: BaseException | None) -> None:
+        tags = [RunTag("xbm.trial_state", STATE_TAG.get(trial.state, "failed"))]
+        metrics = []
+        if trial.value is not None:  # a pruned trial keeps its last reported value
+            metrics.append(Metric(metric_key(f"tune/val_{metric}"), trial.value, _now_ms(), 0))
+        if error is not None:
+            tags.append(RunTag("xbm.error", repr(error)[:4000]))
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            self.client.log_text(run_id, text, "error.txt")
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(run_id, status=STATUS.get(trial.state, "FAILED"))
+        if trial.state == TrialState.COMPLETE:
+            self.client.log_metric(self.parent_id, metric_key(f"tune/val_{metric}"), trial.value, step=trial.number)

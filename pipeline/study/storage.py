@@ -1,0 +1,78 @@
+"""Where a study lives: an RDB URL (SQLite by default) or a journal file, resolved against the project root.
+
+Paths are made absolute because `dvc exp run --temp/--queue` and several workers run from other directories,
+and a relative SQLite URL would silently open a fresh, empty study there.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+
+@dataclass(frozen=True)
+class StudyStorage:
+    url: str                 # what optuna-dashboard and `-S tune.storage=` accept
+    lock_path: Path | None   # local file next to the storage; None for server databases
+
+    def open(self) -> BaseStorage:
+        if "://" in self.url:
+            # A generous SQLite timeout: workers write while others hold the lock for a moment.
+            kw = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite:") else None
+            return RDBStorage(self.url, engine_kwargs=kw)
+        return JournalStorage(JournalFileBackend(self.url))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive across processes on this host, for the count-then-ask of the budget.
+
+        Server databases have no such lock: workers there can overshoot the budget by at most one trial each
+        in a race at its very end (optuna numbers trials atomically, so none is ever done twice).
+        """
+        if self.lock_path is None:
+            yield
+            return
+        with open(self.lock_path, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def resolve_storage(spec: str | None, root: Path) -> StudyStorage:
+    """None -> sqlite:///<root>/optuna.db; "sqlite:///rel.db" -> absolute; "x://..." as is; a path -> journal."""
+    root = Path(root).resolve()
+    if spec is None:
+        spec = f"sqlite:///{root / 'optuna.db'}"
+    if spec.startswith("sqlite:///"):
+        rest = spec[len("sqlite:///"):]
+        if rest in ("", ":memory:"):
+            raise ValueError(f"tune.storage: expected a file database for a persistent study, got {spec!r}")
+        db = Path(rest.split("?", 1)[0])
+        db = db if db.is_absolute() else root / db
+        db.parent.mkdir(parents=True, exist_ok=True)
+        query = rest[len(rest.split("?", 1)[0]):]
+        return StudyStorage(f"sqlite:///{db}{query}", Path(f"{db}.lock"))
+    if "://" in spec:
+        return StudyStorage(spec, None)
+    if spec.endswith((".db", ".sqlite", ".sqlite3")):
+        raise ValueError(f"tune.storage: {spec!r} looks like a SQLite file; write it as sqlite:///{spec} "
+                         "(a plain path means a journal file)")
+    path = Path(spec).expanduser()
+    path = path if path.is_absolute() else root / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not "<file>.lock": JournalFileBackend uses that name for its own per-write lock.
+    return StudyStorage(str(path), Path(f"{path}.budget.lock"))
+
+
+def load_or_create(storage: StudyStorage, name: str, sampler=None, pruner=None) -> optuna.Study:
+    return optuna.create_study(storage=storage.open(), study_name=name, direction="maximize",
+                               sampler=sampler, pruner=pruner, load_if_exists=True)

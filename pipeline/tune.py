@@ -1,0 +1,82 @@
+"""Optuna study over the XBM phase: memory ratio, memory weight, XBM-phase lr and the loss margins.
+
+    python -m pipeline.tune [--params params.yaml] [-S tune.n_trials=20 -S loss.name=multi_similarity ...]
+    python -m pipeline.tune --report          # rewrite the report (plots, best params) without new trials
+
+Each trial = memory init + XBM training + validation on the val split (carved from the training classes; the
+test split is never tuned on), starting from one shared warm-up checkpoint. Start the same command in several
+shells or hosts on one storage (an RDB URL or a journal file) to spread a study; kill and restart at will: the
+budget `tune.n_trials` counts every trial in the storage, and a dead worker's trial is marked failed.
+Outputs in artifacts/tune/<study>/: best_params.yaml (dotted keys), summary.json (best value, test metrics of the
+best trial), importances.json and PNG plots, also logged to the study's parent MLflow run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+from xbmcore.config import Params, load_params
+from pipeline.study import StudyTracker, Worker, finalize, resolve_storage
+
+
+def tracking_uri(params: Params, root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml",
+                    help="params file; its folder is the project root (default: %(default)s)")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a param like `dvc exp run -S`, e.g. -S tune.n_trials=20 (repeatable)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from the stored trials")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the worker prints one line per trial itself
+    try:
+        params = load_params(args.params, args.overrides)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    root = Path(args.params).resolve().parent
+    from pipeline.study.objective import StageObjective  # torch and the stages: only when trials run
+
+    stages = StageObjective(params, root)
+    storage = resolve_storage(params.tune.storage, root)
+    worker = Worker(params, root, storage, stages, StudyTracker(tracking_uri(params, root),
+                                                                params.tracking.experiment))
+    print(f"study {params.tune.study_name!r} in {storage.url}: {worker.counts() or 'no trials yet'}, "
+          f"budget {params.tune.n_trials}", flush=True)
+    t0 = time.time()
+    if not args.report:
+        stages.prepare()
+        worker.run()
+    summary = finalize(worker, stages.evaluate_test)
+    print(f"worker done in {time.time() - t0:.0f} s")
+    if summary is None:
+        return 0
+    if "best_value" not in summary:
+        print(f"no trial completed ({summary['trials']}); see the failed trials' runs in MLflow")
+        return 1
+    print(f"best trial {summary['best_trial']}: val {summary['metric']} = {summary['best_value']:.4f}")
+    if summary.get("test"):
+        print("its test metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))
+    print(f"apply it:  {summary['command']}")
+    print(f"inspect:   {summary['dashboard']}")
+    print(f"report:    {worker.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
