@@ -1,0 +1,326 @@
+"""Pair-based losses on a similarity matrix, for the batch and for the cross-batch memory.
+
+Every loss compares B anchors (``emb``, B x D) with K references (``ref_emb``, K x D; the batch itself when
+omitted) through ``sim = emb @ ref_emb.T`` (B x K). `PairLoss` does the shared work once: input checks, the
+label masks with self-pairs removed, the similarity product and the reduction. A loss implements one hook,
+`pair_terms`, which turns (sim, positive mask, negative mask) into the sum of its terms, the number of terms
+the "mean_active" reduction divides by, and the counts of active positive and negative pairs.
+
+The hot path is built for K in the tens of thousands: two boolean B x K masks, no float masks, no boolean
+indexing (which would copy and, on a GPU, sync), and the contrastive loss is written as sum(coef * sim) with
+a constant coefficient matrix, so its backward is one B x K product followed by the matmul with the memory.
+
+Reductions:
+    "mean_active"    sum of the terms / number of active terms (pairs, anchors or triplets: see each loss);
+                     0 with a zero gradient when nothing is active. Keeps the loss scale independent of K.
+    "sum_over_batch" sum of the terms / B, as in the official XBM code; grows with the memory size.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .config import LossParams
+    from .memory import CrossBatchMemory
+
+REDUCTIONS = ("mean_active", "sum_over_batch")
+# Official XBM code: a positive with s >= 1 - 1e-5 is a copy of the anchor (e.g. an image sampled twice),
+# not a pair to learn from.
+POS_EPS = 1e-5
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor  # scalar
+    pos_pairs: Tensor  # int64 scalar: active positive pairs
+    neg_pairs: Tensor  # int64 scalar: active negative pairs
+
+
+class PairTerms(NamedTuple):
+    total: Tensor  # scalar sum of the loss terms, differentiable w.r.t. sim
+    num_terms: Tensor  # int64 scalar: what "mean_active" divides by
+    pos_pairs: Tensor  # int64 scalar
+    neg_pairs: Tensor  # int64 scalar
+
+
+class PairLoss(nn.Module, ABC):
+    """Base of the pair losses: checks inputs, builds masks, computes sim, reduces.
+
+    forward(emb, labels, ref_emb=None, ref_labels=None, indices=None, ref_indices=None) -> LossOutput
+
+    - ref_emb/ref_labels None: the batch is compared with itself and the diagonal is excluded; with
+      `indices` given, every pair of rows with equal indices is excluded (an image sampled twice is not
+      its own positive).
+    - ref_emb/ref_labels given (e.g. the memory): with indices and ref_indices, every pair with
+      indices[i] == ref_indices[j] is excluded, so an anchor is never paired with its own stored copy.
+    - A ref_emb in another dtype (a bfloat16 memory) is cast to emb's dtype, unless autocast is on, in which
+      case the matmul runs in the autocast dtype without the copy.
+    """
+
+    def __init__(self, reduction: str = "mean_active") -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"loss reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+
+    @abstractmethod
+    def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
+        """sim: B x K similarities; pos, neg: B x K bool masks of candidate pairs (self-pairs removed)."""
+
+    def forward(
+        self,
+        emb: Tensor,
+        labels: Tensor,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        indices: Tensor | None = None,
+        ref_indices: Tensor | None = None,
+    ) -> LossOutput:
+        ref_emb, pos, neg = _pairs(emb, labels, ref_emb, ref_labels, indices, ref_indices)
+        if ref_emb.dtype != emb.dtype and not torch.is_autocast_enabled(emb.device.type):
+            ref_emb = ref_emb.to(emb.dtype)
+        sim = emb @ ref_emb.T  # B x K
+        if sim.shape[1] == 0:  # nothing to pair with: zero loss, zero gradient, graph kept
+            zero = torch.zeros((), dtype=torch.int64, device=emb.device)
+            return LossOutput(sim.sum(), zero, zero)
+        terms = self.pair_terms(sim, pos, neg)
+        if self.reduction == "mean_active":
+            loss = terms.total / terms.num_terms.clamp(min=1)
+        else:
+            loss = terms.total / sim.shape[0]
+        return LossOutput(loss, terms.pos_pairs, terms.neg_pairs)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
+
+
+class ContrastiveLoss(PairLoss):
+    """Contrastive loss of XBM on similarities (Hadsell et al. 2006, as used by Wang et al. 2020).
+
+    Positive pair (same label): term 1 - s, active when s < 1 - 1e-5 (an exact copy is not a pair).
+    Negative pair: term s - margin, active when s > margin (the hinge [s - margin]_+).
+    mean_active: sum / (active positive + active negative pairs); sum_over_batch: sum / B.
+    The official code adds s instead of s - margin for an active negative: same gradient, a loss value
+    larger by margin per active negative; the hinge keeps the value continuous at the margin.
+    """
+
+    def __init__(self, margin: float = 0.5, reduction: str = "mean_active") -> None:
+        super().__init__(reduction)
+        self.margin = float(margin)
+
+    def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
+        pos = pos & (sim < 1 - POS_EPS)  # active positives
+        neg = neg & (sim > self.margin)  # active negatives
+        coef = torch.where(pos, -1.0, neg.to(sim.dtype))  # d total / d sim: B x K, constant
+        n_pos, n_neg = pos.count_nonzero(), neg.count_nonzero()
+        # sum_pos (1 - s) + sum_neg (s - margin) = sum(coef * s) + n_pos - margin * n_neg
+        total = (coef * sim).sum(dtype=_acc_dtype(sim)) + n_pos - self.margin * n_neg
+        return PairTerms(total, n_pos + n_neg, n_pos, n_neg)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, {super().extra_repr()}"
+
+
+class MultiSimilarityLoss(PairLoss):
+    """Multi-similarity loss (Wang et al. CVPR 2019), mining and weighting as in the official XBM code.
+
+    Per anchor i, over positives P (s < 1 - 1e-5) and negatives N:
+      mining:    keep negative n if s_n + epsilon > min_P s_p; keep positive p if s_p - epsilon < max_N s_n
+      term_i:    1/alpha log(1 + sum_p exp(-alpha (s_p - base))) + 1/beta log(1 + sum_n exp(beta (s_n - base)))
+    An anchor is active when it keeps at least one positive and one negative; inactive anchors add nothing.
+    Active pairs are the kept pairs of active anchors.
+    mean_active: sum of term_i / number of active anchors; sum_over_batch: sum of term_i / B.
+    The log-sum-exp is evaluated stably, so a large beta cannot overflow.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        reduction: str = "mean_active",
+    ) -> None:
+        super().__init__(reduction)
+        if alpha <= 0 or beta <= 0:
+            raise ValueError(f"multi-similarity alpha, beta: expected > 0, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta, self.base, self.epsilon = float(alpha), float(beta), float(base), float(epsilon)
+
+    def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
+        s = sim.to(_acc_dtype(sim))  # exp(beta * s) needs more than bfloat16
+        sd = s.detach()
+        pos = pos & (sd < 1 - POS_EPS)
+        min_pos = sd.masked_fill(~pos, torch.inf).amin(1, keepdim=True)  # B x 1
+        max_neg = sd.masked_fill(~neg, -torch.inf).amax(1, keepdim=True)  # B x 1
+        neg = neg & (sd + self.epsilon > min_pos)
+        pos = pos & (sd - self.epsilon < max_neg)
+        # an anchor keeps a positive iff it keeps a negative (both say min_P < max_N + epsilon) up to
+        # rounding; the explicit rule below is the official one and settles the rounding cases
+        active = pos.any(1, keepdim=True) & neg.any(1, keepdim=True)  # B x 1
+        pos, neg = pos & active, neg & active
+        pos_term = _log1p_sum_exp(-self.alpha * (s - self.base), pos) / self.alpha
+        neg_term = _log1p_sum_exp(self.beta * (s - self.base), neg) / self.beta
+        total = (pos_term + neg_term).sum()
+        return PairTerms(total, active.sum(), pos.count_nonzero(), neg.count_nonzero())
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}, "
+            f"{super().extra_repr()}"
+        )
+
+
+class TripletLoss(PairLoss):
+    """Triplet loss with the hardest positive and hardest negative of each anchor, on similarities.
+
+    term_i = [max_N s_n - min_P s_p + margin]_+ ; 0 for an anchor without a positive or a negative.
+    Active triplets are the anchors with term_i > 0; each has one active positive and one active negative
+    pair, so pos_pairs = neg_pairs = active triplets.
+    mean_active: sum of term_i / active triplets; sum_over_batch: sum of term_i / B.
+    """
+
+    def __init__(self, margin: float = 0.1, reduction: str = "mean_active") -> None:
+        super().__init__(reduction)
+        self.margin = float(margin)
+
+    def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
+        s = sim.to(_acc_dtype(sim))
+        hardest_pos = s.masked_fill(~pos, torch.inf).amin(1)  # B; +inf without positives
+        hardest_neg = s.masked_fill(~neg, -torch.inf).amax(1)  # B; -inf without negatives
+        term = (hardest_neg - hardest_pos + self.margin).clamp(min=0)  # -inf (no pair) -> 0
+        n = (term > 0).sum()
+        return PairTerms(term.sum(), n, n, n)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, {super().extra_repr()}"
+
+
+def build_loss(p: "LossParams") -> PairLoss:
+    """The loss named by the `loss` section of params.yaml."""
+    if p.name == "contrastive":
+        return ContrastiveLoss(margin=p.margin, reduction=p.reduction)
+    if p.name == "multi_similarity":
+        return MultiSimilarityLoss(
+            alpha=p.ms_alpha, beta=p.ms_beta, base=p.ms_base, epsilon=p.ms_epsilon, reduction=p.reduction
+        )
+    if p.name == "triplet":
+        return TripletLoss(margin=p.triplet_margin, reduction=p.reduction)
+    raise ValueError(f"loss.name: expected contrastive, multi_similarity or triplet, got {p.name!r}")
+
+
+class XBMObjective(nn.Module):
+    """The XBM objective: L(batch, batch) + weight * L(batch, memory).
+
+    The memory part pairs each anchor with every stored entry except its own stored copies (matched by
+    dataset index). It does not enqueue: the trainer enqueues after the loss, as in the paper.
+    """
+
+    def __init__(self, loss: PairLoss, weight: float = 1.0) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ValueError(f"memory weight: expected >= 0, got {weight}")
+        self.loss, self.weight = loss, float(weight)
+
+    def forward(
+        self, emb: Tensor, labels: Tensor, indices: Tensor, memory: "CrossBatchMemory | None" = None
+    ) -> dict[str, Tensor]:
+        batch = self.loss(emb, labels, indices=indices)
+        if memory is None or len(memory) == 0:
+            zero = torch.zeros((), dtype=torch.int64, device=emb.device)
+            mem = LossOutput(torch.zeros((), dtype=batch.loss.dtype, device=emb.device), zero, zero)
+        else:
+            feats, mem_labels, mem_indices = memory.get()
+            mem = self.loss(emb, labels, feats, mem_labels, indices, mem_indices)
+        return {
+            "loss": batch.loss + self.weight * mem.loss,
+            "loss_batch": batch.loss,
+            "loss_memory": mem.loss,
+            "pos_pairs": batch.pos_pairs,
+            "neg_pairs": batch.neg_pairs,
+            "mem_pos_pairs": mem.pos_pairs,
+            "mem_neg_pairs": mem.neg_pairs,
+        }
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _acc_dtype(sim: Tensor) -> torch.dtype:
+    return torch.float64 if sim.dtype == torch.float64 else torch.float32
+
+
+def _log1p_sum_exp(x: Tensor, mask: Tensor) -> Tensor:
+    """Per row, log(1 + sum_{j in mask} exp(x_j)), without overflow; 0 for an empty row. x, mask: B x K."""
+    x = x.masked_fill(~mask, -torch.inf)  # exp(-inf) = 0 with a zero gradient, no NaN
+    m = x.detach().amax(1, keepdim=True).clamp(min=0)  # B x 1, >= 0 so that exp(-m) <= 1
+    return (m + torch.log(torch.exp(-m) + torch.exp(x - m).sum(1, keepdim=True))).squeeze(1)
+
+
+def _pairs(
+    emb: Tensor,
+    labels: Tensor,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    indices: Tensor | None,
+    ref_indices: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Check the inputs; return ref_emb and the positive / negative masks (B x K bool, self-pairs removed)."""
+    _check_tensor("emb", emb, emb.device if isinstance(emb, Tensor) else None, ndim=2, floating=True)
+    B, D = emb.shape
+    if B == 0:
+        raise ValueError("loss emb: expected at least one row, got shape (0, D)")
+    _check_tensor("labels", labels, emb.device, shape=(B,))
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("loss ref_emb, ref_labels: expected both or neither, got only one")
+    batch_ref = ref_emb is None
+    if batch_ref:
+        if ref_indices is not None:
+            raise ValueError("loss ref_indices: expected None when ref_emb is None (indices serve both sides)")
+        ref_emb, ref_labels, ref_indices = emb, labels, indices
+    else:
+        _check_tensor("ref_emb", ref_emb, emb.device, ndim=2, floating=True)
+        if ref_emb.shape[1] != D:
+            raise ValueError(f"loss ref_emb: expected K x {D} to match emb, got {tuple(ref_emb.shape)}")
+        _check_tensor("ref_labels", ref_labels, emb.device, shape=(ref_emb.shape[0],))
+        if (indices is None) != (ref_indices is None):
+            raise ValueError("loss indices, ref_indices: expected both or neither with ref_emb, got only one")
+    if indices is not None:
+        _check_tensor("indices", indices, emb.device, shape=(B,))
+        _check_tensor("ref_indices", ref_indices, emb.device, shape=(ref_emb.shape[0],))
+
+    same = labels[:, None] == ref_labels[None, :]  # B x K
+    if indices is not None:
+        valid = indices[:, None] != ref_indices[None, :]  # B x K
+    elif batch_ref:
+        valid = ~torch.eye(B, dtype=torch.bool, device=emb.device)
+    else:
+        return ref_emb, same, ~same
+    return ref_emb, same & valid, valid > same  # bool a > b is a & ~b, in one pass
+
+
+def _check_tensor(
+    name: str,
+    t: object,
+    device: torch.device | None,
+    ndim: int | None = None,
+    shape: tuple[int, ...] | None = None,
+    floating: bool = False,
+) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"loss {name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"loss {name}: expected a tensor on {device} (emb's device), got {t.device}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"loss {name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"loss {name}: expected shape {shape}, got {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise ValueError(f"loss {name}: expected a floating-point tensor, got {t.dtype}")
+    if not floating and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise ValueError(f"loss {name}: expected an integer tensor, got {t.dtype}")

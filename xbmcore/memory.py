@@ -1,0 +1,289 @@
+"""Cross-batch memory (XBM, Wang et al. CVPR 2020): embeddings of past mini-batches kept for pairing.
+
+The whole state lives in registered buffers, so `state_dict` restores a memory exactly (contents, write
+position, fill count, drift statistics) and a resumed run continues as if never interrupted.
+
+Two modes:
+
+- ``"queue"``: the paper's FIFO ring of K entries. Every enqueued embedding is one entry (an image seen twice
+  within K entries is stored twice). Entry ``n`` of the stream goes to slot ``n % K``, so the order is exact
+  FIFO for any batch size B and any K: when B > K only the newest K of the batch survive, exactly as if the
+  batch had been pushed one by one.
+- ``"index"``: at most one slot per training image. A stored image that comes again is overwritten in place
+  (``feats[slot_of[idx]] = new``) and becomes the newest; a new image takes a free slot, or, once all K slots
+  are used, the slot of the least recently written image. With K = num_items every image keeps its own slot
+  forever; with K < num_items the memory holds the K most recently seen distinct images (a FIFO of indices).
+
+Drift (the paper's "slow drift") is measured for free: when an image is enqueued while its previous
+embedding is still stored, ``||new - old||^2`` and the age ``step_now - step_written`` are recorded. In index
+mode the previous embedding is the one overwritten; in queue mode it is the image's newest stored copy, which
+needs the item -> slot map that ``num_items`` enables.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("queue", "index")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CrossBatchMemory(nn.Module):
+    """K x D embedding memory with labels, dataset indices and the step each entry was written.
+
+    Args:
+        size: K, the number of entries (>= 1).
+        dim: D, the embedding dimension.
+        mode: "queue" (FIFO ring) or "index" (one slot per image, updated in place).
+        num_items: training-set size; required in index mode, optional in queue mode (enables drift).
+        dtype: storage dtype of the embeddings (float32, bfloat16 or float16).
+        device: where the buffers live; enqueued tensors must already be there.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        mode: str = "queue",
+        num_items: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"memory size K: expected an integer >= 1, got {size!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"memory dim: expected an integer >= 1, got {dim!r}")
+        if mode not in MODES:
+            raise ValueError(f"memory mode: expected one of {MODES}, got {mode!r}")
+        if mode == "index" and num_items is None:
+            raise ValueError("memory mode 'index': expected num_items (the training-set size), got None")
+        if num_items is not None and (not isinstance(num_items, int) or num_items < 1):
+            raise ValueError(f"memory num_items: expected an integer >= 1 or None, got {num_items!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"memory dtype: expected one of {DTYPES}, got {dtype!r}")
+        self.K, self.dim, self.mode, self.num_items = size, dim, mode, num_items
+
+        def buf(name: str, *shape: int, dt: torch.dtype = torch.int64, fill: float = 0) -> None:
+            self.register_buffer(name, torch.full(shape, fill, dtype=dt, device=device))
+
+        buf("feats", size, dim, dt=dtype)  # K x D
+        buf("labels", size)  # K
+        buf("indices", size)  # K: dataset index of each entry
+        buf("steps", size)  # K: training step at which each entry was written
+        buf("fill", fill=0)  # entries stored; they occupy slots [0, fill)
+        if mode == "queue":
+            buf("ptr", fill=0)  # ring slot of the next write (the oldest entry once full)
+        else:
+            buf("seq", size)  # K: write order, to find the least recently written slot
+        if num_items is not None:
+            # item -> slot of its newest copy, -1 if none; in queue mode the slot may since have been
+            # overwritten by another item, which the `indices` buffer tells
+            buf("slot_of", num_items, fill=-1)
+        # drift sums in float64: [sum ||new-old||^2, sum age, count] for the last enqueue and for all
+        buf("drift_last", 3, dt=torch.float64)
+        buf("drift_total", 3, dt=torch.float64)
+        # Python copies of the counters, so the hot path never reads a device tensor (no sync);
+        # the buffers above stay the checkpointed truth and are re-read after load_state_dict.
+        self._fill = 0
+        self._ptr = 0
+        self._seq = 0
+
+    @classmethod
+    def from_ratio(
+        cls,
+        ratio: float,
+        num_items: int,
+        dim: int,
+        mode: str = "queue",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> "CrossBatchMemory":
+        """Memory of K = max(1, round(ratio * num_items)) entries, ratio in (0, 1]."""
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"memory ratio: expected a value in (0, 1], got {ratio!r}")
+        if not isinstance(num_items, int) or num_items < 1:
+            raise ValueError(f"memory num_items: expected an integer >= 1, got {num_items!r}")
+        size = max(1, round(ratio * num_items))
+        return cls(size, dim, mode=mode, num_items=num_items, dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return self._fill
+
+    @property
+    def fill_level(self) -> float:
+        return self._fill / self.K
+
+    def get(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Views (no copy) of the stored entries: feats n x D, labels n, indices n, with n = len(self).
+
+        Entries occupy slots [0, n). The order is by slot, not by age: in queue mode the oldest entry is at
+        slot ``ptr`` once the ring is full; in index mode the age order is given by ``seq``.
+        """
+        n = self._fill
+        return self.feats[:n], self.labels[:n], self.indices[:n]
+
+    def _drift_mean(self, sums: Tensor, which: int) -> float | None:
+        count = float(sums[2])
+        return None if count == 0 else float(sums[which]) / count
+
+    @property
+    def last_drift(self) -> float | None:
+        """Mean ||new - old||^2 over the items of the last enqueue whose previous embedding was stored."""
+        return self._drift_mean(self.drift_last, 0)
+
+    @property
+    def last_drift_age(self) -> float | None:
+        """Mean age in steps (step now - step written) of those previous embeddings."""
+        return self._drift_mean(self.drift_last, 1)
+
+    @property
+    def mean_drift(self) -> float | None:
+        """Running mean of ||new - old||^2 over every re-entering item since creation (or reset)."""
+        return self._drift_mean(self.drift_total, 0)
+
+    @property
+    def mean_drift_age(self) -> float | None:
+        return self._drift_mean(self.drift_total, 1)
+
+    def extra_repr(self) -> str:
+        return f"K={self.K}, dim={self.dim}, mode={self.mode}, num_items={self.num_items}, dtype={self.feats.dtype}"
+
+    # ------------------------------------------------------------------ writing
+
+    def reset(self) -> None:
+        """Empty the memory and its drift statistics (shapes, dtype and device are kept)."""
+        for name, value in self.named_buffers(recurse=False):
+            value.fill_(-1 if name == "slot_of" else 0)
+        self._fill = self._ptr = self._seq = 0
+
+    @torch.no_grad()
+    def enqueue(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int) -> None:
+        """Store a batch (feats B x D, labels B, indices B) written at training `step`; detaches.
+
+        Duplicate indices in one batch: the last occurrence wins (it is the one used for drift and, in index
+        mode, the one stored). Queue mode runs without any host-device sync unless num_items is set (one sync
+        to validate the index range); index mode needs one more to count the new images.
+        """
+        feats, labels, indices = self._check(feats, labels, indices, step)
+        B = feats.shape[0]
+        if B == 0:
+            return
+        last = _last_position(indices) if self.num_items is not None else None  # B
+        if last is not None:
+            self._record_drift(feats, indices, last == torch.arange(B, device=last.device), step)
+        if self.mode == "queue":
+            self._enqueue_queue(feats, labels, indices, step, last)
+        else:
+            keep = last == torch.arange(B, device=last.device)  # distinct items, in batch order
+            self._enqueue_index(feats[keep], labels[keep], indices[keep], step)
+
+    def _enqueue_queue(
+        self, feats: Tensor, labels: Tensor, indices: Tensor, step: int, last: Tensor | None
+    ) -> None:
+        B, K = feats.shape[0], self.K
+        n = min(B, K)  # when B > K only the newest K entries survive the push
+        slots = (self._ptr + (B - n) + torch.arange(n, device=feats.device)) % K  # n distinct slots
+        self._write(slots, feats[B - n :], labels[B - n :], indices[B - n :], step)
+        if last is not None:  # the item -> slot map exists
+            # newest copy of each item; duplicates of an item all write the slot of its last occurrence,
+            # so the scatter is deterministic whatever the order the backend applies it in (an item whose
+            # last occurrence fell outside the newest K rows gets -1: the ring holds no copy of it)
+            slot_of_row = torch.full((B,), -1, dtype=torch.int64, device=feats.device)
+            slot_of_row[B - n :] = slots
+            self.slot_of[indices] = slot_of_row[last]
+        self._ptr = (self._ptr + B) % K
+        self._fill = min(self._fill + B, K)
+        self.ptr.fill_(self._ptr)
+        self.fill.fill_(self._fill)
+
+    def _enqueue_index(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int) -> None:
+        # feats, labels, indices: the n distinct items of the batch, in batch order (older first)
+        K = self.K
+        if feats.shape[0] > K:  # more distinct images than slots: keep the newest K
+            feats, labels, indices = feats[-K:], labels[-K:], indices[-K:]
+        n = feats.shape[0]
+        slots = self.slot_of[indices]  # n, -1 where not stored
+        new = slots < 0
+        num_new = int(new.sum())  # the one sync: how many slots to allocate
+        # updated items become the newest first, so that eviction below never picks one of them
+        self.seq[slots[~new]] = self._seq + torch.arange(n, device=feats.device)[~new]
+        num_free = min(num_new, K - self._fill)
+        fresh = torch.arange(self._fill, self._fill + num_free, device=feats.device)
+        if num_new > num_free:  # evict the least recently written images
+            victims = torch.topk(self.seq[: self._fill], num_new - num_free, largest=False).indices
+            self.slot_of[self.indices[victims]] = -1
+            fresh = torch.cat([fresh, victims])
+        slots[new] = fresh
+        self._write(slots, feats, labels, indices, step)
+        self.seq[slots] = self._seq + torch.arange(n, device=feats.device)
+        self.slot_of[indices] = slots
+        self._seq += n
+        self._fill += num_free
+        self.fill.fill_(self._fill)
+
+    def _write(self, slots: Tensor, feats: Tensor, labels: Tensor, indices: Tensor, step: int) -> None:
+        self.feats.index_copy_(0, slots, feats.to(self.feats.dtype))
+        self.labels.index_copy_(0, slots, labels.to(torch.int64))
+        self.indices.index_copy_(0, slots, indices.to(torch.int64))
+        self.steps.index_fill_(0, slots, step)
+
+    def _record_drift(self, feats: Tensor, indices: Tensor, is_last: Tensor, step: int) -> None:
+        # previous copy still stored <=> the item's slot still holds that item (queue slots get overwritten)
+        slot = self.slot_of[indices]  # B
+        prev = slot.clamp(min=0)
+        stored = (slot >= 0) & (self.indices[prev] == indices) & is_last
+        sq = (feats.float() - self.feats[prev].float()).pow(2).sum(1)  # B
+        age = step - self.steps[prev]  # B
+        sums = [torch.where(stored, x.double(), 0.0).sum() for x in (sq, age)]
+        self.drift_last.copy_(torch.stack([*sums, stored.sum().double()]))
+        self.drift_total.add_(self.drift_last)
+
+    def _check(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        for name, t in (("feats", feats), ("labels", labels), ("indices", indices)):
+            if not isinstance(t, Tensor):
+                raise ValueError(f"enqueue {name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.device != self.feats.device:
+                raise ValueError(f"enqueue {name}: expected a tensor on {self.feats.device}, got {t.device}")
+        if feats.dim() != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"enqueue feats: expected shape B x {self.dim}, got {tuple(feats.shape)}")
+        if not feats.is_floating_point():
+            raise ValueError(f"enqueue feats: expected a floating-point tensor, got {feats.dtype}")
+        B = feats.shape[0]
+        for name, t in (("labels", labels), ("indices", indices)):
+            if t.shape != (B,):
+                raise ValueError(f"enqueue {name}: expected shape ({B},) to match feats, got {tuple(t.shape)}")
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"enqueue {name}: expected an integer tensor, got {t.dtype}")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"enqueue step: expected an int, got {type(step).__name__}")
+        if self.num_items is not None and B > 0:
+            lo, hi = torch.aminmax(indices)
+            lo, hi = int(lo), int(hi)  # one sync: an out-of-range index would corrupt slot_of
+            if lo < 0 or hi >= self.num_items:
+                raise ValueError(
+                    f"enqueue indices: expected values in [0, {self.num_items}) (num_items), got range [{lo}, {hi}]"
+                )
+        return feats.detach(), labels, indices.long()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fill = int(self.fill)
+        if self.mode == "queue":
+            self._ptr = int(self.ptr)
+        else:
+            self._seq = int(self.seq[: self._fill].max()) + 1 if self._fill else 0
+
+
+def _last_position(indices: Tensor) -> Tensor:
+    """For each row, the position of the last row in the batch with the same index (B x B compare)."""
+    B = indices.shape[0]
+    pos = torch.arange(B, device=indices.device)
+    same = indices[:, None] == indices[None, :]  # B x B
+    return torch.where(same, pos, -1).amax(1)
