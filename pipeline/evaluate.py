@@ -1,0 +1,11 @@
+"""python -m pipeline.evaluate [--params params.yaml] [-S key=value ...]: Recall@K, MAP@R, R-precision and NMI
+of the trained model on the test split; logs the model to MLflow and closes the run.
+
+A DVC stage (dvc.yaml); the work is pipeline.stages.run_evaluate.
+"""
+import sys
+
+from pipeline.stages import main
+
+if __name__ == "__main__":
+    sys.exit(main("evaluate"))

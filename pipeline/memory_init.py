@@ -1,0 +1,11 @@
+"""python -m pipeline.memory_init [--params params.yaml] [-S key=value ...]: fill the memory with the warmed-up
+model's embeddings of a random memory.ratio of the train set.
+
+A DVC stage (dvc.yaml); the work is pipeline.stages.run_memory_init.
+"""
+import sys
+
+from pipeline.stages import main
+
+if __name__ == "__main__":
+    sys.exit(main("memory_init"))

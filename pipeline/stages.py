@@ -1,0 +1,269 @@
+"""The pipeline's stages as plain functions: `python -m pipeline.<stage>` calls them, and so does the Optuna study
+(in-process, one artifacts folder per trial, one shared warm-up).
+
+    download -> warmup -> memory_init -> train_xbm -> evaluate
+
+Files (DVC outs), with `art` = <root>/artifacts unless a stage is given `artifacts=`:
+    art/warmup/state.pt          full training state after the warm-up (model, optimiser, sampler, RNG, curves)
+    art/warmup/checkpoints/      periodic checkpoints of the warm-up (persist: a killed stage resumes)
+    art/memory_init/memory.pt    the initialised memory (or a marker that the memory is off: the baseline)
+    art/train_xbm/model.pt       the trained embedding model (weights + its `model` params)
+    art/train_xbm/checkpoints/   periodic checkpoints of the XBM / baseline phase
+    plots/train.csv, plots/val.csv   curves against the global step (under `artifacts` when it is given)
+    metrics.json                 the evaluate stage's metrics (under `artifacts` when it is given)
+The study passes `artifacts=<trial folder>` to memory_init / train_xbm / evaluate; they read the warm-up from
+`warmup=` (default <root>/artifacts/warmup), so every trial starts from the same warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from xbmcore.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from xbmcore.config import Params, load_params
+from xbmcore.data import open_splits, prepare_dataset
+from xbmcore.events import make_event
+from xbmcore.evaluate import evaluate_model
+from xbmcore.models import build_model
+from xbmcore.trainer import (
+    HISTORY_FIELDS, NonFiniteLossError, OutOfMemory, Trainer, TrainingStopped, build_memory, resolve_device,
+    resumable_checkpoint,
+)
+from pipeline.tracking import StageRun, configure_logging
+
+log = logging.getLogger(__name__)
+STAGES = ("download", "warmup", "memory_init", "train_xbm", "evaluate")
+
+
+def seed_everything(seed: int) -> None:
+    """Model initialisation and the data augmentation's global generators start from `train.seed`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stage_dir(root: Path, stage: str, artifacts: Path | None = None) -> Path:
+    return Path(artifacts if artifacts is not None else Path(root) / "artifacts") / stage
+
+
+def _outputs_dir(root: Path, artifacts: Path | None) -> Path:
+    """Where plots/ and metrics.json go: the project root for DVC, the trial folder for the study."""
+    return Path(root) if artifacts is None else Path(artifacts)
+
+
+def _splits(params: Params, root: Path):
+    return open_splits(Path(root) / params.data.prepared / params.data.name, params.data)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_plots(history: dict[str, list], evals: list[dict[str, Any]], folder: Path) -> None:
+    """plots/train.csv (one row per step) and plots/val.csv (one row per evaluation), for `dvc plots`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(HISTORY_FIELDS)
+    for row in zip(*(history[k] for k in HISTORY_FIELDS)):
+        w.writerow("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row)
+    _write_text(folder / "train.csv", buf.getvalue())
+    metric_keys = sorted({k for e in evals for k in e} - {"step", "phase", "split"})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["step", "phase", *metric_keys])
+    for e in evals:
+        w.writerow([e["step"], e["phase"], *(f"{e[k]:.6g}" if e.get(k) is not None else "" for k in metric_keys)])
+    _write_text(folder / "val.csv", buf.getvalue())
+
+
+# ---- stages ----
+
+def run_download(params: Params, root: Path) -> Path:
+    """Generate / download / parse the dataset into data.prepared/data.name; returns that folder."""
+    with StageRun(params, root, "download") as run:
+        prepared = prepare_dataset(params.data, Path(root), progress=sys.stderr.isatty())
+        splits = open_splits(prepared, params.data)
+        sizes = {name: len(ds) for name in ("train", "val", "test", "query", "gallery")
+                 if (ds := getattr(splits, name, None)) is not None}
+        log.info("dataset %s in %s: %s", params.data.name, prepared, sizes)
+        if run.mlflow is not None:
+            run.safe("logging the dataset sizes", run.mlflow.set_tags, {f"data.{k}_images": v
+                                                                        for k, v in sizes.items()})
+    return prepared
+
+
+def run_warmup(params: Params, root: Path, artifacts: Path | None = None) -> Path:
+    """Warm-up phase (no memory) from scratch or from its last checkpoint; writes art/warmup/state.pt."""
+    out = stage_dir(root, "warmup", artifacts)
+    folder = out / "checkpoints"
+    t = params.train
+    seed_everything(t.seed)
+    splits = _splits(params, root)
+    model = build_model(params.model)
+    resuming = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_steps) is not None
+    with StageRun(params, root, "warmup", total_steps=t.warmup_steps + t.xbm_steps,
+                  fresh_start=None if resuming else 1) as run:
+        trainer = Trainer(params, model, splits, run.sink)
+        trainer.train_phase("warmup", t.warmup_steps, checkpoint_dir=folder)
+        path = save_checkpoint(trainer.state_dict("warmup", 0, None), out / "state.pt")
+    return path
+
+
+def _trainer_after_warmup(params: Params, root: Path, warmup: Path | None, sink) -> Trainer:
+    state = load_checkpoint(Path(warmup or stage_dir(root, "warmup")) / "state.pt")
+    if state.get("phase") != "warmup":
+        raise ValueError(f"{warmup}/state.pt: expected the warm-up's final state, got phase {state.get('phase')!r}")
+    trainer = Trainer(params, build_model(params.model), _splits(params, root), sink)
+    trainer.load_state_dict(state)
+    # The XBM phase trains with the params' lr even when the shared warm-up used another one (a study trial).
+    trainer.set_lr(params.train.lr, params.train.weight_decay)
+    return trainer
+
+
+def run_memory_init(params: Params, root: Path, artifacts: Path | None = None,
+                    warmup: Path | None = None) -> Path:
+    """Fill the memory with the warmed-up model's embeddings of a random memory.ratio of the train set."""
+    path = stage_dir(root, "memory_init", artifacts) / "memory.pt"
+    with StageRun(params, root, "memory_init") as run:
+        trainer = _trainer_after_warmup(params, root, warmup, run.sink)
+        state: dict[str, Any] = {"enabled": params.memory.enabled, "step": trainer.step, "memory": None}
+        if params.memory.enabled:
+            memory = trainer.init_memory()
+            state["memory"] = memory.state_dict()
+            log.info("memory: %d of K = %d entries (%s mode) at step %d", len(memory), memory.K, memory.mode,
+                     trainer.step)
+            if run.mlflow:
+                run.safe("logging the memory size", run.mlflow.log_metrics,
+                         {"memory_fill": memory.fill_level}, trainer.step)
+        save_checkpoint(state, path)
+    return path
+
+
+def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], None] | None = None,
+                  artifacts: Path | None = None, warmup: Path | None = None) -> Path:
+    """XBM phase (memory.enabled) or the baseline (same schedule, no memory); writes the model and the curves.
+
+    on_eval(step, val_metrics) is called after each periodic validation (the study prunes through it).
+    """
+    out = stage_dir(root, "train_xbm", artifacts)
+    folder = out / "checkpoints"
+    t, enabled = params.train, params.memory.enabled
+    phase = "xbm" if enabled else "baseline"
+    mem_state = load_checkpoint(stage_dir(root, "memory_init", artifacts) / "memory.pt")
+    if mem_state["enabled"] != enabled:
+        raise ValueError(f"memory.enabled is {enabled}, but memory_init ran with {mem_state['enabled']}: "
+                         f"run the memory_init stage again")
+    start = t.warmup_steps
+    resuming = resumable_checkpoint(folder, params, phase, start, start + t.xbm_steps) is not None
+    with StageRun(params, root, "train_xbm", total_steps=t.warmup_steps + t.xbm_steps,
+                  fresh_start=None if resuming else start + 1) as run:
+        trainer = _trainer_after_warmup(params, root, warmup, run.sink)
+        if trainer.step != start or mem_state["step"] != start:
+            raise ValueError(f"the warm-up state is at step {trainer.step} and the memory at step "
+                             f"{mem_state['step']}, expected train.warmup_steps = {start}: run the pipeline again")
+        run.backfill(trainer.history, trainer.evals)  # a cached warm-up's curves, into this MLflow run
+        memory = None
+        if enabled:
+            memory = build_memory(params, len(trainer.splits.train), trainer.model.embedding_dim, trainer.device)
+            memory.load_state_dict(mem_state["memory"])
+        trainer.train_phase(phase, t.xbm_steps, memory, checkpoint_dir=folder, on_eval=on_eval)
+        path = save_checkpoint({"model": trainer.model.state_dict(), "model_params": params.model.model_dump(),
+                                "step": trainer.step, "phase": phase}, out / "model.pt")
+        write_plots(trainer.history, trainer.evals, _outputs_dir(root, artifacts) / "plots")
+    return path
+
+
+def load_model(params: Params, root: Path, artifacts: Path | None = None) -> tuple[torch.nn.Module, int]:
+    """The trained model of train_xbm and its global step."""
+    state = load_checkpoint(stage_dir(root, "train_xbm", artifacts) / "model.pt")
+    if state["model_params"] != params.model.model_dump():
+        raise ValueError(f"the trained model was built with model = {state['model_params']}, the params say "
+                         f"{params.model.model_dump()}: run the train_xbm stage again")
+    model = build_model(params.model)
+    model.load_state_dict(state["model"])
+    return model, int(state["step"])
+
+
+def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Path | None = None,
+                 log_model: bool | None = None) -> dict[str, float]:
+    """Recall@K, MAP@R, R-precision and NMI of the trained model on `split`; writes metrics.json.
+
+    On the test split it also logs the model to MLflow (mlflow.pytorch) and marks the run FINISHED.
+    """
+    device = resolve_device(params.train.device)
+    model, step = load_model(params, root, artifacts)
+    model.to(device)
+    final = split == "test"
+    with StageRun(params, root, "evaluate", finish=final) as run:
+        run.sink.emit(make_event("phase", step, phase="evaluate", total_steps=0, split=split))
+        e = params.eval
+        metrics = evaluate_model(model, _splits(params, root), split, e.recall_at, e.batch_size, device,
+                                 nmi=True, num_workers=params.data.num_workers)
+        run.sink.emit(make_event("eval", step, phase="evaluate", split=split, metrics=metrics))
+        path = _outputs_dir(root, artifacts) / "metrics.json"
+        _write_text(path, json.dumps({split: metrics, "step": step}, indent=2) + "\n")
+        if run.mlflow is not None and (final if log_model is None else log_model):
+            run.safe("logging the model", _log_model, run, model, params, root)
+    return metrics
+
+
+def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path) -> None:
+    """mlflow.pytorch in its default pt2 format: a torch.export graph traced from one example image, which loads
+    without this project's code."""
+    import mlflow
+    import mlflow.pytorch
+    import torchvision
+
+    from pipeline.tracking import tracking_uri
+
+    model = model.cpu().eval()
+    size = params.data.test_size
+    example = torch.zeros(2, 3, size, size).numpy()  # batch 2: a batch of 1 would fix B; the signature (B x 3 x H x W -> B x D) comes from it
+    mlflow.set_tracking_uri(tracking_uri(params, root))
+    # Explicit requirements: MLflow's inference would import-scan the environment (slow, and noisy).
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    with mlflow.start_run(run_id=run.mlflow.run_id, nested=mlflow.active_run() is not None):
+        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=reqs)
+
+
+# ---- entry point ----
+
+def main(stage: str, argv: list[str] | None = None) -> int:
+    """`python -m pipeline.<stage> [--params params.yaml] [-S key=value ...]`: run one stage, exit non-zero on
+    failure (2: bad params, 1: an error, 128 + signal number: stopped by SIGTERM/SIGINT with a checkpoint)."""
+    ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}")
+    ap.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a param, like `dvc exp run -S` (repeatable)")
+    args = ap.parse_args(argv)
+    configure_logging()
+    try:
+        params = load_params(args.params, args.overrides)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    root = Path(args.params).resolve().parent
+    fn = {"download": run_download, "warmup": run_warmup, "memory_init": run_memory_init,
+          "train_xbm": run_train_xbm, "evaluate": run_evaluate}[stage]
+    try:
+        fn(params, root)
+    except TrainingStopped as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ValueError, NonFiniteLossError, OutOfMemory) as err:
+        print(f"{stage} failed: {err}", file=sys.stderr)
+        return 1
+    return 0

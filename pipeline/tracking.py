@@ -1,0 +1,390 @@
+"""Tracking glue: the run's event file and its MLflow run, attached to by every stage of one pipeline execution.
+
+Run identity. A run is keyed by a hash of the params sections that define its result (`xbm.run_key` tag). A stage
+attaches to the newest not-yet-finished MLflow run with its key (created if there is none), so the five stages
+of one execution, and a stage started again after a kill, log into one run with continuous curves. The evaluate
+stage marks the run FINISHED; the next execution with the same key gets a new run. `XBM_MLFLOW_RUN_ID` names the
+run outright; `XBM_MLFLOW_PARENT_RUN_ID` nests it under a parent (the Optuna study: one child per trial).
+
+Nothing here may stall or kill training: metrics go through `MLflowSink`'s background thread, and a store that
+cannot be reached at attach time leaves the stage running with the event file only, with a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xbmcore.config import Params
+from xbmcore.events import JsonlSink, MultiSink, ProgressSink, make_event
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "xbm.run_key"
+PARENT_TAG = "mlflow.parentRunId"
+# The sections that define a run's result: same values, same run (tracking and tune do not change a result).
+RESULT_SECTIONS = ("data", "model", "loss", "memory", "train", "eval")
+# Step-event fields logged as MLflow metrics (memory_size is memory_fill times K, phase is not a number).
+STEP_METRICS = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs",
+                "memory_fill", "drift", "drift_age", "lr", "images_per_s")
+EVENTS_FILE = "events.jsonl"
+LATEST_FILE = "LATEST"
+
+
+def metric_name(name: str) -> str:
+    """MLflow refuses "@" in metric names: recall@1 -> recall_at_1, val/map@r -> val/map_at_r."""
+    return name.replace("@", "_at_")
+
+
+def run_key(params: Params) -> str:
+    return params.digest(RESULT_SECTIONS)
+
+
+def tracking_uri(params: Params, root: Path) -> str:
+    """MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///<abs root>/mlflow.db.
+
+    Relative database paths are made absolute against the project root: `dvc exp run --temp/--queue` runs the
+    stages in a temporary copy, and every copy must log into the one database.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    if not uri:
+        return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_absolute():
+            return f"sqlite:///{(root / path).resolve()}"
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts (logged models) of a SQLite store go next to the database, not into the current folder (MLflow's
+    default `./mlruns`, which a `dvc exp run --temp` copy would delete); a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def events_path(params: Params, root: Path, key: str) -> Path:
+    return root / params.tracking.runs_dir / key / EVENTS_FILE
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+# ---- MLflow ----
+
+@dataclass
+class TrackedRun:
+    client: Any  # mlflow.MlflowClient
+    run_id: str
+    experiment_id: str
+    key: str
+    # Newest step already logged per metric: a resumed stage re-runs the steps after its checkpoint, and their
+    # points (logged before the kill) are not logged twice.
+    logged: dict[str, int] = field(default_factory=dict)
+
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step)
+                                                    for k, v in values.items() if v is not None],
+                              synchronous=True)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None],
+                              synchronous=True)
+
+    def terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None = None) -> TrackedRun:
+    """The MLflow run of this pipeline execution (see the module docstring); logs params and tags on it.
+
+    fresh_start: the first step a stage that does NOT resume a checkpoint will log. A candidate run that already
+    holds a later step belongs to an abandoned execution, and a new run is started instead of mixing the two.
+    """
+    import mlflow
+    from mlflow.entities import Param, RunStatus, RunTag
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params, root))
+    name = params.tracking.experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+        except mlflow.exceptions.MlflowException:  # created by a concurrent stage in the meantime
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    key = run_key(params)
+    parent = os.environ.get("XBM_MLFLOW_PARENT_RUN_ID")
+    run = None
+    if os.environ.get("XBM_MLFLOW_RUN_ID"):
+        run = client.get_run(os.environ["XBM_MLFLOW_RUN_ID"])
+    else:
+        filt = f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'"
+        if parent:
+            filt += f" and tags.`{PARENT_TAG}` = '{parent}'"
+        found = client.search_runs([exp_id], filt, order_by=["attributes.start_time DESC"], max_results=1)
+        run = found[0] if found else None
+    logged = {}
+    if run is not None:
+        logged = {k: max(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in run.data.metrics}
+        if fresh_start is not None and logged.get("loss", -1) >= fresh_start and \
+                not os.environ.get("XBM_MLFLOW_RUN_ID"):
+            log.warning("MLflow run %s already holds steps from an earlier execution with the same params; "
+                        "starting a new run", run.info.run_id)
+            run, logged = None, {}
+    if run is None:
+        tags = {RUN_KEY_TAG: key}
+        if parent:
+            tags[PARENT_TAG] = parent
+        kind = "xbm" if params.memory.enabled else "baseline"
+        run = client.create_run(exp_id, tags=tags, run_name=f"{params.data.name}-{kind}-{key[:6]}")
+    elif run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+        client.update_run(run.info.run_id, status="RUNNING")  # a stopped or failed execution goes on
+    tr = TrackedRun(client, run.info.run_id, exp_id, key, logged)
+
+    have = run.data.params
+    flat = {k: str(v)[:6000] for k, v in params.flat().items()}
+    new = [Param(k, v) for k, v in flat.items() if k not in have]
+    changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
+    if changed:  # only sections outside the run key can differ (tracking, tune); MLflow params are immutable
+        log.warning("MLflow run %s keeps its first values of %s", run.info.run_id, ", ".join(changed))
+    commit = git_commit(root)
+    tags = [RunTag("xbm.stage", stage), RunTag("mlflow.source.name", f"pipeline.{stage}")]
+    if commit:
+        tags += [RunTag("git.commit", commit), RunTag("mlflow.source.git.commit", commit)]
+    lock = file_sha256(root / "dvc.lock")
+    if lock:
+        tags.append(RunTag("dvc.lock_sha256", lock))
+    for i in range(0, max(len(new), 1), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(tr.run_id, params=new[i:i + 100], tags=tags if i == 0 else [], synchronous=True)
+    return tr
+
+
+class MLflowSink:
+    """An events Sink that logs step and eval events as MLflow metrics from a background thread.
+
+    `emit` only enqueues (no I/O on the training thread). The thread sends batches of up to `max_batch` metrics
+    at least every `flush_s` seconds; a failing call is retried `retries` times with backoff, then its metrics
+    are dropped with a warning. `close` waits at most `close_timeout_s` for the rest: a slow or dead store can
+    neither stall nor kill training.
+    """
+
+    def __init__(self, client, run_id: str, logged: dict[str, int] | None = None, flush_s: float = 1.0,
+                 max_batch: int = 1000, retries: int = 3, backoff_s: float = 0.5, max_queue: int = 200_000,
+                 close_timeout_s: float = 15.0):
+        self.client, self.run_id = client, run_id
+        self.logged = dict(logged or {})
+        self.flush_s, self.max_batch, self.retries, self.backoff_s = flush_s, max_batch, retries, backoff_s
+        self.close_timeout_s = close_timeout_s
+        self.dropped = 0
+        self.sent = 0
+        self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-sink", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def metrics_of(event: dict[str, Any]) -> dict[str, float]:
+        """The MLflow metrics of one event: step fields as-is, eval metrics as '<split>/<metric>' with "@" spelt
+        "_at_" (val/recall_at_1), the one character of our metric names that MLflow refuses."""
+        if event["kind"] == "step":
+            return {k: event[k] for k in STEP_METRICS if event.get(k) is not None}
+        if event["kind"] == "eval":
+            split = event.get("split", "val")
+            return {metric_name(f"{split}/{k}"): v for k, v in event["metrics"].items() if v is not None}
+        return {}
+
+    def emit(self, event: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        step, ts = int(event["step"]), int(event["time"] * 1000)
+        for k, v in self.metrics_of(event).items():
+            if step <= self.logged.get(k, -1):
+                continue  # already in the run (logged before a kill, or backfilled)
+            try:
+                self._q.put_nowait(Metric(k, float(v), ts, step))
+            except queue.Full:
+                self._drop(1, "the queue is full (the tracking store is slower than training)")
+
+    def _drop(self, n: int, why: str) -> None:
+        if self.dropped == 0 or (self.dropped + n) // 10_000 > self.dropped // 10_000:
+            log.warning("MLflow: dropping metrics, %s (%d dropped so far)", why, self.dropped + n)
+        self.dropped += n
+
+    def _loop(self) -> None:
+        while True:
+            batch = []
+            deadline = time.monotonic() + self.flush_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(self._q.get(timeout=min(timeout, 0.1)))
+                except queue.Empty:
+                    if self._closing.is_set():
+                        break
+            if batch:
+                self._send(batch)
+            elif self._closing.is_set() and self._q.empty():
+                return
+
+    def _send(self, batch: list) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                self.sent += len(batch)
+                return
+            except Exception as err:  # any store error: retry, then drop; never reaches the training thread
+                if attempt == self.retries:
+                    self._drop(len(batch), f"the store failed {attempt + 1} times ({type(err).__name__}: {err})")
+                    return
+                time.sleep(self.backoff_s * 2 ** attempt)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._thread.join(self.close_timeout_s)
+        if self._thread.is_alive():
+            log.warning("MLflow: the store did not take the last %d metrics within %.0f s; they are dropped",
+                        self._q.qsize(), self.close_timeout_s)
+
+
+# ---- a stage's view of the run ----
+
+class _RunSink(MultiSink):
+    """MultiSink that remembers the last step seen and whether an `end` event went out."""
+
+    def __init__(self, sinks):
+        super().__init__(sinks)
+        self.ended = False
+        self.last_step = 0
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.ended |= event["kind"] == "end"
+        self.last_step = max(self.last_step, int(event["step"]))
+        super().emit(event)
+
+
+class StageRun:
+    """Context manager for one stage: the events file (+ LATEST), the MLflow run and the sink to train into.
+
+    On exit the MLflow run's status tells where the execution stands: KILLED after a SIGTERM/SIGINT stop, FAILED
+    after an error, FINISHED when `finish` (the evaluate stage) completed, else still RUNNING (the next stage
+    attaches to it).
+    """
+
+    def __init__(self, params: Params, root: Path, stage: str, total_steps: int | None = None,
+                 fresh_start: int | None = None, finish: bool = False, progress: bool | None = None):
+        self.params, self.root, self.stage, self.finish = params, Path(root), stage, finish
+        self.key = run_key(params)
+        self.events_path = events_path(params, self.root, self.key)
+        self.events_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.root / params.tracking.runs_dir / LATEST_FILE, self.key + "\n")
+        self.mlflow: TrackedRun | None = None
+        try:
+            self.mlflow = attach_run(params, self.root, stage, fresh_start)
+        except Exception as err:  # the store is down or locked: train anyway, the event file has everything
+            log.warning("MLflow: cannot attach to %s (%s: %s); this stage logs to %s only",
+                        tracking_uri(params, self.root), type(err).__name__, err, self.events_path)
+        sinks: list = [JsonlSink(self.events_path), ProgressSink(enabled=progress)]
+        self._mlflow_sink = None
+        if self.mlflow is not None:
+            self._mlflow_sink = MLflowSink(self.mlflow.client, self.mlflow.run_id, self.mlflow.logged)
+            sinks.append(self._mlflow_sink)
+        self.sink = _RunSink(sinks)
+        self.sink.emit(make_event("start", 0, run_id=self.run_id, run_key=self.key, stage=stage,
+                                  params=params.flat(), total_steps=total_steps))
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.mlflow is None else self.mlflow.run_id
+
+    def backfill(self, history: dict[str, list], evals: list[dict[str, Any]]) -> None:
+        """Log curves computed by an earlier stage (a cached warm-up) that this MLflow run does not hold yet."""
+        if self._mlflow_sink is None:
+            return
+        now = time.time()
+        for i, step in enumerate(history["step"]):
+            ev = {"kind": "step", "step": step, "time": now, **{k: history[k][i] for k in STEP_METRICS
+                                                               if k in history}}
+            self._mlflow_sink.emit(ev)
+        for e in evals:
+            metrics = {k: v for k, v in e.items() if k not in ("step", "phase", "split")}
+            self._mlflow_sink.emit({"kind": "eval", "step": e["step"], "time": now, "split": e["split"],
+                                    "metrics": metrics})
+
+    def safe(self, what: str, fn, *args, **kwargs) -> Any:
+        """Call a tracking function (log the model, metrics, tags); a store error is a warning, not a failure."""
+        if self.mlflow is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            log.warning("MLflow: %s failed (%s: %s)", what, type(err).__name__, err)
+            return None
+
+    def __enter__(self) -> "StageRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from xbmcore.trainer import TrainingStopped
+
+        step = self.sink.last_step
+        if exc_type is not None and not self.sink.ended:  # the trainer reports its own stops and failures
+            status = "stopped" if issubclass(exc_type, KeyboardInterrupt) else "failed"
+            self.sink.emit(make_event("end", step, status=status, message=f"{exc_type.__name__}: {exc}"))
+        elif exc_type is None and self.finish:
+            self.sink.emit(make_event("end", step, status="finished", message=f"{self.stage} done"))
+        self.sink.close()
+        if exc_type is not None and issubclass(exc_type, (TrainingStopped, KeyboardInterrupt)):
+            status = "KILLED"
+        elif exc_type is not None:
+            status = "FAILED"
+            if not issubclass(exc_type, Exception):
+                status = "KILLED"
+        else:
+            status = "FINISHED" if self.finish else None
+        if status is not None and self.mlflow is not None:
+            self.safe("setting the run status", self.mlflow.terminate, status)
+
+
+def configure_logging() -> None:
+    """Stage entry points: our warnings and MLflow's go to stderr, one line each."""
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)

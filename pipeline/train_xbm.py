@@ -1,0 +1,11 @@
+"""python -m pipeline.train_xbm [--params params.yaml] [-S key=value ...]: the XBM phase, or with
+memory.enabled: false the same schedule without memory (the baseline).
+
+A DVC stage (dvc.yaml); the work is pipeline.stages.run_train_xbm.
+"""
+import sys
+
+from pipeline.stages import main
+
+if __name__ == "__main__":
+    sys.exit(main("train_xbm"))
