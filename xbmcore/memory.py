@@ -21,6 +21,7 @@ needs the item -> slot map that ``num_items`` enables.
 """
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -52,19 +53,20 @@ class CrossBatchMemory(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(size, int) or size < 1:
+        if not _is_int(size) or size < 1:
             raise ValueError(f"memory size K: expected an integer >= 1, got {size!r}")
-        if not isinstance(dim, int) or dim < 1:
+        if not _is_int(dim) or dim < 1:
             raise ValueError(f"memory dim: expected an integer >= 1, got {dim!r}")
         if mode not in MODES:
             raise ValueError(f"memory mode: expected one of {MODES}, got {mode!r}")
         if mode == "index" and num_items is None:
             raise ValueError("memory mode 'index': expected num_items (the training-set size), got None")
-        if num_items is not None and (not isinstance(num_items, int) or num_items < 1):
+        if num_items is not None and (not _is_int(num_items) or num_items < 1):
             raise ValueError(f"memory num_items: expected an integer >= 1 or None, got {num_items!r}")
         if dtype not in DTYPES:
             raise ValueError(f"memory dtype: expected one of {DTYPES}, got {dtype!r}")
-        self.K, self.dim, self.mode, self.num_items = size, dim, mode, num_items
+        self.K, self.dim, self.mode = int(size), int(dim), mode
+        self.num_items = None if num_items is None else int(num_items)
 
         def buf(name: str, *shape: int, dt: torch.dtype = torch.int64, fill: float = 0) -> None:
             self.register_buffer(name, torch.full(shape, fill, dtype=dt, device=device))
@@ -104,9 +106,9 @@ class CrossBatchMemory(nn.Module):
         """Memory of K = max(1, round(ratio * num_items)) entries, ratio in (0, 1]."""
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"memory ratio: expected a value in (0, 1], got {ratio!r}")
-        if not isinstance(num_items, int) or num_items < 1:
+        if not _is_int(num_items) or num_items < 1:
             raise ValueError(f"memory num_items: expected an integer >= 1, got {num_items!r}")
-        size = max(1, round(ratio * num_items))
+        size = max(1, round(ratio * int(num_items)))
         return cls(size, dim, mode=mode, num_items=num_items, dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ reading
@@ -173,14 +175,15 @@ class CrossBatchMemory(nn.Module):
         B = feats.shape[0]
         if B == 0:
             return
-        last = _last_position(indices) if self.num_items is not None else None  # B
-        if last is not None:
-            self._record_drift(feats, indices, last == torch.arange(B, device=last.device), step)
+        last = is_last = None
+        if self.num_items is not None:
+            last = _last_position(indices)  # B
+            is_last = last == torch.arange(B, device=last.device)  # the distinct items, in batch order
+            self._record_drift(feats, indices, is_last, step)
         if self.mode == "queue":
             self._enqueue_queue(feats, labels, indices, step, last)
         else:
-            keep = last == torch.arange(B, device=last.device)  # distinct items, in batch order
-            self._enqueue_index(feats[keep], labels[keep], indices[keep], step)
+            self._enqueue_index(feats[is_last], labels[is_last], indices[is_last], step)
 
     def _enqueue_queue(
         self, feats: Tensor, labels: Tensor, indices: Tensor, step: int, last: Tensor | None
@@ -259,7 +262,7 @@ class CrossBatchMemory(nn.Module):
                 raise ValueError(f"enqueue {name}: expected shape ({B},) to match feats, got {tuple(t.shape)}")
             if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
                 raise ValueError(f"enqueue {name}: expected an integer tensor, got {t.dtype}")
-        if isinstance(step, bool) or not isinstance(step, int):
+        if not _is_int(step):
             raise ValueError(f"enqueue step: expected an int, got {type(step).__name__}")
         if self.num_items is not None and B > 0:
             lo, hi = torch.aminmax(indices)
@@ -282,8 +285,17 @@ class CrossBatchMemory(nn.Module):
 
 
 def _last_position(indices: Tensor) -> Tensor:
-    """For each row, the position of the last row in the batch with the same index (B x B compare)."""
+    """For each row, the position of the last row of the batch with the same index (sort-based, no sync)."""
     B = indices.shape[0]
     pos = torch.arange(B, device=indices.device)
-    same = indices[:, None] == indices[None, :]  # B x B
-    return torch.where(same, pos, -1).amax(1)
+    sorted_idx, perm = torch.sort(indices, stable=True)  # equal indices: consecutive, in batch order
+    is_end = torch.ones(B, dtype=torch.bool, device=indices.device)  # last of its run of equal indices
+    is_end[:-1] = sorted_idx[1:] != sorted_idx[:-1]
+    run_end = torch.where(is_end, pos, B).flip(0).cummin(0).values.flip(0)  # next run end at or after k
+    last = torch.empty_like(perm)
+    last[perm] = perm[run_end]
+    return last
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
