@@ -1,0 +1,338 @@
+"""The main window: launch form (left), live monitor / runs / study (centre), the child's log (bottom)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from PySide6.QtCore import QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QCloseEvent
+from PySide6.QtWidgets import (
+    QDockWidget, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit,
+    QPushButton, QScrollArea, QTabWidget, QToolBar, QVBoxLayout, QWidget,
+)
+
+from xbmcore.config import Params
+
+from . import process
+from .launch import LaunchForm, format_value, load_base
+from .monitor import MonitorPanel
+from .runs import RunsPanel
+from .stores import tracking_uri
+from .study import StudyPanel
+from .tail import EventTail
+
+LOG_LINES = 20_000  # the log view keeps the last lines only, so a chatty child never grows the window's memory
+
+
+class ErrorBanner(QFrame):
+    """A non-modal error strip: the window stays usable while it is shown."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setObjectName("errorBanner")
+        self.title = QLabel()
+        self.title.setStyleSheet("font-weight: bold;")
+        self.detail = QLabel()
+        self.detail.setStyleSheet('font-family: "DejaVu Sans Mono", monospace; font-size: 9pt;')
+        self.detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.detail.setWordWrap(True)
+        close = QPushButton("Dismiss")
+        close.clicked.connect(self.hide)
+        head = QHBoxLayout()
+        head.addWidget(self.title, 1)
+        head.addWidget(close)
+        lay = QVBoxLayout(self)
+        lay.addLayout(head)
+        lay.addWidget(self.detail)
+        self.hide()
+
+    def show_error(self, title: str, detail: str = "") -> None:
+        self.title.setText(title)
+        self.detail.setText(detail)
+        self.detail.setVisible(bool(detail))
+        self.show()
+
+
+class MainWindow(QMainWindow):
+    def __init__(
+        self,
+        root: Path,
+        settings: QSettings | None = None,
+        run_command: Callable[[list[str]], list[str]] = process.run_command,
+        tune_command: Callable[[list[str]], list[str]] = process.tune_command,
+        grace_s: float = 30.0,
+        retry_s: float = 10.0,
+        follow: Path | None = None,
+    ):
+        """root: the project folder (holds params.yaml). run_command / tune_command turn the form's overrides
+        into the child's argv (the defaults: `dvc exp run -S ...`, `python -m pipeline.tune -S ...`)."""
+        super().__init__()
+        self.root = Path(root).resolve()
+        self.settings = settings if settings is not None else QSettings()
+        self.run_command, self.tune_command = run_command, tune_command
+        self._quit_when_child_ends = False
+        self.setWindowTitle(f"XBM — {self.root}")
+
+        # launch form (left dock)
+        self.form = LaunchForm(self.root / "params.yaml")
+        self.form.run_requested.connect(lambda ov: self.launch(self.run_command(ov), "run"))
+        self.form.tune_requested.connect(lambda ov: self.launch(self.tune_command(ov), "study"))
+        self.form.stop_requested.connect(self.stop)
+        scroll = QScrollArea()
+        scroll.setWidget(self.form)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.form_dock = self._dock("Launch", scroll, Qt.DockWidgetArea.LeftDockWidgetArea)
+
+        # centre: error banner above the tabs
+        self.banner = ErrorBanner()
+        self.monitor = MonitorPanel()
+        self.runs = RunsPanel(self._tracking, retry_s=retry_s)
+        self.study = StudyPanel(self._study_storage, retry_s=retry_s)
+        self.study.use_params.connect(self._use_params)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.monitor, "Live")
+        self.tabs.addTab(self.runs, "Runs")
+        self.tabs.addTab(self.study, "Study")
+        centre = QWidget()
+        cl = QVBoxLayout(centre)
+        cl.setContentsMargins(4, 4, 4, 0)
+        cl.addWidget(self.banner)
+        cl.addWidget(self.tabs, 1)
+        self.setCentralWidget(centre)
+
+        # the child's log (bottom dock)
+        self.log = QPlainTextEdit()
+        self.log.setObjectName("logView")
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(LOG_LINES)
+        self.log.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.log_dock = self._dock("Log", self.log, Qt.DockWidgetArea.BottomDockWidgetArea)
+        self._log_buffer: list[str] = []
+        self._log_timer = QTimer(self)
+        self._log_timer.timeout.connect(self._flush_log)
+        self._log_timer.start(100)
+
+        # toolbar and status bar
+        tb = QToolBar("Main")
+        tb.setObjectName("mainToolbar")
+        tb.setMovable(False)
+        self.addToolBar(tb)
+        self.follow_action = QAction("Follow latest run", self, checkable=True)
+        self.follow_action.setToolTip("Show the run named in runs/LATEST, whoever started it (e.g. dvc repro)")
+        self.follow_action.toggled.connect(self._follow_toggled)
+        self.open_action = QAction("Open run folder…", self)
+        self.open_action.triggered.connect(self._pick_run)
+        self.mlflow_action = QAction("MLflow UI", self)
+        self.mlflow_action.setToolTip("Start `mlflow ui` on this project's tracking store and open it")
+        self.mlflow_action.triggered.connect(self.open_mlflow_ui)
+        for a in (self.follow_action, self.open_action):
+            tb.addAction(a)
+        tb.addSeparator()
+        tb.addAction(self.mlflow_action)
+        self.child_status = QLabel("idle")
+        self.events_status = QLabel()
+        self.bad_status = QLabel("malformed lines: 0")
+        self.statusBar().addWidget(self.child_status, 1)
+        self.statusBar().addPermanentWidget(self.events_status)
+        self.statusBar().addPermanentWidget(self.bad_status)
+
+        # children
+        self.child = process.ChildProcess(self, grace_s=grace_s)
+        self.child.started.connect(lambda cmd: self._log_line(f"$ {cmd}"))
+        self.child.output.connect(lambda text, _err: self._log_buffer.append(text))
+        self.child.finished.connect(self._child_finished)
+        self.child.failed_to_start.connect(self._child_failed_to_start)
+        self.mlflow_ui = process.MlflowUi(self)
+        self.mlflow_ui.message.connect(lambda m: self.statusBar().showMessage(m, 10_000))
+
+        # the event tail
+        self.tail = EventTail(parent=self)
+        self.tail.switched.connect(self._switched)
+        self.tail.batch.connect(self.monitor.add_batch)
+        self.tail.bad_lines.connect(self._bad_lines)
+        self.tail.waiting.connect(self.monitor.set_waiting)
+
+        self._restore()
+        if follow is not None:
+            self.follow_run(follow)
+        else:
+            self.follow_action.setChecked(self.settings.value("monitor/follow_latest", True, type=bool))
+            if not self.follow_action.isChecked():
+                self._follow_toggled(False)
+        self.runs.start()
+        self.study.start()
+
+    def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(f"dock{title}")
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    # --- params and stores --------------------------------------------------------------------------------
+
+    def params(self) -> Params:
+        return load_base(self.root / "params.yaml")[1]
+
+    def runs_dir(self) -> Path:
+        return self.root / self.params().tracking.runs_dir
+
+    def _tracking(self) -> tuple[str, str]:
+        p = self.params()
+        return tracking_uri(p, self.root), p.tracking.experiment
+
+    def _study_storage(self) -> tuple[str | None, Path, str]:
+        p = self.params()
+        return p.tune.storage, self.root, p.tune.study_name
+
+    def _use_params(self, params: dict) -> None:
+        self.form.set_values({k: format_value(v) for k, v in params.items()})
+        self.form_dock.show()
+        self.statusBar().showMessage(f"launch form: {len(params)} params from the best trial", 10_000)
+
+    # --- following runs -----------------------------------------------------------------------------------
+
+    def _follow_toggled(self, on: bool) -> None:
+        if on:
+            self.tail.follow_latest(self.runs_dir())
+            self.events_status.setText(f"following {self.runs_dir() / 'LATEST'}")
+
+    def follow_run(self, path: Path) -> None:
+        """Show one run folder (or events file) instead of the latest run."""
+        self.follow_action.blockSignals(True)
+        self.follow_action.setChecked(False)
+        self.follow_action.blockSignals(False)
+        self.tail.follow_file(Path(path))
+        self.tabs.setCurrentWidget(self.monitor)
+
+    def _pick_run(self) -> None:
+        start = str(self.runs_dir() if self.runs_dir().is_dir() else self.root)
+        folder = QFileDialog.getExistingDirectory(self, "Open a run folder (holds events.jsonl)", start)
+        if folder:
+            self.follow_run(Path(folder))
+
+    def _switched(self, path: str) -> None:
+        self.monitor.reset(path)
+        self.events_status.setText(f"events: {path}")
+
+    def _bad_lines(self, n: int) -> None:
+        self.bad_status.setText(f"malformed lines: {n}")
+        self.bad_status.setStyleSheet("color: #ffb454;" if n else "")
+        self.bad_status.setToolTip("Lines of events.jsonl that are not valid events were skipped"
+                                   if n else "")
+
+    # --- children -----------------------------------------------------------------------------------------
+
+    def launch(self, argv: list[str], what: str) -> bool:
+        if self.child.is_running():
+            self.statusBar().showMessage("a child is already running: stop it first", 5000)
+            return False
+        self.save_settings()
+        self.banner.hide()
+        self._what = what
+        if not self.child.start(argv, self.root):
+            return False
+        self.form.set_running(True)
+        self.child_status.setText(f"{what} running (pid {self.child.pid()}): {self.child.command}")
+        if what == "run" and self.follow_action.isChecked():
+            self.tabs.setCurrentWidget(self.monitor)
+        return True
+
+    def stop(self) -> None:
+        if self.child.is_running():
+            self._log_line(f"# stop requested: SIGINT now, SIGTERM after {self.child.grace_s:g} s, then SIGKILL")
+            self.child_status.setText(f"stopping {self._what}: the current step finishes and its checkpoint is kept")
+            self.child.stop()
+
+    def _child_finished(self, code: int, stopped: bool, stderr_tail: str) -> None:
+        self._flush_log()
+        self.form.set_running(False)
+        what = getattr(self, "_what", "child")
+        if stopped:
+            text = f"{what} stopped (exit code {code})"
+        elif code == 0:
+            text = f"{what} finished"
+        else:
+            text = f"{what} failed with exit code {code}"
+            self.banner.show_error(f"`{self.child.command}` exited with code {code}",
+                                   stderr_tail or "(nothing on stderr)")
+        self.child_status.setText(text)
+        self._log_line(f"# {text}")
+        self.runs.refresh()
+        if self._quit_when_child_ends:
+            self.close()
+
+    def _child_failed_to_start(self, message: str) -> None:
+        self.form.set_running(False)
+        self.banner.show_error("Could not start the child process", message)
+        self.child_status.setText("idle")
+
+    def open_mlflow_ui(self) -> None:
+        self.mlflow_ui.open(self._tracking()[0], self.root)
+
+    # --- log ----------------------------------------------------------------------------------------------
+
+    def _log_line(self, line: str) -> None:
+        self._log_buffer.append(line)
+
+    def _flush_log(self) -> None:
+        if self._log_buffer:
+            # one append per tick, whatever the child prints
+            text = "\n".join(self._log_buffer)
+            self._log_buffer.clear()
+            self.log.appendPlainText(text)
+
+    # --- settings -----------------------------------------------------------------------------------------
+
+    def _values_key(self) -> str:
+        return "launch/" + str(self.root).replace("/", "|")  # QSettings treats / as a group separator
+
+    def _restore(self) -> None:
+        geometry = self.settings.value("window/geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        else:
+            self.resize(1500, 950)
+        state = self.settings.value("window/state")
+        if state is not None:
+            self.restoreState(state)
+        else:
+            self.resizeDocks([self.form_dock], [330], Qt.Orientation.Horizontal)
+            self.resizeDocks([self.log_dock], [170], Qt.Orientation.Vertical)
+        self.tabs.setCurrentIndex(int(self.settings.value("window/tab", 0)))
+        values = self.settings.value(self._values_key())
+        if values:
+            try:
+                self.form.set_values(json.loads(values))
+            except (ValueError, TypeError):
+                pass  # settings from an older version: keep params.yaml's values
+
+    def save_settings(self) -> None:
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self.settings.setValue("window/tab", self.tabs.currentIndex())
+        self.settings.setValue("monitor/follow_latest", self.follow_action.isChecked())
+        self.settings.setValue(self._values_key(), json.dumps(self.form.state()))
+        self.settings.sync()
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if self.child.is_running() and not self._quit_when_child_ends:
+            answer = QMessageBox.question(
+                self, "A child is running",
+                f"{self.child.command}\n\nStop it and quit? It finishes its step and keeps its checkpoint.",
+            )
+            if answer == QMessageBox.StandardButton.Yes:
+                self._quit_when_child_ends = True
+                self.stop()
+            event.ignore()
+            return
+        self.save_settings()
+        self.tail.shutdown()
+        self.runs.shutdown()
+        self.study.shutdown()
+        self.mlflow_ui.shutdown()
+        super().closeEvent(event)

@@ -1,0 +1,50 @@
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any Qt import: no display needed
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PySide6.QtCore import QSettings  # noqa: E402
+
+FAKE_RUN = Path(__file__).with_name("fake_run.py")
+
+
+@pytest.fixture
+def settings(tmp_path):
+    """A QSettings file under tmp: tests never read or write the user's settings."""
+    return QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project folder with a params.yaml and its own tracking/study stores (absent until written)."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(
+        "data:\n  name: synthetic\nloss:\n  name: contrastive\n  margin: 0.5\n"
+        "memory:\n  ratio: 0.5\n  mode: queue\ntrain:\n  batch_size: 16\n  images_per_class: 4\n"
+        "  lr: 0.001\n  warmup_steps: 20\n  xbm_steps: 40\n  device: cpu\n  seed: 0\n"
+    )
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tracking(monkeypatch):
+    """The window resolves stores like the pipeline; keep it on the test's project, never a real server."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _gc_in_gui_thread(qapp):
+    """As in the app: Python's cyclic GC runs only in the GUI thread (a collection started by a worker thread
+    could finalise Qt objects of the GUI thread and abort)."""
+    import gc
+
+    from pyqtgraph.util.garbage_collector import GarbageCollector
+
+    collector = GarbageCollector(interval=0.2)
+    yield
+    collector.timer.stop()
+    gc.collect()
+    gc.enable()

@@ -1,0 +1,133 @@
+"""The window with a child that writes events: the plots receive its points; LATEST, run folders, settings."""
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+from PySide6.QtCore import Qt
+
+from gui.app import MainWindow
+from gui.series import EventBatch
+from xbmcore.events import make_event
+
+from conftest import FAKE_RUN
+from fake_run import step_fields
+
+PY = sys.executable
+
+
+def fake_run_command(runs_dir, key, *extra):
+    return lambda overrides: [PY, str(FAKE_RUN), str(runs_dir), key, *extra]
+
+
+@pytest.fixture
+def make_window(qtbot, project, settings):
+    def make(**kw):
+        w = MainWindow(project, settings, retry_s=60, **kw)
+        qtbot.addWidget(w)
+        w.show()
+        w.monitor.smoothing.setCurrentIndex(0)  # raw values, to compare with what the child wrote
+        return w
+    return make
+
+
+def curve_data(w, plot, key):
+    """All points a curve holds (getData would give the downsampled part on screen)."""
+    ds = plot.curves[key].getOriginalDataset()
+    return (np.array([]), np.array([])) if ds[0] is None else ds
+
+
+def test_plots_receive_points_from_a_child_that_writes_events(qtbot, make_window, project):
+    runs = project / "runs"
+    w = make_window(run_command=fake_run_command(runs, "run-a", "--warmup", "20", "--xbm", "40",
+                                                 "--delay", "0.01", "--bad-line"))
+    qtbot.mouseClick(w.form.run_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: w.monitor.data.status == "finished", timeout=30_000)
+    qtbot.waitUntil(lambda: len(curve_data(w, w.monitor.loss, "loss")[0]) == 60, timeout=5_000)
+    x, y = curve_data(w, w.monitor.loss, "loss")
+    expected = [step_fields(s, "warmup" if s < 20 else "xbm", 20, 320)["loss"] for s in range(60)]
+    assert x.tolist() == list(range(60))
+    assert np.allclose(y, expected)
+    fx, fy = curve_data(w, w.monitor.fill, "memory_fill")
+    assert fy[19] == 0 and fy[-1] == 100.0  # percent
+    dx, dy = curve_data(w, w.monitor.drift, "drift")
+    assert np.isnan(dy[:20]).all() and np.isfinite(dy[-1])  # no drift before the memory is full
+    rx, ry = curve_data(w, w.monitor.recall, "val/recall@1")
+    assert rx.tolist() == [19, 39, 59]
+    # phases: warm-up at 0, then memory init and XBM at step 20 share one marker
+    assert [m.value() for m in w.monitor.loss.markers] == [0, 20]
+    assert w.monitor.phase_label.text() == "XBM"
+    assert "step 59 / 60" in w.monitor.progress_label.text()
+    assert w.bad_status.text() == "malformed lines: 1"
+    qtbot.waitUntil(lambda: w.child_status.text() == "run finished", timeout=10_000)
+
+
+def test_follows_latest_and_switches_to_a_new_run(qtbot, make_window, project):
+    runs = project / "runs"
+    w = make_window()
+    assert w.follow_action.isChecked()
+    qtbot.waitUntil(lambda: w.monitor.phase_label.text() == "waiting", timeout=5_000)
+    # a run started elsewhere (e.g. `dvc repro` in a terminal)
+    w.launch(fake_run_command(runs, "first", "--warmup", "5", "--xbm", "5")([]), "run")
+    qtbot.waitUntil(lambda: w.monitor.data.status == "finished" and w.monitor.data.last_step == 9,
+                    timeout=30_000)
+    qtbot.waitUntil(lambda: not w.child.is_running(), timeout=10_000)
+    w.launch(fake_run_command(runs, "second", "--warmup", "3", "--xbm", "4")([]), "run")
+    qtbot.waitUntil(lambda: "second" in w.monitor.source_label.text() and w.monitor.data.status == "finished",
+                    timeout=30_000)
+    assert w.monitor.data.last_step == 6 and len(w.monitor.data.curves["loss"]) == 7
+    # pick a run folder: the first run again, LATEST no longer followed
+    w.follow_run(runs / "first")
+    qtbot.waitUntil(lambda: "first" in w.monitor.source_label.text() and w.monitor.data.last_step == 9,
+                    timeout=10_000)
+    assert not w.follow_action.isChecked()
+
+
+def test_big_run_loads_without_freezing(qtbot, make_window, project):
+    """100,000 steps in the file: loaded by the worker thread while the GUI thread keeps serving events."""
+    run = project / "runs" / "big"
+    run.mkdir(parents=True)
+    lines = [json.dumps(make_event("start", 0, run_id="big", params={}, total_steps=100_000))]
+    for s in range(100_000):
+        lines.append(json.dumps(make_event("step", s, **step_fields(s, "warmup" if s < 3000 else "xbm", 3000,
+                                                                     50_000))))
+    (run / "events.jsonl").write_text("\n".join(lines) + "\n")
+    w = make_window(follow=run)
+    ticks = []
+    t0 = time.perf_counter()
+    timer_id = w.startTimer(20)
+    w.timerEvent = lambda e: ticks.append(time.perf_counter())  # GUI-thread liveness probe
+    qtbot.waitUntil(lambda: w.monitor.data.last_step == 99_999, timeout=60_000)
+    qtbot.waitUntil(lambda: len(curve_data(w, w.monitor.loss, "loss")[0]) == 100_000, timeout=10_000)
+    w.killTimer(timer_id)
+    gaps = np.diff([t0, *ticks])
+    assert gaps.max() < 1.5, f"GUI thread blocked for {gaps.max():.2f} s"
+    # what is painted is downsampled to the plot's width, not 100,000 points
+    w.monitor.graphics.grab()
+    drawn = w.monitor.loss.curves["loss"].curve.xData
+    assert len(drawn) < 5_000
+
+
+def test_layout_and_last_params_remembered(qtbot, project, settings):
+    w = MainWindow(project, settings, retry_s=60)
+    qtbot.addWidget(w)
+    w.show()
+    w.resize(760, 640)  # the offscreen screen is 800 px: larger sizes are clamped on restore
+    w.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, w.form_dock)
+    w.form.editors["train.lr"].setText("0.0005")
+    w.form.editors["memory.mode"].setCurrentText("index")
+    w.form.extra.setText("memory.weight=0.5")
+    w.tabs.setCurrentIndex(1)
+    w.close()
+    assert settings.fileName().startswith(str(project.parent))  # the test's file, not the user's
+    w2 = MainWindow(project, settings, retry_s=60)
+    qtbot.addWidget(w2)
+    assert w2.form.editors["train.lr"].text() == "0.0005"
+    assert w2.form.editors["memory.mode"].currentText() == "index"
+    assert w2.form.extra.text() == "memory.weight=0.5"
+    assert (w2.width(), w2.height()) == (760, 640)
+    assert w2.dockWidgetArea(w2.form_dock) == Qt.DockWidgetArea.RightDockWidgetArea
+    assert w2.tabs.currentIndex() == 1
+    assert w2.form.overrides()[0] == ["memory.mode=index", "train.lr=0.0005", "memory.weight=0.5"]
+    w2.close()

@@ -1,0 +1,135 @@
+"""The event parser and the plot buffers alone (no window)."""
+import json
+import time
+
+import numpy as np
+import pytest
+
+from gui.series import EventBatch, RunData, Series, moving_average
+from xbmcore.events import EventReader, JsonlSink, make_event
+
+from fake_run import step_fields
+
+
+def _step(step, phase="warmup", **over):
+    f = step_fields(step, phase, warmup=10, k=64)
+    f.update(over)
+    return make_event("step", step, **f)
+
+
+def test_partial_line_waits_for_its_end(tmp_path):
+    path = tmp_path / "events.jsonl"
+    line = json.dumps(_step(0))
+    path.write_text(line[:25])
+    reader = EventReader(path)
+    assert reader.poll() == [] and reader.bad_lines == 0
+    with open(path, "a") as f:
+        f.write(line[25:] + "\n")
+    events = reader.poll()
+    assert [e["step"] for e in events] == [0] and reader.bad_lines == 0
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink(path)
+    sink.emit(_step(0))
+    sink._f.write('{"kind": "step", "step": \n')       # torn JSON
+    sink._f.write('{"kind": "banana", "step": 1}\n')    # valid JSON, not an event
+    sink._f.write("[1, 2]\n")                           # not an object
+    sink.emit(_step(1))
+    sink.close()
+    reader = EventReader(path)
+    batch = EventBatch.from_events(reader.poll())
+    assert reader.bad_lines == 3
+    run = RunData()
+    run.add(batch)
+    assert run.curves["loss"].x.tolist() == [0.0, 1.0]
+
+
+def test_batch_columns_nulls_and_phases():
+    events = [make_event("phase", 0, phase="warmup", total_steps=2), _step(0), _step(1),
+              make_event("phase", 2, phase="memory_init", total_steps=None),
+              make_event("phase", 2, phase="xbm", total_steps=3),
+              _step(2, "xbm", drift=None), _step(3, "xbm", drift=0.25),
+              make_event("eval", 3, phase="xbm", split="val", metrics={"recall@1": 0.5, "map@r": None})]
+    b = EventBatch.from_events(events)
+    assert b.steps.tolist() == [0, 1, 2, 3]
+    assert np.isnan(b.columns["drift"][2]) and b.columns["drift"][3] == 0.25
+    assert b.phase_changes == [(0, "warmup"), (2, "memory_init"), (2, "xbm")]
+    run = RunData()
+    run.add(b)
+    assert run.phase == "xbm" and run.phase_total == {"warmup": 2, "xbm": 3}
+    assert run.evals["val/recall@1"].y.tolist() == [0.5]
+    assert np.isnan(run.evals["val/map@r"].y[0])
+    # the next batch continues the phase: no new change is reported
+    assert EventBatch.from_events([_step(4, "xbm")], b.last_phase).phase_changes == []
+
+
+def test_series_grows_by_doubling_and_keeps_values():
+    s = Series(capacity=4)
+    caps = set()
+    for i in range(0, 1000, 7):
+        x = np.arange(i, min(i + 7, 1000), dtype=float)
+        s.extend(x, -x)
+        caps.add(len(s._x))
+    assert s.x.tolist() == list(range(1000)) and s.y.tolist() == [-v for v in range(1000)]
+    assert caps <= {4 * 2 ** k for k in range(12)}  # capacities are doublings of the first
+    s.rewind(500)
+    assert len(s) == 500 and s.last() == -499
+
+
+def test_100k_points_appended_fast():
+    n = 100_000
+    events = [_step(i, "warmup" if i < 10 else "xbm") for i in range(n)]
+    t0 = time.perf_counter()
+    batches = [EventBatch.from_events(events[i:i + 20_000]) for i in range(0, n, 20_000)]
+    t_parse = time.perf_counter() - t0
+    run = RunData()
+    t0 = time.perf_counter()
+    for b in batches:
+        run.add(b)
+    t_add = time.perf_counter() - t0
+    assert len(run.curves["loss"]) == n and run.last_step == n - 1
+    assert run.curves["loss"].y[12345] == pytest.approx(events[12345]["loss"])
+    # columnising is per-event Python (worker thread); appending is whole arrays (GUI thread) and must be tiny
+    assert t_parse < 10.0, t_parse
+    assert t_add < 0.25, t_add
+
+
+def test_resume_rewinds_to_the_restart_step():
+    run = RunData()
+    run.add(EventBatch.from_events([_step(i) for i in range(10)]))
+    # killed after step 9, resumed from the checkpoint at step 6: steps 6.. come again
+    run.add(EventBatch.from_events([_step(i) for i in range(6, 12)]))
+    assert run.curves["loss"].x.tolist() == list(range(12))
+    run.add(EventBatch.from_events([_step(3), _step(4)]))
+    assert run.curves["loss"].x.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_moving_average_matches_a_loop():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=200)
+    y[[5, 6, 50, 120]] = np.nan
+    w = 7
+    got = moving_average(y, w)
+    for i in range(len(y)):
+        if np.isnan(y[i]):
+            assert np.isnan(got[i])
+            continue
+        window = [v for v in y[max(0, i - w + 1): i + 1] if not np.isnan(v)]
+        assert got[i] == pytest.approx(sum(window) / len(window), abs=1e-12)
+    assert moving_average(y, 1) is y
+
+
+def test_speed_and_eta_from_step_times():
+    events = [make_event("start", 0, run_id="r", params={}, total_steps=100)]
+    for i in range(20):
+        ev = _step(i)
+        ev["time"] = 1000.0 + 0.5 * i  # 2 steps/s
+        events.append(ev)
+    run = RunData()
+    run.add(EventBatch.from_events(events))
+    assert run.steps_per_s() == pytest.approx(2.0)
+    assert run.eta_s() == pytest.approx((100 - 1 - 19) / 2.0)
+    run.add(EventBatch.from_events([make_event("end", 19, status="stopped", message="")]))
+    assert run.status == "stopped" and run.eta_s() is None
