@@ -208,6 +208,9 @@ class MLflowSink:
     def __init__(self, client, run_id: str, logged: dict[str, int] | None = None, flush_s: float = 1.0,
                  max_batch: int = 1000, retries: int = 3, backoff_s: float = 0.5, max_queue: int = 200_000,
                  close_timeout_s: float = 15.0):
+        from mlflow.entities import Metric  # imported here: importing mlflow takes seconds, never mid-training
+
+        self._metric = Metric
         self.client, self.run_id = client, run_id
         self.logged = dict(logged or {})
         self.flush_s, self.max_batch, self.retries, self.backoff_s = flush_s, max_batch, retries, backoff_s
@@ -216,6 +219,7 @@ class MLflowSink:
         self.sent = 0
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closing = threading.Event()
+        self._abandon = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-sink", daemon=True)
         self._thread.start()
 
@@ -231,8 +235,7 @@ class MLflowSink:
         return {}
 
     def emit(self, event: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
+        Metric = self._metric
         step, ts = int(event["step"]), int(event["time"] * 1000)
         for k, v in self.metrics_of(event).items():
             if step <= self.logged.get(k, -1):
@@ -248,7 +251,7 @@ class MLflowSink:
         self.dropped += n
 
     def _loop(self) -> None:
-        while True:
+        while not self._abandon.is_set():
             batch = []
             deadline = time.monotonic() + self.flush_s
             while len(batch) < self.max_batch:
@@ -272,7 +275,7 @@ class MLflowSink:
                 self.sent += len(batch)
                 return
             except Exception as err:  # any store error: retry, then drop; never reaches the training thread
-                if attempt == self.retries:
+                if attempt == self.retries or self._abandon.is_set():
                     self._drop(len(batch), f"the store failed {attempt + 1} times ({type(err).__name__}: {err})")
                     return
                 time.sleep(self.backoff_s * 2 ** attempt)
@@ -281,6 +284,7 @@ class MLflowSink:
         self._closing.set()
         self._thread.join(self.close_timeout_s)
         if self._thread.is_alive():
+            self._abandon.set()  # the thread ends after the call in flight; the rest is dropped
             log.warning("MLflow: the store did not take the last %d metrics within %.0f s; they are dropped",
                         self._q.qsize(), self.close_timeout_s)
 

@@ -321,7 +321,7 @@ class Trainer:
             out = self.objective(emb, labels, idx, memory)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._nonfinite_message(float(loss), phase, memory))
+            raise NonFiniteLossError(self._nonfinite_message(float(loss.detach()), phase, memory))
         if loss.requires_grad:  # no active pair at all: nothing to learn from this batch
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -435,7 +435,6 @@ class Trainer:
                     now = time.perf_counter()
                     last = self._record(phase, out, memory, B / max(now - tick, 1e-9))
                     tick = now
-                    stop = self._stop_signal is not None
                     if t.eval_every and self.step % t.eval_every == 0:
                         metrics = self.evaluate("val")
                         self.evals.append({"step": self.step, "phase": phase, "split": "val", **metrics})
@@ -447,6 +446,7 @@ class Trainer:
                                 checkpoint()
                                 raise _CallerError(err) from err
                         tick = time.perf_counter()  # images/s measures training, not evaluation
+                    stop = self._stop_signal is not None
                     if stop or self.step % t.checkpoint_every == 0 or self.step == end:
                         checkpoint()
                         tick = time.perf_counter()
@@ -500,8 +500,10 @@ class Trainer:
         self.sink.emit(make_event("phase", self.step, phase="memory_init", total_steps=0, items=n))
         g = torch.Generator().manual_seed(self.params.train.seed)
         pick = torch.randperm(N, generator=g)[:n]  # n dataset indices
+        # The images as the test transform shows them (when the dataset offers it): one clean view per image.
+        clean = train.without_augmentation() if hasattr(train, "without_augmentation") else train
         with preserved_rng(), self._autocast():
-            feats, labels = compute_embeddings(self.model, Subset(train, pick.tolist()),
+            feats, labels = compute_embeddings(self.model, Subset(clean, pick.tolist()),
                                                self.params.eval.batch_size, self.device,
                                                num_workers=self.params.data.num_workers)
         # Written at the current step, so the ages of the drift measurement count from the end of the warm-up.

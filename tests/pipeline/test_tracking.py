@@ -1,0 +1,200 @@
+"""MLflow glue: the sink never stalls or kills training; stages of one execution share one run."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.tracking import MLflowSink, StageRun, attach_run, metric_name, run_key, tracking_uri
+from xbmcore.config import Params
+from xbmcore.events import make_event
+
+
+def step_event(step: int, loss: float = 0.5) -> dict:
+    return make_event("step", step, phase="xbm", loss=loss, loss_batch=0.3, loss_memory=0.2, pos_pairs=4,
+                      neg_pairs=10, mem_pos_pairs=2, mem_neg_pairs=100, memory_fill=0.5, memory_size=50,
+                      drift=None, drift_age=None, lr=1e-3, images_per_s=100.0)
+
+
+class SlowStore:
+    def __init__(self, delay: float):
+        self.delay, self.batches = delay, []
+
+    def log_batch(self, run_id, metrics=(), synchronous=None):
+        time.sleep(self.delay)
+        self.batches.append(list(metrics))
+
+
+class FailingStore:
+    def __init__(self):
+        self.calls = 0
+
+    def log_batch(self, run_id, metrics=(), synchronous=None):
+        self.calls += 1
+        raise ConnectionError("database is locked")
+
+
+def test_slow_store_does_not_stall_training():
+    store = SlowStore(delay=0.5)
+    sink = MLflowSink(store, "run", flush_s=0.05, close_timeout_s=0.2)
+    t0 = time.perf_counter()
+    for s in range(1, 2001):
+        sink.emit(step_event(s))
+    assert time.perf_counter() - t0 < 1.0  # 2000 steps x 12 metrics, enqueued only
+    t0 = time.perf_counter()
+    sink.close()
+    assert time.perf_counter() - t0 < 1.0  # gives up after close_timeout_s, does not wait for the store
+    sink._thread.join(2.0)
+    assert not sink._thread.is_alive()  # and the thread ends after the call in flight
+
+
+def test_slow_store_gets_everything_in_order_when_given_time():
+    store = SlowStore(delay=0.05)
+    sink = MLflowSink(store, "run", flush_s=0.05, max_batch=500)
+    for s in range(1, 101):
+        sink.emit(step_event(s, loss=s / 100))
+    sink.close()
+    got = [m for b in store.batches for m in b]
+    assert len(got) == 100 * 10  # drift and drift_age are None: not logged
+    loss = [(m.step, m.value) for m in got if m.key == "loss"]
+    assert loss == [(s, s / 100) for s in range(1, 101)]
+    assert max(len(b) for b in store.batches) <= 500
+
+
+def test_failing_store_drops_with_a_warning_and_never_raises(caplog):
+    store = FailingStore()
+    sink = MLflowSink(store, "run", flush_s=0.01, retries=2, backoff_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        for s in range(1, 11):
+            sink.emit(step_event(s))
+        sink.close()
+    assert sink.dropped == 100 and sink.sent == 0
+    assert store.calls % 3 == 0 and store.calls >= 3  # each batch: 1 try + 2 retries
+    assert any("dropping metrics" in r.message and "database is locked" in r.message for r in caplog.records)
+    assert not sink._thread.is_alive()
+
+
+def test_steps_already_in_the_run_are_not_logged_again():
+    store = SlowStore(delay=0)
+    sink = MLflowSink(store, "run", logged={"loss": 5}, flush_s=0.01)
+    for s in range(1, 9):
+        sink.emit(step_event(s))
+    sink.close()
+    got = [m for b in store.batches for m in b]
+    assert sorted(m.step for m in got if m.key == "loss") == [6, 7, 8]
+    assert sorted(m.step for m in got if m.key == "lr") == list(range(1, 9))
+
+
+def test_eval_metrics_are_named_split_slash_metric():
+    ev = make_event("eval", 10, phase="xbm", split="val", metrics={"recall@1": 0.5, "map@r": 0.2})
+    assert MLflowSink.metrics_of(ev) == {"val/recall_at_1": 0.5, "val/map_at_r": 0.2}
+    assert metric_name("test/r_precision") == "test/r_precision"
+
+
+def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    p = Params()
+    assert tracking_uri(p, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    p = Params.model_validate({"tracking": {"uri": "sqlite:///db/x.db"}})
+    assert tracking_uri(p, tmp_path) == f"sqlite:///{tmp_path.resolve()}/db/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert tracking_uri(p, tmp_path) == "http://tracking:5000"
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """One project root and MLflow database for the tests below (creating a database takes seconds)."""
+    return tmp_path_factory.mktemp("project")
+
+
+@pytest.fixture
+def store(db, monkeypatch, request):
+    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    return db
+
+
+def params(request, **sections) -> Params:
+    """Default params in an experiment of the test's own name."""
+    return Params.model_validate({"tracking": {"experiment": request.node.name}, **sections})
+
+
+def test_stages_of_one_execution_share_a_run_until_it_finishes(store, request):
+    p = params(request)
+    with StageRun(p, store, "warmup", progress=False) as a:
+        for s in range(1, 4):
+            a.sink.emit(step_event(s))
+    with StageRun(p, store, "train_xbm", progress=False) as b:
+        b.sink.emit(step_event(4))
+    assert a.run_id == b.run_id
+    client = b.mlflow.client
+    run = client.get_run(a.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["xbm.run_key"] == run_key(p)
+    assert run.data.params["memory.ratio"] == str(p.memory.ratio)
+    assert [m.step for m in client.get_metric_history(a.run_id, "loss")] == [1, 2, 3, 4]
+    with StageRun(p, store, "evaluate", finish=True, progress=False) as c:
+        pass
+    assert c.run_id == a.run_id and client.get_run(a.run_id).info.status == "FINISHED"
+    # The next execution with the same params is a new run; other params are another run.
+    assert attach_run(p, store, "warmup").run_id != a.run_id
+    other = params(request, memory={"ratio": 0.2})
+    assert attach_run(other, store, "warmup").key != run_key(p)
+    # Every stage appended to the same events file, and LATEST names the run.
+    assert (store / "runs" / "LATEST").read_text().strip() == run_key(p)
+    kinds = [line.split('"kind":"')[1].split('"')[0]
+             for line in (store / "runs" / run_key(p) / "events.jsonl").read_text().splitlines()]
+    assert kinds.count("start") == 3 and kinds[-1] == "end"
+
+
+def test_failure_and_stop_leave_the_run_open_for_a_rerun(store, request):
+    from xbmcore.trainer import TrainingStopped
+
+    p = params(request)
+    with pytest.raises(TrainingStopped):
+        with StageRun(p, store, "warmup", progress=False) as a:
+            raise TrainingStopped(15, "stopped by SIGTERM")
+    assert a.mlflow.client.get_run(a.run_id).info.status == "KILLED"
+    with pytest.raises(ZeroDivisionError):
+        with StageRun(p, store, "warmup", progress=False) as b:
+            1 / 0
+    assert b.run_id == a.run_id and b.mlflow.client.get_run(a.run_id).info.status == "FAILED"
+    with StageRun(p, store, "warmup", progress=False) as c:
+        pass
+    assert c.run_id == a.run_id and c.mlflow.client.get_run(a.run_id).info.status == "RUNNING"
+
+
+def test_a_fresh_start_does_not_mix_with_an_abandoned_run(store, request):
+    p = params(request)
+    with StageRun(p, store, "warmup", progress=False) as a:
+        a.sink.emit(step_event(1))
+        a.sink.emit(step_event(2))
+    # Not resuming: a stage that will log step 1 again starts a new run instead of hiding its points.
+    with StageRun(p, store, "warmup", fresh_start=1, progress=False) as b:
+        pass
+    assert b.run_id != a.run_id
+
+
+def test_parent_and_explicit_run_ids(store, monkeypatch, request):
+    p = params(request)
+    parent = attach_run(p, store, "tune")
+    monkeypatch.setenv("XBM_MLFLOW_PARENT_RUN_ID", parent.run_id)
+    child = attach_run(p, store, "train_xbm")
+    assert child.run_id != parent.run_id
+    assert child.client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+    assert attach_run(p, store, "evaluate").run_id == child.run_id
+    monkeypatch.delenv("XBM_MLFLOW_PARENT_RUN_ID")
+    monkeypatch.setenv("XBM_MLFLOW_RUN_ID", parent.run_id)
+    assert attach_run(p, store, "evaluate").run_id == parent.run_id
+
+
+def test_an_unreachable_store_leaves_the_stage_running(tmp_path, monkeypatch, caplog):
+    (tmp_path / "blocker").write_text("a file where the database's folder should be")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/blocker/mlflow.db")
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        with StageRun(Params(), tmp_path, "warmup", progress=False) as run:
+            run.sink.emit(step_event(1))
+    assert run.mlflow is None
+    assert any("cannot attach" in r.message for r in caplog.records)
+    assert (tmp_path / "runs" / run_key(Params()) / "events.jsonl").read_text().count('"kind":"step"') == 1

@@ -1,0 +1,68 @@
+"""A tiny configuration of the pipeline for tests: 24 synthetic classes of 16 px images, a few steps per phase."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = {
+    "data": {"train_size": 16, "test_resize": 16, "test_size": 16, "train_crop_scale": [0.8, 1.0],
+             "synthetic": {"num_classes": 24, "images_per_class_min": 4, "images_per_class_max": 6,
+                           "classes_per_superclass": 4, "image_size": 16}},
+    "model": {"embedding_dim": 16},
+    "train": {"batch_size": 8, "images_per_class": 2, "warmup_steps": 6, "xbm_steps": 8, "checkpoint_every": 4,
+              "eval_every": 4, "num_threads": 1, "lr": 0.003},
+    "eval": {"recall_at": [1, 2], "batch_size": 64},
+}
+
+
+def tiny_params(**sections) -> dict:
+    """The committed params.yaml with the tiny values (and `sections`) merged in."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = copy.deepcopy(v)
+
+    merge(raw, TINY)
+    merge(raw, sections)
+    return raw
+
+
+def write_params(root: Path, **sections) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params(**sections), sort_keys=False))
+    return path
+
+
+def stage_env() -> dict:
+    """Environment for stage subprocesses: this interpreter first on PATH, one thread, no inherited tracking."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
+        env.pop(var, None)
+    return env
+
+
+def run_stage(root: Path, stage: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, env=stage_env(),
+                          capture_output=True, text=True, **kwargs)
+
+
+def copy_project(dst: Path) -> None:
+    """The files `dvc repro` needs: code, dvc.yaml, .dvcignore (params.yaml is written by the test)."""
+    for name in ("xbmcore", "pipeline"):
+        shutil.copytree(REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("dvc.yaml",):
+        shutil.copy2(REPO / name, dst / name)
