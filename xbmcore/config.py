@@ -52,8 +52,18 @@ class DataParams(_Section):
     test_resize: int = Field(32, ge=8)
     test_size: int = Field(32, ge=8)
     vehicleid_test: Literal[800, 1600, 2400] = 800
+    # Area range of the training RandomResizedCrop. (0.2, 1) is the XBM reference code's setting; the embedded
+    # set already varies position and scale, and its class details are a few pixels wide, so it gets a milder crop.
+    train_crop_scale: tuple[float, float] = (0.5, 1.0)
     num_workers: int = Field(0, ge=0)
     synthetic: SyntheticParams = SyntheticParams()
+
+    @model_validator(mode="after")
+    def _crop(self) -> "DataParams":
+        lo, hi = self.train_crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"train_crop_scale must satisfy 0 < low <= high <= 1, got {self.train_crop_scale}")
+        return self
 
 
 class ModelParams(_Section):
