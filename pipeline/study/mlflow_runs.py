@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +45,34 @@ def _chunks(items: list, n: int = 100):  # MLflow takes at most 100 params / 100
 
 class StudyTracker:
     def __init__(self, uri: str, experiment: str):
-        self.uri = uri
-        self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            try:
-                self.experiment_id = self.client.create_experiment(experiment)
-            except MlflowException:  # created by another worker in the meantime
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+        self.uri, self.experiment = uri, experiment
+        self.client: MlflowClient | None = None  # opened in attach_parent, under the study lock
+        self.experiment_id: str | None = None
         self.parent_id: str | None = None
+
+    def _open(self) -> str:
+        # Two processes creating a new SQLite tracking database at once race in MLflow's schema migration
+        # (the study lock covers workers, not the stages of other runs); the loser's error is transient: the
+        # winner completes the schema, so it retries.
+        for attempt in range(5):
+            try:
+                self.client = MlflowClient(self.uri)
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is not None:
+                    return exp.experiment_id
+                return self.client.create_experiment(self.experiment)
+            except (MlflowException, SQLAlchemyError) as err:
+                if attempt == 4:
+                    raise
+                log.warning("tracking store %s not ready (%s); retrying", self.uri, str(err).splitlines()[0])
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
 
     # -- parent -------------------------------------------------------------------------------------------
 
     def attach_parent(self, study: optuna.Study, params_flat: dict[str, Any], storage_url: str) -> str:
         """Find the study's parent run in this tracking store or create it (call under the study lock)."""
+        self.experiment_id = self._open()
         ref = study.user_attrs.get(PARENT_ATTR) or {}
         if ref.get("uri") == self.uri:
             try:
