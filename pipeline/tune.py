@@ -13,20 +13,16 @@ best trial), importances.json and PNG plots, also logged to the study's parent M
 from __future__ import annotations
 
 import argparse
-import logging
-import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import optuna
 
-from xbmcore.config import Params, load_params
+from xbmcore.config import load_params
 from pipeline.study import StudyTracker, Worker, finalize, resolve_storage
-
-
-def tracking_uri(params: Params, root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri or f"sqlite:///{root / 'mlflow.db'}"
+from pipeline.tracking import configure_logging, tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,9 +36,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _exit_on_sigterm(signum, frame):
+    # Outside a training phase (whose own handler stops after the step with a checkpoint): stop at once; the
+    # running trial is marked failed on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the worker prints one line per trial itself
     try:
         params = load_params(args.params, args.overrides)
@@ -50,26 +52,38 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     root = Path(args.params).resolve().parent
-    from pipeline.study.objective import StageObjective  # torch and the stages: only when trials run
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # torch and the stages are imported only here: the study's bookkeeping does not need them.
+    from xbmcore.trainer import TrainingStopped
+    from pipeline.study.objective import StageObjective
 
+    t0 = time.time()
     stages = StageObjective(params, root)
     storage = resolve_storage(params.tune.storage, root)
-    worker = Worker(params, root, storage, stages, StudyTracker(tracking_uri(params, root),
-                                                                params.tracking.experiment))
+    tracker = StudyTracker(tracking_uri(params, root), params.tracking.experiment)
+    try:
+        worker = Worker(params, root, storage, stages, tracker, interrupts=(TrainingStopped,))
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     print(f"study {params.tune.study_name!r} in {storage.url}: {worker.counts() or 'no trials yet'}, "
           f"budget {params.tune.n_trials}", flush=True)
-    t0 = time.time()
-    if not args.report:
-        stages.prepare()
-        worker.run()
-    summary = finalize(worker, stages.evaluate_test)
+    try:
+        if not args.report:
+            stages.prepare(tracker)
+            worker.run()
+        summary = finalize(worker, stages.evaluate_test)
+    except TrainingStopped as err:
+        print(f"tune: {err}", file=sys.stderr)
+        return 128 + err.signum
     print(f"worker done in {time.time() - t0:.0f} s")
     if summary is None:
         return 0
     if "best_value" not in summary:
         print(f"no trial completed ({summary['trials']}); see the failed trials' runs in MLflow")
         return 1
-    print(f"best trial {summary['best_trial']}: val {summary['metric']} = {summary['best_value']:.4f}")
+    print(f"best trial {summary['best_trial']}: val {summary['metric']} = {summary['best_value']:.4f} "
+          f"({summary['trials']})")
     if summary.get("test"):
         print("its test metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))
     print(f"apply it:  {summary['command']}")

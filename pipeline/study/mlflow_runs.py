@@ -130,6 +130,11 @@ class StudyTracker:
             self.client.log_batch(run.info.run_id, params=batch)
         return run.info.run_id
 
+    def start_warmup(self, params_flat: dict[str, Any], digest: str) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=f"warmup-{digest[:6]}", tags={
+            "mlflow.parentRunId": self.parent_id, "xbm.role": "warmup", "xbm.warmup_digest": digest})
+        return run.info.run_id
+
     def end_stale(self, trial: FrozenTrial) -> None:
         """Close the run of a trial whose worker died (it was left RUNNING in MLflow too)."""
         run_id = trial.user_attrs.get(RUN_ATTR)

@@ -17,7 +17,8 @@ import yaml
 
 from xbmcore.config import Params
 from pipeline.study import space
-from pipeline.study.runner import Worker
+from pipeline.study.mlflow_runs import RUN_ATTR
+from pipeline.study.runner import Worker, env
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,9 @@ def finalize(worker: Worker, evaluate_test: EvaluateTest | None) -> dict[str, An
                 test = old["test"]
             elif evaluate_test is not None:
                 trial_dir = worker.trial_dir(best.number)
-                if trial_dir.exists():
-                    test = evaluate_test(space.trial_params(worker.params, best.params), trial_dir)
+                if trial_dir.exists():  # logged into the best trial's own run
+                    with env(XBM_MLFLOW_RUN_ID=best.user_attrs.get(RUN_ATTR)):
+                        test = evaluate_test(space.trial_params(worker.params, best.params), trial_dir)
                 else:
                     log.warning("best trial %d has no artifacts left in %s: no test metrics", best.number,
                                 trial_dir)

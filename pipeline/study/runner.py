@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +55,15 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
 
 
 @contextmanager
-def _env(**values: str | None) -> Iterator[None]:
+def env(**values: str | None) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for a block: how the stages learn their MLflow run."""
     old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
     try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
         for k, v in old.items():
@@ -80,6 +86,8 @@ class Worker:
     storage: StudyStorage
     objective: Objective
     tracker: StudyTracker | None = None
+    # Exceptions that stop the worker instead of failing one trial (the trainer's SIGTERM stop).
+    interrupts: tuple[type[BaseException], ...] = ()
     out_dir: Path = field(init=False)
     study: optuna.Study = field(init=False)
 
@@ -163,7 +171,7 @@ class Worker:
 
         value, state, error = None, TrialState.FAIL, None
         try:
-            with Heartbeat(trial, tune.heartbeat_s), _env(XBM_MLFLOW_RUN_ID=run_id):
+            with Heartbeat(trial, tune.heartbeat_s), env(XBM_MLFLOW_RUN_ID=run_id):
                 value = float(self.objective(params, trial_dir, report))
             if not math.isfinite(value):
                 raise FloatingPointError(f"validation {tune.metric} is {value}")
@@ -171,13 +179,14 @@ class Worker:
         except optuna.TrialPruned as err:
             state, value = TrialState.PRUNED, None
             print(f"trial {trial.number} pruned: {err}", flush=True)
+        except self.interrupts:
+            self._interrupted(trial, run_id, sys.exc_info()[1])
+            raise
         except Exception as err:  # e.g. a NaN loss: this trial failed, the study goes on
             state, value, error = TrialState.FAIL, None, err
             log.exception("trial %d failed", trial.number)
-        except BaseException as err:  # KeyboardInterrupt, SystemExit (SIGTERM): stop the worker cleanly
-            frozen = self.study.tell(trial, state=TrialState.FAIL)
-            if self.tracker:
-                self.tracker.end_trial(run_id, frozen, tune.metric, err)
+        except BaseException as err:  # KeyboardInterrupt, SystemExit: stop the worker
+            self._interrupted(trial, run_id, err)
             raise
         frozen = self.study.tell(trial, value, state=state)
         if state == TrialState.COMPLETE:
@@ -188,6 +197,13 @@ class Worker:
         if tune.keep_artifacts == "best":
             self._drop_artifacts()
         return frozen
+
+    def _interrupted(self, trial: optuna.Trial, run_id: str | None, err: BaseException) -> None:
+        """The worker is stopping: the trial is failed now rather than left RUNNING for the next sweep."""
+        frozen = self.study.tell(trial, state=TrialState.FAIL)
+        print(f"trial {trial.number} interrupted ({type(err).__name__}): marked failed", flush=True)
+        if self.tracker:
+            self.tracker.end_trial(run_id, frozen, self.params.tune.metric, err)
 
     def best_trial(self) -> optuna.trial.FrozenTrial | None:
         complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -290,3 +290,48 @@ def test_two_workers_share_one_journal_study(tmp_path):
     _, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and sorted(children) == list(range(6))
     assert sum("still running in other workers" in o for o in outs) <= 1
+
+
+def test_real_stages_share_the_pipelines_warmup(tmp_path, monkeypatch):
+    """`python -m pipeline.tune` in-process on the tiny synthetic project, after the pipeline's own warm-up."""
+    import torch
+
+    from pipeline import stages, tune
+    from tiny_project import tiny_params
+
+    torch.set_num_threads(1)
+    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    raw = tiny_params(tune={"n_trials": 2, "pruner": "none"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    base = validate_params(raw)
+    stages.run_download(base, tmp_path)
+    stages.run_warmup(base, tmp_path)  # what `dvc repro` leaves in artifacts/warmup
+
+    assert tune.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    shared = next((tmp_path / "artifacts/tune/warmup").glob("*/warmup/state.pt"))
+    assert shared.stat().st_ino == (tmp_path / "artifacts/warmup/state.pt").stat().st_ino  # reused, linked
+
+    study = load(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    summary = yaml.safe_load((tmp_path / "artifacts/tune/xbm/summary.json").read_text())
+    best = study.best_trial
+    assert summary["best_trial"] == best.number and summary["split"] == "val"
+    assert set(summary["test"]) == {"recall@1", "recall@2", "map@r", "r_precision", "nmi"}
+
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1
+    roles = [r.data.tags.get("xbm.role") for r in client.search_runs([parents[0].info.experiment_id])]
+    assert "warmup" not in roles  # nothing was trained again
+    W, X = base.train.warmup_steps, base.train.xbm_steps
+    for t in study.trials:
+        run_id = children[t.number].info.run_id
+        lr = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+        assert sorted(lr) == list(range(1, W + X + 1))  # the warm-up's curve, then the trial's own
+        assert all(lr[s] == pytest.approx(base.train.lr) for s in range(1, W + 1))
+        assert all(lr[s] == pytest.approx(t.params["train.lr"]) for s in range(W + 1, W + X + 1))
+        val = client.get_metric_history(run_id, "val/recall_at_1")
+        assert [m.step for m in val if m.step > W] == [8, 12, 14]  # periodic evaluations, then the final one
+        assert [m.value for m in val if m.step == 14] == [pytest.approx(t.value)]
+    assert children[best.number].data.metrics["test/recall_at_1"] == pytest.approx(summary["test"]["recall@1"])
+    assert parents[0].data.metrics["test/recall_at_1"] == pytest.approx(summary["test"]["recall@1"])

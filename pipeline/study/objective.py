@@ -1,0 +1,106 @@
+"""The real objective: a trial = memory init + XBM training + validation, from one shared warm-up.
+
+The warm-up depends on what `training_digest(params, "warmup")` hashes (data, model, loss, the warm-up's train
+keys), and every trial uses the study's base params for it: the tuned values act from the memory switch-on on
+(`stages._trainer_after_warmup` applies the trial's loss, memory and lr to the loaded warm-up state). So the
+warm-up runs once per digest, in artifacts/tune/warmup/<digest>/, or is taken from the pipeline's own
+artifacts/warmup when `dvc repro` already made it with the same digest (hard-linked, so a later `dvc repro`
+replacing that file cannot change a running study's warm-up).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from xbmcore.checkpoint import load_checkpoint
+from xbmcore.config import Params
+from xbmcore.data import prepare_dataset
+from xbmcore.trainer import training_digest
+from pipeline import stages
+from pipeline.study.mlflow_runs import StudyTracker
+from pipeline.study.runner import env
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _digest_of(state_path: Path) -> str | None:
+    try:
+        return load_checkpoint(state_path).get("digest")
+    except (OSError, ValueError) as err:
+        log.warning("cannot read %s (%s)", state_path, err)
+        return None
+
+
+class StageObjective:
+    """objective(trial params, trial dir, report) and evaluate_test(trial params, trial dir) over pipeline.stages."""
+
+    def __init__(self, params: Params, root: Path):
+        self.params, self.root = params, Path(root).resolve()
+        self.digest = training_digest(params, "warmup")
+        self.warmup_root = self.root / "artifacts" / "tune" / "warmup" / self.digest
+        self.warmup = self.warmup_root / "warmup"  # what stages call `warmup=`: the folder with state.pt
+
+    def prepare(self, tracker: StudyTracker | None = None) -> None:
+        """Dataset and warm-up, once for all workers on this host (the first one does it, the others wait).
+
+        A warm-up that has to run logs into its own run nested under the study's parent run.
+        """
+        state = self.warmup / "state.pt"
+        with _file_lock(self.warmup_root.with_name(f"{self.digest}.lock")):
+            prepare_dataset(self.params.data, self.root, progress=False)
+            if state.exists():
+                log.info("shared warm-up %s (digest %s)", state, self.digest)
+                return
+            dvc_state = self.root / "artifacts" / "warmup" / "state.pt"
+            if dvc_state.exists() and _digest_of(dvc_state) == self.digest:
+                self.warmup.mkdir(parents=True, exist_ok=True)
+                tmp = state.with_name(".state.pt.tmp")
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(dvc_state, tmp)
+                except OSError:  # another file system
+                    shutil.copy2(dvc_state, tmp)
+                os.replace(tmp, state)
+                log.info("reusing the pipeline's warm-up %s (same digest %s)", dvc_state, self.digest)
+                return
+            log.info("warm-up for the study (digest %s) into %s", self.digest, self.warmup)
+            # A killed warm-up resumes from its checkpoints here on the next start.
+            if tracker is None:
+                stages.run_warmup(self.params, self.root, artifacts=self.warmup_root)
+                return
+            run_id = tracker.start_warmup(self.params.flat(), self.digest)
+            status = "FAILED"
+            try:
+                with env(XBM_MLFLOW_RUN_ID=run_id):
+                    stages.run_warmup(self.params, self.root, artifacts=self.warmup_root)
+                status = "FINISHED"
+            finally:
+                tracker.client.set_terminated(run_id, status=status)
+
+    def __call__(self, params: Params, trial_dir: Path, report) -> float:
+        metric = self.params.tune.metric
+        if not (self.warmup / "state.pt").exists():
+            self.prepare()
+        stages.run_memory_init(params, self.root, artifacts=trial_dir, warmup=self.warmup)
+        stages.run_train_xbm(params, self.root, on_eval=lambda step, m: report(step, m[metric]),
+                             artifacts=trial_dir, warmup=self.warmup)
+        return stages.run_evaluate(params, self.root, split="val", artifacts=trial_dir)[metric]
+
+    def evaluate_test(self, params: Params, trial_dir: Path) -> dict[str, float]:
+        return stages.run_evaluate(params, self.root, split="test", artifacts=trial_dir)
