@@ -1,0 +1,108 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from xbmcore.config import ModelParams
+from xbmcore.models import build_model
+
+torch.set_num_threads(1)
+
+
+def smallcnn(**kw):
+    torch.manual_seed(0)
+    return build_model(ModelParams(backbone="smallcnn", **kw))
+
+
+def test_output_shape_and_unit_norm():
+    model = smallcnn(embedding_dim=24)
+    assert model.embedding_dim == 24
+    out = model(torch.randn(5, 3, 32, 32))
+    assert out.shape == (5, 24) and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+
+
+def test_gradient_reaches_every_parameter():
+    model = smallcnn(embedding_dim=8)
+    out = model(torch.randn(4, 3, 32, 32))
+    (out[:2] @ out[2:].T).sum().backward()  # a loss on similarities, like the pair losses
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_channels_last_input_matches_contiguous():
+    model = smallcnn(embedding_dim=16).eval()
+    x = torch.randn(3, 3, 32, 32)
+    ref = model(x)
+    cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_freeze_bn_keeps_running_stats_in_train_mode():
+    with pytest.warns(UserWarning, match="freeze_bn with pretrained: none"):
+        model = smallcnn(embedding_dim=8, freeze_bn=True)
+    model.train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns) and model.head.training
+    assert all(not p.requires_grad for m in bns for p in m.parameters())
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = model(torch.randn(4, 3, 32, 32) * 3 + 1).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for m, (mean, var, n) in zip(bns, before):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert torch.equal(m.num_batches_tracked, n)
+    # Without freezing, one forward pass in train mode moves the statistics.
+    free = smallcnn(embedding_dim=8).train()
+    free(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert free.backbone[0][1].running_mean.abs().sum() > 0
+
+
+def test_eval_then_train_refreezes():
+    with pytest.warns(UserWarning):
+        model = smallcnn(freeze_bn=True)
+    model.eval().train()
+    assert all(not m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_resnet18_builds_without_pretrained_weights():
+    torch.manual_seed(0)
+    model = build_model(ModelParams(backbone="resnet18", embedding_dim=32))
+    assert model.feat_dim == 512 and model.head.in_features == 512
+    assert not hasattr(model.backbone, "fc") and not hasattr(model.backbone, "avgpool")
+    out = model.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 32)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+
+def test_pretrained_download_failure_explains_how_to_go_on(monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    monkeypatch.setenv("TORCH_HOME", "/some/torch_home")
+    with pytest.raises(RuntimeError) as info:
+        build_model(ModelParams(backbone="resnet18", pretrained="imagenet"))
+    msg = str(info.value)
+    assert "could not be downloaded" in msg and "Temporary failure" in msg
+    assert "/some/torch_home/hub/checkpoints" in msg and "resnet18-f37072fd.pth" in msg
+    assert "model.pretrained: none" in msg
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_pretrained_weights_are_loaded(monkeypatch):
+    reference = torchvision.models.resnet18()
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", lambda self, *a, **k: state)
+    model = build_model(ModelParams(backbone="resnet18", pretrained="imagenet"))
+    torch.testing.assert_close(model.backbone.conv1.weight, state["conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"],
+                               rtol=0, atol=0)
+
+
+def test_smallcnn_has_no_pretrained_weights():
+    with pytest.raises(ValueError, match="smallcnn has no pretrained weights"):
+        build_model(ModelParams(backbone="smallcnn", pretrained="imagenet"))

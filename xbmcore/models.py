@@ -1,0 +1,132 @@
+"""Embedding networks: a backbone, global pooling, a linear head to D dims, L2 normalisation.
+
+f(x) = normalize(W . pool(backbone(x))), so the inner product of two embeddings is their cosine similarity, which
+is what the losses, the memory and the faiss index all assume.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from xbmcore.config import ModelParams
+
+# torchvision builder and weights enum per backbone; the feature width is read off the built network.
+_RESNETS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+}
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class SmallCNN(nn.Sequential):
+    """Four conv-BN-ReLU blocks (32-64-128-256 channels) with 2x2 max-pooling between them: 32 -> 4 px.
+
+    About 15 M multiply-adds per 32 px image (a ResNet-18 at 32 px needs ~37 M, at 224 px 1.8 G), so a CPU trains
+    it at hundreds of images per second; every block does about the same work, none is memory-bound.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)):
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, w in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            layers.append(_conv_bn_relu(c_in, w))
+            c_in = w
+        super().__init__(*layers)
+        self.out_channels = c_in
+
+
+class AvgMaxPool(nn.Module):
+    """Sum of global average and global max pooling (common in metric learning, e.g. Proxy-Anchor): B x C."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # flatten (not view): the input may be channels_last, i.e. non-contiguous in NCHW order.
+        return (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)).flatten(1)
+
+
+class EmbeddingNet(nn.Module):
+    """backbone -> AvgMaxPool -> Linear(C, D) -> L2 normalisation. forward: B x 3 x H x W -> B x D."""
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, embedding_dim: int, freeze_bn: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = AvgMaxPool()
+        self.head = nn.Linear(feat_dim, embedding_dim)
+        self.feat_dim = feat_dim
+        self.embedding_dim = embedding_dim
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            for m in self._backbone_bns():
+                m.requires_grad_(False)
+            self.train(self.training)
+
+    def _backbone_bns(self):
+        return (m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+    def train(self, mode: bool = True) -> "EmbeddingNet":
+        # Frozen BN keeps its (pretrained) running statistics: eval mode even while the rest trains.
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self._backbone_bns():
+                m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.pool(self.backbone(x))), dim=1)  # B x D, unit norm
+
+
+def _load_imagenet(net: nn.Module, backbone: str, weights: torchvision.models.WeightsEnum) -> None:
+    try:
+        state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
+    except Exception as err:  # network, HTTP, hash or unpickling errors all end the same way for the user
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        file = os.path.basename(weights.url)
+        raise RuntimeError(
+            f"model.pretrained=imagenet: the ImageNet weights for {backbone} ({weights}) could not be downloaded "
+            f"from {weights.url} ({type(err).__name__}: {err}). torchvision caches them in {cache} (the hub dir; "
+            f"set TORCH_HOME to move it). To go on, place {file} in {cache}, or set model.pretrained: none."
+        ) from err
+    net.load_state_dict(state)
+
+
+def build_model(p: ModelParams) -> EmbeddingNet:
+    """Build the embedding network described by the `model` section of params.yaml."""
+    if p.backbone == "smallcnn":
+        if p.pretrained != "none":
+            raise ValueError(
+                f"model.pretrained: smallcnn has no pretrained weights, expected 'none', got {p.pretrained!r}"
+            )
+        backbone: nn.Module = SmallCNN()
+        feat_dim = backbone.out_channels
+    elif p.backbone in _RESNETS:
+        builder, weights = _RESNETS[p.backbone]
+        net = builder(weights=None)
+        if p.pretrained == "imagenet":
+            _load_imagenet(net, p.backbone, weights)
+        feat_dim = net.fc.in_features
+        # Everything up to the last stage; our pooling and head replace avgpool and fc.
+        backbone = nn.Sequential(
+            OrderedDict((name, m) for name, m in net.named_children() if name not in ("avgpool", "fc"))
+        )
+    else:
+        raise ValueError(f"model.backbone: expected one of smallcnn, {', '.join(_RESNETS)}, got {p.backbone!r}")
+    if p.freeze_bn and p.pretrained == "none":
+        warnings.warn(
+            "model.freeze_bn with pretrained: none keeps BatchNorm at its initial statistics (mean 0, var 1); "
+            "freezing is meant for pretrained backbones",
+            stacklevel=2,
+        )
+    return EmbeddingNet(backbone, feat_dim, p.embedding_dim, freeze_bn=p.freeze_bn)
