@@ -350,3 +350,34 @@ def test_unreachable_host_gives_the_by_hand_instructions(tmp_path, monkeypatch):
     monkeypatch.setitem(sources_mod.SOURCES, "cars", src.__class__(**{**src.__dict__, "remotes": dead}))
     with pytest.raises(ConnectionError, match=r"download failed.*is offline. Get car_ims.tgz"):
         prepare_dataset(params(tmp_path, "cars", download=True), tmp_path, progress=False)
+
+
+def test_archives_placed_by_hand_are_verified_and_unpacked(tmp_path, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io")
+    import tarfile
+
+    build = tmp_path / "build"
+    for k, c in enumerate([1, 1, 99, 99]):
+        image(build / "car_ims" / f"{k + 1:06d}.jpg", c)
+    annos = np.array([(f"car_ims/{k + 1:06d}.jpg", c) for k, c in enumerate([1, 1, 99, 99])],
+                     dtype=[("relative_im_path", object), ("class", object)])
+    raw = tmp_path / "raw" / "cars196"
+    raw.mkdir(parents=True)
+    scipy_io.savemat(raw / "cars_annos.mat", {"annotations": annos[None, :]})
+    with tarfile.open(raw / "car_ims.tgz", "w:gz") as tar:
+        tar.add(build / "car_ims", arcname="car_ims")
+    md5 = {f: hashlib.md5((raw / f).read_bytes()).hexdigest() for f in ("car_ims.tgz", "cars_annos.mat")}
+    src = get_source("cars")
+    remotes = tuple(Remote(r.filename, r.url, md5[r.filename], r.into, r.archive) for r in src.remotes)
+    monkeypatch.setitem(sources_mod.SOURCES, "cars", src.__class__(**{**src.__dict__, "remotes": remotes}))
+    p = params(tmp_path, "cars", val_fraction=0.0, download=False)
+    s = open_splits(prepare_dataset(p, tmp_path, progress=False), p)
+    assert (len(s.train), len(s.test)) == (2, 2)
+    check_loads_its_own_file(s.test)
+    # A placed file that is not the published one is refused with both checksums.
+    (tmp_path / "x" / "raw" / "cars196").mkdir(parents=True)
+    (tmp_path / "x" / "raw" / "cars196" / "car_ims.tgz").write_bytes(b"other")
+    (tmp_path / "x" / "raw" / "cars196" / "cars_annos.mat").write_bytes((raw / "cars_annos.mat").read_bytes())
+    with pytest.raises(ValueError, match=r"Cars196 \(Stanford Cars\): .*car_ims.tgz: md5 mismatch, expected "
+                                         + md5["car_ims.tgz"]):
+        prepare_dataset(params(tmp_path / "x", "cars", download=False), tmp_path / "x", progress=False)

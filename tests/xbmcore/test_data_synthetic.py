@@ -109,3 +109,17 @@ def test_array_batches_through_a_dataloader(tmp_path):
     got = torch.stack([x for x, _, _ in s.test.__getitems__([2, 7])])
     torch.testing.assert_close(got, (raw - m) / sd, rtol=0, atol=1e-5)
     torch.testing.assert_close(s.test[7][0], got[1])
+
+
+def test_augmentation_switch(tmp_path):
+    p = tiny(tmp_path)
+    train = open_splits(prepare_dataset(p, tmp_path, progress=False), p).train
+    clean = train.without_augmentation()
+    assert train.train and not clean.train
+    torch.manual_seed(0)
+    a, b = train.__getitems__([0, 1, 2]), train.__getitems__([0, 1, 2])
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, b))  # random crops and flips
+    c, d = clean.__getitems__([0, 1, 2]), clean.__getitems__([0, 1, 2])
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(c, d))
+    train.train = False  # the attribute alone switches too
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(c, train.__getitems__([0, 1, 2])))

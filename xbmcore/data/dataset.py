@@ -42,7 +42,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self._array: np.ndarray | None = None
         self._rows: np.ndarray | None = None
         self._paths: list[Path] | None = None
-        self._set_transform()
+        self.skipped: set[int] = set()  # file-backed: items found corrupt and replaced (skip_corrupt)
+        # Both transforms built once; `train` picks one per call, so flipping the attribute works too.
+        self._batch_tf = {t: BatchTransform(p, t) for t in (True, False)}
+        self._pil_tf = {t: pil_transform(p, t) for t in (True, False)}
 
     @classmethod
     def from_array(cls, images: np.ndarray, rows: np.ndarray, class_ids: np.ndarray, p: DataParams, train: bool,
@@ -64,18 +67,12 @@ class ImageDataset(torch.utils.data.Dataset):
         ds._paths = [Path(x) for x in paths]
         if len(ds._paths) != len(ds.class_ids):
             raise ValueError(f"{name}: {len(ds._paths)} paths but {len(ds.class_ids)} labels")
-        ds.skipped: set[int] = set()
         return ds
-
-    def _set_transform(self) -> None:
-        self._batch_tf = BatchTransform(self.params, self.train)
-        self._pil_tf = pil_transform(self.params, self.train)
 
     def without_augmentation(self) -> "ImageDataset":
         """The same split with the test transform (e.g. to embed the training set for the memory)."""
         ds = copy.copy(self)
         ds.train = False
-        ds._set_transform()
         return ds
 
     def __len__(self) -> int:
@@ -91,7 +88,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Item:
         if self._array is not None:
             return self.__getitems__([i])[0]
-        return self._pil_tf(self._load(int(i))), int(self.labels[i]), int(i)
+        return self._pil_tf[self.train](self._load(int(i))), int(self.labels[i]), int(i)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Item]:
         """A whole batch; a list of (image, label, i) so that the default collate_fn stacks it."""
@@ -103,7 +100,7 @@ class ImageDataset(torch.utils.data.Dataset):
         order = np.argsort(rows, kind="stable")
         batch = np.empty((len(rows),) + self._array.shape[1:], np.uint8)
         batch[order] = self._array[rows[order]]
-        images = self._batch_tf(torch.from_numpy(batch))  # B x 3 x S x S float
+        images = self._batch_tf[self.train](torch.from_numpy(batch))  # B x 3 x S x S float
         return list(zip(images.unbind(0), self.labels[idx].tolist(), idx.tolist()))
 
     def _load(self, i: int) -> Image.Image:

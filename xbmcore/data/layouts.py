@@ -68,13 +68,6 @@ def _index(items: list[str], labels: list[int], splits: list[str], supers: list[
                  np.array(supers if supers is not None else [-1] * len(items), dtype=np.int64))
 
 
-def _find(folder: Path, *candidates: str) -> Path:
-    for c in candidates:
-        if (folder / c).exists():
-            return folder / c
-    raise FileNotFoundError(f"{folder}: none of {', '.join(candidates)} found")
-
-
 # ------------------------------------------------------------------------------------------------- datasets
 
 def parse_sop(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
@@ -91,7 +84,7 @@ def parse_sop(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
 
 
 def parse_inshop(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
-    path = _find(folder, "Eval/list_eval_partition.txt", "list_eval_partition.txt")
+    path = folder / "Eval" / "list_eval_partition.txt"
     # Line 1: the number of images; line 2: the header.
     rows = read_columns(path, ("image_name", "item_id", "evaluation_status"), skip=1,
                         header=("image_name", "item_id", "evaluation_status"))

@@ -58,7 +58,8 @@ SOURCES: dict[str, Source] = {
                         "97eceeb196236b17998738112f37df78"),),
     ),
     "cars": Source(
-        "cars", "Cars196 (Stanford Cars)", "cars196", "cars_annos.mat", layouts.parse_cars,
+        # Marker: the first image, so that an annotation file alone does not pass for the dataset.
+        "cars", "Cars196 (Stanford Cars)", "cars196", "car_ims/000001.jpg", layouts.parse_cars,
         "https://ai.stanford.edu/~jkrause/cars/car_dataset.html",
         # The original host has been offline for years; the addresses stay so that a revived host or a mirror
         # with the same files works, and the md5 sums identify the right files whatever their origin.
