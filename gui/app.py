@@ -304,6 +304,7 @@ class MainWindow(QMainWindow):
             self.resizeDocks([self.form_dock], [330], Qt.Orientation.Horizontal)
             self.resizeDocks([self.log_dock], [170], Qt.Orientation.Vertical)
         self.tabs.setCurrentIndex(int(self.settings.value("window/tab", 0)))
+        self.monitor.smoothing.setCurrentIndex(int(self.settings.value("monitor/smoothing", 2)))
         values = self.settings.value(self._values_key())
         if values:
             try:
@@ -316,6 +317,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("window/state", self.saveState())
         self.settings.setValue("window/tab", self.tabs.currentIndex())
         self.settings.setValue("monitor/follow_latest", self.follow_action.isChecked())
+        self.settings.setValue("monitor/smoothing", self.monitor.smoothing.currentIndex())
         self.settings.setValue(self._values_key(), json.dumps(self.form.state()))
         self.settings.sync()
 

@@ -288,11 +288,16 @@ class LaunchForm(QWidget):
             self.extra.setText(" ".join(kept + [f"{k}={v}" for k, v in values.items()]))
         self._changed()
 
-    def reload(self) -> None:
+    def _read_base(self) -> None:
+        """params.yaml as it is now: `dvc exp run -S` writes its overrides into it, so a value is "changed" only
+        against the file's current content."""
         self.base_raw, self.base, problem = load_base(self.params_path)
         self.file_error.setText(problem or "")
         self.file_error.setVisible(bool(problem))
         self._base_flat = self.base.flat()
+
+    def reload(self) -> None:
+        self._read_base()
         self._values.clear()
         self.extra.clear()
         for f in FIELDS:
@@ -316,6 +321,7 @@ class LaunchForm(QWidget):
     def overrides(self) -> tuple[list[str], dict[str, str]]:
         """(overrides, errors by key): the fields that differ from params.yaml, then the other overrides as
         typed; [] and the errors when the schema rejects the result."""
+        self._read_base()
         values = self.values()
         try:
             extra = self.extra_assignments()

@@ -21,6 +21,8 @@ from .series import EventBatch, RunData, moving_average
 # Per-step curves that a moving average helps read (batch-to-batch noise); fill and evaluations are never smoothed.
 SMOOTHED = {"loss", "loss_batch", "loss_memory", "drift", "drift_age", "images_per_s", "pos_pairs", "neg_pairs",
             "mem_pos_pairs", "mem_neg_pairs"}
+# Drift exists only on steps where an image re-enters the memory while its previous embedding is still there.
+SPARSE = {"drift", "drift_age"}
 SMOOTHING_CHOICES = (("raw", 1), ("10 steps", 10), ("50 steps", 50), ("200 steps", 200))
 PHASE_NAMES = {"warmup": "Warm-up", "memory_init": "Memory init", "xbm": "XBM", "baseline": "Baseline",
                "evaluate": "Evaluate"}
@@ -222,11 +224,15 @@ class MonitorPanel(QWidget):
                 for key, curve in p.curves.items():
                     s = d.curves[key]
                     y = s.y * 100 if key == "memory_fill" else s.y
+                    x = s.x
                     if key.endswith("pairs"):  # log axis: a zero count is "none", not -inf
                         y = np.where(y > 0, y, np.nan)
+                    if key in SPARSE:  # measured on some steps only: join the measurements
+                        keep = np.isfinite(y)
+                        x, y = x[keep], y[keep]
                     if key in SMOOTHED:
                         y = moving_average(y, window)
-                    curve.setData(s.x, y)
+                    curve.setData(x, y)
             size, fill = d.curves["memory_size"].last(), d.curves["memory_fill"].last()
             if size and fill:
                 self.fill.item.setTitle(f"Memory fill (K = {round(size / fill):,})", color=theme.FG, size="10pt")
@@ -283,8 +289,11 @@ class MonitorPanel(QWidget):
         self.speed_label.setText(" · ".join(speed))
         if d.status:
             self.eta_label.setText("")
-            msg = f": {d.message}" if d.message else ""
-            self.status_label.setText(f"{d.status}{msg}")
+            # each stage ends with "finished" ("warmup done"): say what ended, the run may go on with the next
+            text = d.message if d.status == "finished" and d.message else \
+                f"{d.status}: {d.message}" if d.message else d.status
+            self.status_label.setText(text)
+            self.status_label.setToolTip(text)
         elif d.events:
             eta = d.eta_s()
             self.eta_label.setText(f"ETA {fmt_duration(eta)}" if eta is not None else "")

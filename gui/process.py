@@ -16,6 +16,7 @@ import shlex
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -80,6 +81,12 @@ class ChildProcess(QObject):
         proc.setWorkingDirectory(str(cwd))
         penv = QProcessEnvironment.systemEnvironment()
         penv.insert("PYTHONUNBUFFERED", "1")  # the log view shows lines as they are printed
+        # DVC runs each stage's `python -m pipeline.<stage>` through the shell: put this interpreter's
+        # environment first on PATH, as an activated virtualenv would (xbm-gui may start without one)
+        bindir = os.path.dirname(sys.executable)
+        penv.insert("PATH", os.pathsep.join([bindir, penv.value("PATH", os.defpath)]))
+        if sys.prefix != sys.base_prefix:
+            penv.insert("VIRTUAL_ENV", sys.prefix)
         for k, v in (env or {}).items():
             penv.insert(k, v)
         proc.setProcessEnvironment(penv)
@@ -177,60 +184,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mlflow_ui_command(backend_store_uri: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri,
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
 class MlflowUi(QObject):
-    """`mlflow ui` as a child of the window; opens the browser once the server answers."""
+    """`mlflow ui` as a child of the window, on a free port; opens the browser once the server answers."""
 
     message = Signal(str)
+    opened = Signal(str)  # the URL handed to the browser
 
-    def __init__(self, parent: QObject | None = None):
+    def __init__(self, parent: QObject | None = None, command=mlflow_ui_command, timeout_s: float = 60.0):
         super().__init__(parent)
+        self._command = command
+        self._timeout_s = timeout_s
         self._proc: QProcess | None = None
+        self._port = 0
+        self._last_output = ""
         self.url: str | None = None
         self._probe = QTimer(self)
-        self._probe.setInterval(500)
+        self._probe.setInterval(300)
         self._probe.timeout.connect(self._check)
-        self._tries = 0
+        self._started_at = 0.0
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.state() != QProcess.ProcessState.NotRunning
 
     def open(self, backend_store_uri: str, cwd: Path) -> None:
         if self.is_running():
-            QDesktopServices.openUrl(QUrl(self.url))
+            self._open_browser()
             return
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        self._port = free_port()
+        self.url = f"http://127.0.0.1:{self._port}"
         self._proc = QProcess(self)
         self._proc.setWorkingDirectory(str(cwd))
         self._proc.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         self._proc.readyReadStandardOutput.connect(self._drain)
         self._proc.finished.connect(self._on_finished)
-        self._proc.start(sys.executable, ["-m", "mlflow", "ui", "--backend-store-uri", backend_store_uri,
-                                          "--host", "127.0.0.1", "--port", str(port)])
-        self._tries = 0
+        argv = self._command(backend_store_uri, self._port)
+        self._proc.start(argv[0], argv[1:])
+        self._started_at = time.monotonic()
         self._probe.start()
         self.message.emit(f"starting mlflow ui on {self.url} ({backend_store_uri})")
 
     def _drain(self) -> None:
-        self._last = bytes(self._proc.readAllStandardOutput().data()).decode(errors="replace")
+        text = bytes(self._proc.readAllStandardOutput().data()).decode(errors="replace")
+        self._last_output = (self._last_output + text)[-2000:]
 
     def _check(self) -> None:
-        self._tries += 1
-        try:
-            with socket.create_connection(("127.0.0.1", int(self.url.rsplit(":", 1)[1])), timeout=0.05):
+        try:  # a refused local connection returns at once: this never stalls the window
+            with socket.create_connection(("127.0.0.1", self._port), timeout=0.05):
                 pass
         except OSError:
-            if self._tries > 120:  # 60 s
+            if time.monotonic() - self._started_at > self._timeout_s:
                 self._probe.stop()
-                self.message.emit("mlflow ui did not answer within 60 s")
+                self.message.emit(f"mlflow ui did not answer within {self._timeout_s:g} s")
             return
         self._probe.stop()
+        self._open_browser()
+
+    def _open_browser(self) -> None:
         self.message.emit(f"mlflow ui at {self.url}")
         QDesktopServices.openUrl(QUrl(self.url))
+        self.opened.emit(self.url)
 
     def _on_finished(self, code: int, _status) -> None:
         self._probe.stop()
-        tail = getattr(self, "_last", "").strip().splitlines()[-3:]
+        tail = self._last_output.strip().splitlines()[-3:]
         self.message.emit(f"mlflow ui exited with code {code}" + (f": {' / '.join(tail)}" if tail else ""))
 
     def shutdown(self) -> None:

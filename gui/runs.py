@@ -56,6 +56,7 @@ class RunsPanel(QWidget):
         self._uri_source = uri_source
         self._calls = BackgroundCalls("mlflow-runs", self)
         self._rows: dict[str, RunRow] = {}
+        self._signature: list | None = None
         self._uri = ""
         self.retry_s = retry_s
 
@@ -139,8 +140,15 @@ class RunsPanel(QWidget):
         self.state_label.style().polish(self.state_label)
 
     def _show_runs(self, rows: list[RunRow]) -> None:
+        self._set_error(False)
+        signature = [(r.run_id, r.status, r.name, tuple(sorted(r.metrics.items()))) for r in rows]
+        if signature == self._signature:  # nothing new: keep the table as the user left it (scroll, sort)
+            self._say_loaded(rows)
+            return
+        self._signature = signature
         selected = set(self.selected_run_ids())
         self._rows = {r.run_id: r for r in rows}
+        self.tree.blockSignals(True)  # re-selecting below must not reload the overlay
         self.tree.setSortingEnabled(False)
         self.tree.clear()
         items: dict[str, _SortItem] = {}
@@ -157,9 +165,15 @@ class RunsPanel(QWidget):
                 it.setSelected(True)
         self.tree.setSortingEnabled(True)
         self.tree.expandAll()
-        n_nested = sum(1 for r in rows if r.parent_id in items)
+        self.tree.blockSignals(False)
+        self._say_loaded(rows)
+        if any(self._rows[r].status == "RUNNING" for r in selected if r in self._rows):
+            self._debounce.start()  # a selected run is still training: its curves grew
+
+    def _say_loaded(self, rows: list[RunRow]) -> None:
+        ids = {r.run_id for r in rows}
+        n_nested = sum(1 for r in rows if r.parent_id in ids)
         nested = f" ({n_nested} trials nested under their study)" if n_nested else ""
-        self._set_error(False)
         self.state_label.setText(f"{len(rows)} runs{nested} · {self._uri} · updated "
                                  f"{time.strftime('%H:%M:%S')}")
 

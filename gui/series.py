@@ -215,4 +215,4 @@ class RunData:
         rate = self.steps_per_s()
         if not rate:
             return None
-        return max(0.0, (self.total_steps - 1 - self.last_step) / rate)
+        return max(0.0, (self.total_steps - self.last_step) / rate)  # the trainer's steps count 1..total

@@ -48,6 +48,7 @@ class _TailWorker(QObject):
         self._reader: EventReader | None = None
         self._phase: str | None = None
         self._bad = 0
+        self._waiting_for: str | None = None
 
     @Slot()
     def start(self) -> None:
@@ -80,21 +81,27 @@ class _TailWorker(QObject):
             self.switched.emit(str(path))
             self.bad_lines.emit(0)
 
+    def _wait(self, text: str) -> None:
+        if text != self._waiting_for:  # say it once, not at every poll
+            self._waiting_for = text
+            self.waiting.emit(text)
+
     @Slot()
     def poll(self) -> None:
         target = self._file if self._file is not None else (
             resolve_latest(self._runs_dir) if self._runs_dir is not None else None)
         if target is None:
             if self._runs_dir is not None:
-                self.waiting.emit(f"waiting for a run: no {self._runs_dir / LATEST_FILE} yet")
+                self._wait(f"waiting for a run: no {self._runs_dir / LATEST_FILE} yet")
             return
         if self._reader is None or self._reader.path != target:
             self._open(target)
         try:
             size = target.stat().st_size
         except FileNotFoundError:
-            self.waiting.emit(f"waiting for {target}")
+            self._wait(f"waiting for {target}")
             return
+        self._waiting_for = None
         if size < self._reader.offset:  # file replaced or truncated: start over
             self._open(target)
         events = self._reader.poll()

@@ -48,3 +48,37 @@ def _gc_in_gui_thread(qapp):
     collector.timer.stop()
     gc.collect()
     gc.enable()
+
+
+@pytest.fixture(scope="session")
+def mlflow_db(tmp_path_factory):
+    """A tracking store as the pipeline leaves it: two runs, and a study run with one nested trial."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{path}")
+    exp = client.create_experiment("xbm")
+
+    def run(name, params, losses, recall, parent=None):
+        tags = {"mlflow.parentRunId": parent} if parent else {}
+        r = client.create_run(exp, run_name=name, tags=tags)
+        rid = r.info.run_id
+        for k, v in params.items():
+            client.log_param(rid, k, v)
+        for step, v in enumerate(losses):
+            client.log_metric(rid, "loss", v, step=step)
+        if recall is not None:
+            client.log_metric(rid, "val/recall_at_1", recall, step=len(losses))
+        client.set_terminated(rid, "FINISHED" if recall is not None else "FAILED")
+        return rid
+
+    ids = {
+        "xbm": run("xbm", {"data.name": "synthetic", "loss.name": "contrastive", "memory.enabled": "True",
+                           "memory.ratio": "0.5", "memory.mode": "queue", "train.lr": "0.001"},
+                   [0.9, 0.7, 0.5, 0.4], 0.757),
+        "baseline": run("baseline", {"data.name": "synthetic", "memory.enabled": "False"}, [0.9, 0.8, 0.75],
+                        0.715),
+    }
+    ids["study"] = run("study", {}, [], None)
+    ids["trial"] = run("trial-0", {"memory.ratio": "0.1"}, [0.6, 0.5], 0.7, parent=ids["study"])
+    return path, ids

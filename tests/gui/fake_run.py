@@ -22,7 +22,7 @@ from xbmcore.events import JsonlSink, make_event
 def step_fields(step: int, phase: str, warmup: int, k: int) -> dict:
     xbm = phase == "xbm"
     t = step - warmup if xbm else 0
-    fill = min(1.0, (t + 1) * 16 / k) if xbm else 0.0
+    fill = min(1.0, t * 16 / k) if xbm else 0.0
     loss_batch = 0.5 * math.exp(-step / 200) + 0.1
     loss_memory = 0.3 * math.exp(-t / 300) + 0.05 if xbm else 0.0
     return dict(
@@ -59,18 +59,19 @@ def main() -> int:
     sink.emit(make_event("start", 0, run_id="fake", params={"train.seed": 0}, total_steps=total))
     print(f"fake run {a.key}: {total} steps", flush=True)
     status = "finished"
-    for step in range(total):
-        phase = "warmup" if step < a.warmup else "xbm"
-        if step == 0:
-            sink.emit(make_event("phase", step, phase="warmup", total_steps=a.warmup))
-        if step == a.warmup:
-            sink.emit(make_event("phase", step, phase="memory_init", total_steps=None))
-            sink.emit(make_event("phase", step, phase="xbm", total_steps=a.xbm))
+    step = 0
+    for step in range(1, total + 1):  # like the trainer: step n is the state after n optimiser steps
+        phase = "warmup" if step <= a.warmup else "xbm"
+        if step == 1:
+            sink.emit(make_event("phase", 0, phase="warmup", total_steps=a.warmup, start_step=0))
+        if step == a.warmup + 1:
+            sink.emit(make_event("phase", a.warmup, phase="memory_init", total_steps=0))
+            sink.emit(make_event("phase", a.warmup, phase="xbm", total_steps=a.xbm, start_step=a.warmup))
         sink.emit(make_event("step", step, **step_fields(step, phase, a.warmup, a.memory)))
         if a.bad_line and step == total // 2:
             sink._f.write('{"kind": "step", "step": \n')  # a torn line, as after a crash mid-write
             sink._f.flush()
-        if a.eval_every and (step + 1) % a.eval_every == 0:
+        if a.eval_every and step % a.eval_every == 0:
             sink.emit(make_event("eval", step, phase=phase, split="val",
                                  metrics={"recall@1": 0.3 + 0.4 * step / total, "map@r": 0.1}))
         if stop:
@@ -78,7 +79,7 @@ def main() -> int:
             break
         if a.delay:
             time.sleep(a.delay)
-    sink.emit(make_event("end", step, status=status, message=""))
+    sink.emit(make_event("end", step, status=status, message=f"fake run {status}"))
     sink.close()
     print(f"fake run {status} at step {step}", flush=True)
     return 0 if status == "finished" else 130

@@ -46,19 +46,21 @@ def test_plots_receive_points_from_a_child_that_writes_events(qtbot, make_window
     qtbot.waitUntil(lambda: w.monitor.data.status == "finished", timeout=30_000)
     qtbot.waitUntil(lambda: len(curve_data(w, w.monitor.loss, "loss")[0]) == 60, timeout=5_000)
     x, y = curve_data(w, w.monitor.loss, "loss")
-    expected = [step_fields(s, "warmup" if s < 20 else "xbm", 20, 320)["loss"] for s in range(60)]
-    assert x.tolist() == list(range(60))
+    expected = [step_fields(s, "warmup" if s <= 20 else "xbm", 20, 320)["loss"] for s in range(1, 61)]
+    assert x.tolist() == list(range(1, 61))
     assert np.allclose(y, expected)
     fx, fy = curve_data(w, w.monitor.fill, "memory_fill")
-    assert fy[19] == 0 and fy[-1] == 100.0  # percent
+    assert fy[19] == 0 and fy[-1] == 100.0  # percent; step 20 is the last warm-up step
     dx, dy = curve_data(w, w.monitor.drift, "drift")
-    assert np.isnan(dy[:20]).all() and np.isfinite(dy[-1])  # no drift before the memory is full
+    # drift exists once the memory is full (step 40 here): only those steps are drawn, joined
+    assert dx.tolist() == list(range(40, 61)) and np.isfinite(dy).all()
     rx, ry = curve_data(w, w.monitor.recall, "val/recall@1")
-    assert rx.tolist() == [19, 39, 59]
+    assert rx.tolist() == [20, 40, 60]
     # phases: warm-up at 0, then memory init and XBM at step 20 share one marker
     assert [m.value() for m in w.monitor.loss.markers] == [0, 20]
     assert w.monitor.phase_label.text() == "XBM"
-    assert "step 59 / 60" in w.monitor.progress_label.text()
+    assert "step 60 / 60" in w.monitor.progress_label.text()
+    assert w.monitor.status_label.text() == "fake run finished"
     assert w.bad_status.text() == "malformed lines: 1"
     qtbot.waitUntil(lambda: w.child_status.text() == "run finished", timeout=10_000)
 
@@ -70,16 +72,16 @@ def test_follows_latest_and_switches_to_a_new_run(qtbot, make_window, project):
     qtbot.waitUntil(lambda: w.monitor.phase_label.text() == "waiting", timeout=5_000)
     # a run started elsewhere (e.g. `dvc repro` in a terminal)
     w.launch(fake_run_command(runs, "first", "--warmup", "5", "--xbm", "5")([]), "run")
-    qtbot.waitUntil(lambda: w.monitor.data.status == "finished" and w.monitor.data.last_step == 9,
+    qtbot.waitUntil(lambda: w.monitor.data.status == "finished" and w.monitor.data.last_step == 10,
                     timeout=30_000)
     qtbot.waitUntil(lambda: not w.child.is_running(), timeout=10_000)
     w.launch(fake_run_command(runs, "second", "--warmup", "3", "--xbm", "4")([]), "run")
     qtbot.waitUntil(lambda: "second" in w.monitor.source_label.text() and w.monitor.data.status == "finished",
                     timeout=30_000)
-    assert w.monitor.data.last_step == 6 and len(w.monitor.data.curves["loss"]) == 7
+    assert w.monitor.data.last_step == 7 and len(w.monitor.data.curves["loss"]) == 7
     # pick a run folder: the first run again, LATEST no longer followed
     w.follow_run(runs / "first")
-    qtbot.waitUntil(lambda: "first" in w.monitor.source_label.text() and w.monitor.data.last_step == 9,
+    qtbot.waitUntil(lambda: "first" in w.monitor.source_label.text() and w.monitor.data.last_step == 10,
                     timeout=10_000)
     assert not w.follow_action.isChecked()
 
@@ -94,15 +96,17 @@ def test_big_run_loads_without_freezing(qtbot, make_window, project):
                                                                      50_000))))
     (run / "events.jsonl").write_text("\n".join(lines) + "\n")
     w = make_window(follow=run)
-    ticks = []
-    t0 = time.perf_counter()
+    # GUI-thread liveness probe: CPU time of the GUI thread between 20 ms ticks (wall time would measure the
+    # machine's load; CPU time measures work done in this thread without returning to the event loop)
+    ticks = [time.thread_time()]
     timer_id = w.startTimer(20)
-    w.timerEvent = lambda e: ticks.append(time.perf_counter())  # GUI-thread liveness probe
-    qtbot.waitUntil(lambda: w.monitor.data.last_step == 99_999, timeout=60_000)
-    qtbot.waitUntil(lambda: len(curve_data(w, w.monitor.loss, "loss")[0]) == 100_000, timeout=10_000)
+    w.timerEvent = lambda e: ticks.append(time.thread_time())
+    qtbot.waitUntil(lambda: w.monitor.data.last_step == 99_999, timeout=90_000)
+    qtbot.waitUntil(lambda: len(curve_data(w, w.monitor.loss, "loss")[0]) == 100_000, timeout=20_000)
     w.killTimer(timer_id)
-    gaps = np.diff([t0, *ticks])
-    assert gaps.max() < 1.5, f"GUI thread blocked for {gaps.max():.2f} s"
+    longest = np.diff(ticks).max()
+    # parsing 100,000 lines costs seconds of CPU: it happens in the tail's thread, never between two ticks here
+    assert longest < 0.5, f"GUI thread busy for {longest:.2f} s CPU without serving events"
     # what is painted is downsampled to the plot's width, not 100,000 points
     w.monitor.graphics.grab()
     drawn = w.monitor.loss.curves["loss"].curve.xData

@@ -108,3 +108,12 @@ def test_bad_params_yaml_is_said_and_defaults_shown(qtbot, tmp_path):
     qtbot.addWidget(f)
     assert "batch_sise" in f.file_error.text() and not f.file_error.isHidden()
     assert f.editors["train.batch_size"].text() == str(validate_params({}).train.batch_size)
+
+
+def test_changes_are_judged_against_params_yaml_as_it_is_now(form, project):
+    # `dvc exp run -S train.lr=0.0003` writes the value into params.yaml; the form still says 0.001,
+    # so the next launch must pass train.lr=0.001 explicitly
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 0.0003"))
+    assert form.editors["train.lr"].text() == "0.001"
+    assert form.overrides() == (["train.lr=0.001"], {})

@@ -110,3 +110,23 @@ def test_command_lines():
         "dvc exp run -S train.lr=0.01 -S memory.mode=index"
     assert process.format_command(process.tune_command(["tune.n_trials=5"])) == \
         "python -m pipeline.tune -S tune.n_trials=5"
+
+
+def test_mlflow_ui_button_starts_a_server_and_opens_it(qtbot, monkeypatch, tmp_path):
+    opened = []
+    monkeypatch.setattr(process.QDesktopServices, "openUrl", lambda url: opened.append(url.toString()))
+    seen = {}
+
+    def command(uri, port):  # a stand-in server: the real `mlflow ui` takes ~10 s to import
+        seen["uri"] = uri
+        return [PY, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+
+    ui = process.MlflowUi(command=command)
+    with qtbot.waitSignal(ui.opened, timeout=30_000) as sig:
+        ui.open("sqlite:////tmp/x/mlflow.db", tmp_path)
+    assert seen["uri"] == "sqlite:////tmp/x/mlflow.db"
+    assert opened == [sig.args[0]] and sig.args[0].startswith("http://127.0.0.1:")
+    assert process.mlflow_ui_command("sqlite:///a.db", 5001)[1:] == [
+        "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///a.db", "--host", "127.0.0.1", "--port", "5001"]
+    ui.shutdown()
+    assert not ui.is_running()

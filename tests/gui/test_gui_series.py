@@ -130,6 +130,6 @@ def test_speed_and_eta_from_step_times():
     run = RunData()
     run.add(EventBatch.from_events(events))
     assert run.steps_per_s() == pytest.approx(2.0)
-    assert run.eta_s() == pytest.approx((100 - 1 - 19) / 2.0)
+    assert run.eta_s() == pytest.approx((100 - 19) / 2.0)
     run.add(EventBatch.from_events([make_event("end", 19, status="stopped", message="")]))
     assert run.status == "stopped" and run.eta_s() is None
