@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.tracking import artifact_location, metric_name
+
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "xbm.mlflow_parent"
@@ -27,11 +29,6 @@ RUN_ATTR = "xbm.mlflow_run_id"  # trial user attribute: the trial's run, closed 
 # Trial state -> MLflow run status: a pruned trial was stopped on purpose, not broken.
 STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 STATE_TAG = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
-
-
-def metric_key(name: str) -> str:
-    """MLflow refuses "@" in metric names: recall@1 -> recall_at_1."""
-    return name.replace("@", "_at_")
 
 
 def _now_ms() -> int:
@@ -60,7 +57,9 @@ class StudyTracker:
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is not None:
                     return exp.experiment_id
-                return self.client.create_experiment(self.experiment)
+                # Artifacts next to a SQLite database, as the stages' runs have them (not ./mlruns).
+                return self.client.create_experiment(self.experiment,
+                                                     artifact_location=artifact_location(self.uri))
             except (MlflowException, SQLAlchemyError) as err:
                 if attempt == 4:
                     raise
@@ -93,18 +92,14 @@ class StudyTracker:
         study.set_user_attr(PARENT_ATTR, {"uri": self.uri, "run_id": self.parent_id})
         return self.parent_id
 
-    def update_best(self, study: optuna.Study) -> None:
-        trials = study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state.is_finished()]
-        complete = [t for t in done if t.state == TrialState.COMPLETE]
-        if not complete:
+    def update_best(self, best: FrozenTrial | None, n_finished: int) -> None:
+        """Best value (a curve over the finished-trial count) and the best params as `best.<key>` tags."""
+        if best is None:
             return
-        best = max(complete, key=lambda t: t.value)
         tags = [RunTag("xbm.best_trial", str(best.number))]
         tags += [RunTag(f"best.{k}", repr(v)) for k, v in sorted(best.params.items())]
-        metrics = [Metric("tune/best_value", best.value, _now_ms(), len(done)),
-                   Metric("tune/n_complete", len(complete), _now_ms(), len(done))]
-        self.client.log_batch(self.parent_id, metrics=metrics, tags=tags)
+        self.client.log_batch(self.parent_id, metrics=[Metric("tune/best_value", best.value, _now_ms(), n_finished)],
+                              tags=tags)
 
     def log_report(self, files: list[Path], test_metrics: dict[str, float] | None) -> None:
         for f in files:
@@ -112,7 +107,7 @@ class StudyTracker:
         if test_metrics:
             ts = _now_ms()
             self.client.log_batch(self.parent_id, metrics=[
-                Metric(metric_key(f"test/{k}"), float(v), ts, 0) for k, v in sorted(test_metrics.items())])
+                Metric(metric_name(f"test/{k}"), float(v), ts, 0) for k, v in sorted(test_metrics.items())])
 
     def finish(self) -> None:
         self.client.set_terminated(self.parent_id, status="FINISHED")
@@ -151,7 +146,7 @@ class StudyTracker:
         tags = [RunTag("xbm.trial_state", STATE_TAG.get(trial.state, "failed"))]
         metrics = []
         if trial.value is not None:  # a pruned trial keeps its last reported value
-            metrics.append(Metric(metric_key(f"tune/val_{metric}"), trial.value, _now_ms(), 0))
+            metrics.append(Metric(metric_name(f"tune/val_{metric}"), trial.value, _now_ms(), 0))
         if error is not None:
             tags.append(RunTag("xbm.error", repr(error)[:4000]))
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -159,4 +154,4 @@ class StudyTracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status=STATUS.get(trial.state, "FAILED"))
         if trial.state == TrialState.COMPLETE:
-            self.client.log_metric(self.parent_id, metric_key(f"tune/val_{metric}"), trial.value, step=trial.number)
+            self.client.log_metric(self.parent_id, metric_name(f"tune/val_{metric}"), trial.value, step=trial.number)

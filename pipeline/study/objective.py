@@ -20,7 +20,7 @@ from typing import Iterator
 from xbmcore.checkpoint import load_checkpoint
 from xbmcore.config import Params
 from xbmcore.data import prepare_dataset
-from xbmcore.trainer import training_digest
+from xbmcore.trainer import TrainingStopped, training_digest
 from pipeline import stages
 from pipeline.study.mlflow_runs import StudyTracker
 from pipeline.study.runner import env
@@ -90,6 +90,9 @@ class StageObjective:
                 with env(XBM_MLFLOW_RUN_ID=run_id):
                     stages.run_warmup(self.params, self.root, artifacts=self.warmup_root)
                 status = "FINISHED"
+            except (TrainingStopped, KeyboardInterrupt, SystemExit):
+                status = "KILLED"  # stopped with a checkpoint: the next start resumes it
+                raise
             finally:
                 tracker.client.set_terminated(run_id, status=status)
 

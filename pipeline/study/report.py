@@ -138,7 +138,7 @@ def finalize(worker: Worker, evaluate_test: EvaluateTest | None) -> dict[str, An
         write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
         if worker.tracker is not None:
             paths = files + [summary_path] + ([out_dir / "best_params.yaml"] if best is not None else [])
-            worker.tracker.update_best(study)
+            worker.tracker.update_best(best, worker.n_finished())
             worker.tracker.log_report(paths, test)
             worker.tracker.finish()
         return summary

@@ -193,7 +193,7 @@ class Worker:
             print(f"trial {trial.number} complete: {tune.metric}={value:.4f}", flush=True)
         if self.tracker:
             self.tracker.end_trial(run_id, frozen, tune.metric, error)
-            self.tracker.update_best(self.study)
+            self.tracker.update_best(self.best_trial(), self.n_finished())
         if tune.keep_artifacts == "best":
             self._drop_artifacts()
         return frozen
@@ -204,6 +204,9 @@ class Worker:
         print(f"trial {trial.number} interrupted ({type(err).__name__}): marked failed", flush=True)
         if self.tracker:
             self.tracker.end_trial(run_id, frozen, self.params.tune.metric, err)
+
+    def n_finished(self) -> int:
+        return sum(t.state.is_finished() for t in self.study.get_trials(deepcopy=False))
 
     def best_trial(self) -> optuna.trial.FrozenTrial | None:
         complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
