@@ -1,9 +1,10 @@
 """DVC stage `download`: generate, fetch or parse the dataset named by data.name into data.prepared/<name>.
 
-Usage: python -m pipeline.download [--params params.yaml]
+Usage: python -m pipeline.download [--params params.yaml] [-S data.name=cub ...]
 
-Paths in the params are relative to the working directory (the project root when DVC runs the stage). A dataset
-already prepared with the same parameters is verified, not made again.
+Paths in the params are relative to the params file's folder (the project root). A dataset already prepared with
+the same parameters is verified, not made again. Exit status: 0 done, 2 bad params, 1 any other error (the
+message names the file, line or address at fault).
 """
 from __future__ import annotations
 
@@ -19,13 +20,23 @@ from xbmcore.data import open_splits, prepare_dataset
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.download", description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a param, like `dvc exp run -S` (repeatable)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = load_params(args.params).data
+    try:
+        p = load_params(args.params, args.overrides).data
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    out = prepare_dataset(p, Path.cwd(), progress=sys.stderr.isatty())
-    splits = open_splits(out, p)
+    try:
+        out = prepare_dataset(p, Path(args.params).resolve().parent, progress=sys.stderr.isatty())
+        splits = open_splits(out, p)
+    except (ValueError, OSError) as err:  # OSError covers missing files and failed downloads
+        print(f"download failed: {err}", file=sys.stderr)
+        return 1
     print(f"{p.name}: prepared in {out} ({time.perf_counter() - t0:.1f} s)")
     for name in ("train", "val", "test", "query", "gallery"):
         ds = getattr(splits, name)

@@ -1,7 +1,7 @@
-"""The download stage: params file in, prepared dataset and a summary out."""
+"""The download stage: params file in, prepared dataset and a summary out; bad input -> message and exit status."""
 from __future__ import annotations
 
-import pytest
+import numpy as np
 import yaml
 
 from pipeline.download import main
@@ -10,22 +10,25 @@ TINY = {"data": {"synthetic": {"num_classes": 24, "classes_per_superclass": 4, "
                  "train_size": 16, "test_resize": 16, "test_size": 16, "val_fraction": 0.25}}
 
 
-def test_stage_prepares_and_then_verifies(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_stage_prepares_and_then_verifies(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(TINY))
-    assert main(["--params", "p.yaml"]) == 0
+    assert main(["--params", str(tmp_path / "p.yaml")]) == 0
     out = capsys.readouterr().out
-    folder = tmp_path / "data" / "prepared" / "synthetic"
+    folder = tmp_path / "data" / "prepared" / "synthetic"  # relative to the params file's folder
     assert f"synthetic: prepared in {folder}" in out
     # 24 classes: 12 train (3 of them carved for validation), 12 test.
-    assert "train" in out and " 9 classes" in out and " 3 classes" in out and " 12 classes" in out
+    rows = {ln.split()[0]: (int(ln.split()[1]), int(ln.split()[3])) for ln in out.splitlines()[1:]}
+    assert {k: classes for k, (_, classes) in rows.items()} == {"train": 9, "val": 3, "test": 12}
+    assert sum(n for n, _ in rows.values()) == len(np.load(folder / "images.npy", mmap_mode="r"))
     stamp = (folder / "images.npy").stat().st_mtime_ns
-    assert main(["--params", "p.yaml"]) == 0
-    assert (folder / "images.npy").stat().st_mtime_ns == stamp
+    assert main(["--params", str(tmp_path / "p.yaml"), "-S", "data.download=false"]) == 0
+    assert (folder / "images.npy").stat().st_mtime_ns == stamp  # verified, not regenerated
 
 
-def test_stage_reports_bad_params(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_stage_reports_bad_params_and_missing_data(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"name": "imagenet"}}))
-    with pytest.raises(ValueError, match=r"params.yaml: invalid parameters\n  data.name: .*'synthetic', 'sop'"):
-        main([])
+    assert main(["--params", str(tmp_path / "params.yaml")]) == 2
+    assert "data.name: Input should be 'synthetic', 'sop'" in capsys.readouterr().err
+    assert main(["--params", str(tmp_path / "params.yaml"), "-S", "data.name=vehicleid"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("download failed: PKU VehicleID: not found under") and "pkuml.org" in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import zipfile
@@ -381,3 +382,12 @@ def test_archives_placed_by_hand_are_verified_and_unpacked(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"Cars196 \(Stanford Cars\): .*car_ims.tgz: md5 mismatch, expected "
                                          + md5["car_ims.tgz"]):
         prepare_dataset(params(tmp_path / "x", "cars", download=False), tmp_path / "x", progress=False)
+
+
+def test_relative_roots_make_a_movable_project(tmp_path):
+    make_sop(tmp_path / "proj" / "raw")
+    p = DataParams(name="sop", root="raw", prepared="prepared", val_fraction=0.0)
+    out = prepare_dataset(p, tmp_path / "proj", progress=False)
+    assert json.loads((out / "meta.json").read_text())["image_root"] == "../../raw/Stanford_Online_Products"
+    (tmp_path / "proj").rename(tmp_path / "moved")
+    check_loads_its_own_file(open_splits(tmp_path / "moved" / "prepared" / "sop", p).test)

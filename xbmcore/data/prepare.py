@@ -126,11 +126,9 @@ def _prepare_real(out: Path, p: DataParams, folder: Path, index: Index, recipe: 
     src = get_source(p.name)
     image_root = src.image_root(folder)
     index = carve_val(_check_images(index, image_root, p, progress), p.val_fraction)
-    # Relative to the prepared folder when possible, so the pair of folders can move together.
-    try:
-        root_ref = os.path.relpath(image_root, out)
-    except ValueError:  # another drive on Windows
-        root_ref = str(image_root)
+    # A relative data.root is stored relative to the prepared folder, so the project can move as a whole; an
+    # absolute one (a shared dataset folder) stays absolute.
+    root_ref = str(image_root.resolve()) if Path(p.root).is_absolute() else os.path.relpath(image_root, out)
     _finish(out, p, index, recipe, {"storage": "files", "image_root": root_ref, "source_folder": str(folder)})
     log.info("%s: indexed %d images from %s", p.name, len(index), folder)
 
