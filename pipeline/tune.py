@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("test"):
         print("its test metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))
     print(f"apply it:  {summary['command']}")
+    if summary["warmup_kept"]:
+        print("           (the trials' shared warm-up kept " + ", ".join(f"{k}={v}" for k, v in
+              summary["warmup_kept"].items()) + "; this command trains the warm-up with the tuned values too)")
     print(f"inspect:   {summary['dashboard']}")
     print(f"report:    {worker.out_dir}")
     return 0

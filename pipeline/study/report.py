@@ -120,10 +120,11 @@ def finalize(worker: Worker, evaluate_test: EvaluateTest | None) -> dict[str, An
         test = None
         if best is not None:
             summary.update(best_trial=best.number, best_value=best.value, best_params=best.params,
-                           command=dvc_command(best.params))
+                           command=dvc_command(best.params),
+                           warmup_kept=space.warmup_keys(worker.params, best.params))
             write_atomic(out_dir / "best_params.yaml", yaml.safe_dump(dict(sorted(best.params.items())),
                                                                      sort_keys=False).encode())
-            if old.get("best_trial") == best.number and old.get("test"):
+            if old.get("test") and (old.get("best_trial"), old.get("best_params")) == (best.number, best.params):
                 test = old["test"]
             elif evaluate_test is not None:
                 trial_dir = worker.trial_dir(best.number)

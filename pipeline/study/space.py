@@ -82,3 +82,16 @@ def trial_params(params: Params, values: dict[str, Any]) -> Params:
 def memory_on_step(params: Params) -> int:
     """Global step at which the memory term switches on (steps count on from the warm-up)."""
     return params.train.warmup_steps
+
+
+def warmup_keys(params: Params, values: dict[str, Any]) -> dict[str, Any]:
+    """The tuned keys the pipeline's warm-up also depends on, with the value the study's shared warm-up used.
+
+    `dvc exp run -S` with such a key trains the warm-up with the tuned value too, which the trial did not.
+    """
+    from xbmcore.trainer import training_digest  # torch: only when a report is written
+
+    base = training_digest(params, "warmup")
+    flat = params.flat()
+    return {k: flat[k] for k, v in sorted(values.items())
+            if training_digest(trial_params(params, {k: v}), "warmup") != base}

@@ -318,6 +318,8 @@ def test_real_stages_share_the_pipelines_warmup(tmp_path, monkeypatch):
     best = study.best_trial
     assert summary["best_trial"] == best.number and summary["split"] == "val"
     assert set(summary["test"]) == {"recall@1", "recall@2", "map@r", "r_precision", "nmi"}
+    # the warm-up depends on the loss and the lr: the trials kept the params' values for it, and say so
+    assert summary["warmup_kept"] == {"loss.margin": base.loss.margin, "train.lr": base.train.lr}
 
     client, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1
