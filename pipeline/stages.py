@@ -113,9 +113,11 @@ def run_warmup(params: Params, root: Path, artifacts: Path | None = None) -> Pat
     seed_everything(t.seed)
     splits = _splits(params, root)
     model = build_model(params.model)
-    resuming = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_steps) is not None
+    found = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_steps)
     with StageRun(params, root, "warmup", total_steps=t.warmup_steps + t.xbm_steps,
-                  fresh_start=None if resuming else 1) as run:
+                  fresh_start=None if found else 1) as run:
+        if found:  # points computed before a kill but not yet sent to MLflow
+            run.backfill(found[1]["history"], found[1]["evals"])
         trainer = Trainer(params, model, splits, run.sink)
         trainer.train_phase("warmup", t.warmup_steps, checkpoint_dir=folder)
         path = save_checkpoint(trainer.state_dict("warmup", 0, None), out / "state.pt")
@@ -167,14 +169,17 @@ def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], Non
         raise ValueError(f"memory.enabled is {enabled}, but memory_init ran with {mem_state['enabled']}: "
                          f"run the memory_init stage again")
     start = t.warmup_steps
-    resuming = resumable_checkpoint(folder, params, phase, start, start + t.xbm_steps) is not None
+    found = resumable_checkpoint(folder, params, phase, start, start + t.xbm_steps)
     with StageRun(params, root, "train_xbm", total_steps=t.warmup_steps + t.xbm_steps,
-                  fresh_start=None if resuming else start + 1) as run:
+                  fresh_start=None if found else start + 1) as run:
         trainer = _trainer_after_warmup(params, root, warmup, run.sink)
         if trainer.step != start or mem_state["step"] != start:
             raise ValueError(f"the warm-up state is at step {trainer.step} and the memory at step "
                              f"{mem_state['step']}, expected train.warmup_steps = {start}: run the pipeline again")
-        run.backfill(trainer.history, trainer.evals)  # a cached warm-up's curves, into this MLflow run
+        # Curves this MLflow run may lack: a cached warm-up's, and those computed before a kill up to the
+        # checkpoint (the sink had not sent them yet).
+        done = found[1] if found else {"history": trainer.history, "evals": trainer.evals}
+        run.backfill(done["history"], done["evals"])
         memory = None
         if enabled:
             memory = build_memory(params, len(trainer.splits.train), trainer.model.embedding_dim, trainer.device)

@@ -391,4 +391,5 @@ class StageRun:
 def configure_logging() -> None:
     """Stage entry points: our warnings and MLflow's go to stderr, one line each."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    for name in ("pipeline", "xbmcore"):
+        logging.getLogger(name).setLevel(logging.INFO)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +39,8 @@ from xbmcore.events import make_event
 from xbmcore.losses import XBMObjective, build_loss
 from xbmcore.memory import CrossBatchMemory
 from xbmcore.sampler import PKSampler
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 # Curves kept in the training state (and hence in checkpoints): the DVC plots are written from them, so a
@@ -136,7 +138,7 @@ def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: 
         try:
             state = load_checkpoint(path)
         except ValueError as err:
-            warnings.warn(f"skipping {err}", stacklevel=2)
+            log.warning("skipping %s", err)
             stale.append(path)
             continue
         if (state.get("format"), state.get("phase"), state.get("digest"), state.get("phase_start")) == \
@@ -146,8 +148,8 @@ def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: 
         stale.append(path)
     if delete_stale and stale:
         if found is None:
-            warnings.warn(f"{folder}: {len(stale)} checkpoint(s) of other parameters or another starting step; "
-                          f"deleted, the {phase} phase starts over", stacklevel=2)
+            log.warning("%s: %d checkpoint(s) of other parameters or another starting step; deleted, the %s phase "
+                        "starts over", folder, len(stale), phase)
         for p in stale:
             p.unlink(missing_ok=True)
     return found
@@ -292,6 +294,7 @@ class Trainer:
         path, state = found
         self.load_state_dict(state, memory)
         self._last_checkpoint = path
+        log.info("%s phase resumed from %s at step %d of %d", phase, path, self.step, end)
         return True
 
     # ---- the loop ----

@@ -1,0 +1,68 @@
+"""The whole pipeline through DVC, on the tiny configuration, in a temporary copy of the project."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tiny_project import copy_project, stage_env, write_params
+
+pytestmark = pytest.mark.slow
+
+GITIGNORE = "/data/\n/artifacts/\n/runs/\n/mlartifacts/\nmlflow.db\n__pycache__/\n/dvc_plots/\n"
+
+
+def dvc(root, *args, check=True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(), capture_output=True,
+                         text=True, timeout=600)
+    if check and out.returncode:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def git(root, *args) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=root,
+                   check=True, capture_output=True)
+
+
+def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
+    root = tmp_path
+    copy_project(root)
+    write_params(root)
+    (root / ".gitignore").write_text(GITIGNORE)
+    git(root, "init", "-q")
+    dvc(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+
+    out = dvc(root, "repro")
+    for stage in ("download", "warmup", "memory_init", "train_xbm", "evaluate"):
+        assert f"Running stage '{stage}'" in out.stdout
+    metrics = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    test = next(iter(metrics.values()))["data"]["metrics.json"]["data"]["test"]  # the workspace
+    assert 0 <= test["recall@1"] <= test["recall@2"] <= 1 and "map@r" in test
+    plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
+    assert set(plots) == {"loss", "memory_fill", "drift", "recall_at_1"}
+    assert (root / "mlflow.db").is_file()
+
+    # Nothing changed: nothing runs again.
+    assert "Data and pipelines are up to date" in dvc(root, "repro").stdout
+
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "baseline run")
+    out = dvc(root, "exp", "run", "-S", "memory.ratio=0.2", "-S", "loss.margin=0.4")
+    assert "Stage 'download' didn't change, skipping" in out.stdout
+    assert "Running stage 'train_xbm'" in out.stdout
+    exps = json.loads(dvc(root, "exp", "show", "--json").stdout)
+    rows = [e for e in exps if e["rev"] != "workspace"]
+    runs = [x for e in rows for x in (e.get("experiments") or [])]
+    assert len(runs) == 1
+    data = runs[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["memory"]["ratio"] == 0.2
+    assert "recall@1" in data["metrics"]["metrics.json"]["data"]["test"]
+    # The memory and the XBM phase's length are not the warm-up's business: changing them leaves it cached.
+    write_params(root, memory={"ratio": 0.3}, loss={"margin": 0.4}, train={"xbm_steps": 10})
+    changed = json.loads(dvc(root, "status", "--json").stdout)
+    assert set(changed) == {"memory_init", "train_xbm"}  # evaluate follows once model.pt changes
