@@ -108,9 +108,12 @@ def check(base_raw: dict[str, Any], assignments: list[str]) -> tuple[Params | No
     is keyed by the section.
     """
     raw = copy.deepcopy(base_raw)
-    try:
-        for a in assignments:
+    for a in assignments:
+        try:
             set_dotted(raw, a)
+        except ValueError as err:  # no "=", or a key through a non-section: keyed by what was assigned
+            return None, {a.split("=", 1)[0].strip(): str(err)}
+    try:
         return validate_params(raw, "form"), {}
     except ValueError as err:
         errors: dict[str, str] = {}
@@ -119,6 +122,23 @@ def check(base_raw: dict[str, Any], assignments: list[str]) -> tuple[Params | No
             if m:
                 errors.setdefault(m.group(1), m.group(2))
         return None, errors or {"<root>": str(err)}
+
+
+def _error_label() -> QLabel:
+    label = QLabel()
+    label.setObjectName("fieldError")  # styled red by the theme
+    label.setWordWrap(True)
+    label.hide()
+    return label
+
+
+def _mark(editor: QWidget, label: QLabel, message: str | None) -> None:
+    """Show a message under a field and outline the field (the theme styles [invalid="true"])."""
+    label.setText(message or "")
+    label.setVisible(bool(message))
+    editor.setProperty("invalid", bool(message))
+    editor.style().unpolish(editor)
+    editor.style().polish(editor)
 
 
 class LaunchForm(QWidget):
@@ -137,10 +157,7 @@ class LaunchForm(QWidget):
         self._margin_key = "loss.margin"
         self._values: dict[str, str] = {}   # text per resolved key, so switching loss keeps each margin
 
-        self.file_error = QLabel()
-        self.file_error.setObjectName("formError")
-        self.file_error.setWordWrap(True)
-        self.file_error.hide()
+        self.file_error = _error_label()
 
         grid = QGridLayout()
         grid.setColumnStretch(1, 1)
@@ -164,10 +181,7 @@ class LaunchForm(QWidget):
                 ed.textEdited.connect(self._changed)
             ed.setToolTip(f.help)
             ed.setObjectName(f.key)
-            err = QLabel()
-            err.setObjectName("fieldError")
-            err.setWordWrap(True)
-            err.hide()
+            err = _error_label()
             grid.addWidget(label, row, 0)
             grid.addWidget(ed, row, 1)
             grid.addWidget(err, row + 1, 1)
@@ -179,18 +193,12 @@ class LaunchForm(QWidget):
         self.extra.setPlaceholderText("key=value …  e.g. memory.weight=0.5")
         self.extra.setToolTip("More `-S key=value` overrides, space-separated; checked by the same schema")
         self.extra.textEdited.connect(self._changed)
-        self.extra_error = QLabel()
-        self.extra_error.setObjectName("fieldError")
-        self.extra_error.setWordWrap(True)
-        self.extra_error.hide()
+        self.extra_error = _error_label()
         grid.addWidget(QLabel("Other overrides"), row, 0)
         grid.addWidget(self.extra, row, 1)
         grid.addWidget(self.extra_error, row + 1, 1)
 
-        self.section_error = QLabel()
-        self.section_error.setObjectName("fieldError")
-        self.section_error.setWordWrap(True)
-        self.section_error.hide()
+        self.section_error = _error_label()
 
         self.command = QLabel()
         self.command.setObjectName("commandPreview")
@@ -312,7 +320,8 @@ class LaunchForm(QWidget):
         self._margin_key = MARGIN_KEY.get(loss, "loss.margin")
         text = self._values.get(self._margin_key, format_value(self._base_flat[self._margin_key]))
         self._set_text("margin", text)
-        self.labels["margin"].setText(f"Margin <span style='color:gray'>({self._margin_key.split('.')[1]})</span>")
+        name = self._margin_key.split(".")[1]  # say which key when it is not plain loss.margin
+        self.labels["margin"].setText("Margin" if name == "margin" else f"Margin <span style='color:gray'>({name})</span>")
         if keep_text:
             self._changed()
 
@@ -350,25 +359,20 @@ class LaunchForm(QWidget):
             elif re.search(rf"\b{name}\b", errors.get(section, "")):
                 msg = errors[section]  # a cross-field rule is keyed by its section; show it at the fields it names
                 shown.add(section)
-            ed = self.editors[f.key]
-            self.errors[f.key].setText(msg or "")
-            self.errors[f.key].setVisible(bool(msg))
-            ed.setProperty("invalid", bool(msg))
-            ed.style().unpolish(ed)
-            ed.style().polish(ed)
+            _mark(self.editors[f.key], self.errors[f.key], msg)
         try:
-            extra_keys = tuple(a.split("=", 1)[0].strip() for a in self.extra_assignments())
+            typed = tuple(a.split("=", 1)[0].strip() for a in self.extra_assignments())
         except ValueError:
-            extra_keys = ()
-        at_extra = [f"{k}: {m}" if k != EXTRA else m for k, m in errors.items() if k not in shown
-                    and (k == EXTRA or k in extra_keys or k.startswith(tuple(e + "." for e in extra_keys)))]
-        self.extra_error.setText("\n".join(at_extra))
-        self.extra_error.setVisible(bool(at_extra))
-        self.extra.setProperty("invalid", bool(at_extra))
-        self.extra.style().unpolish(self.extra)
-        self.extra.style().polish(self.extra)
-        rest = [f"{k}: {m}" for k, m in errors.items()
-                if k not in shown and f"{k}: {m}" not in at_extra and m not in at_extra]
+            typed = ()
+        at_extra, rest = [], []
+        for k, m in errors.items():
+            if k == EXTRA:
+                at_extra.append(m)
+            elif k in typed or k.startswith(tuple(t + "." for t in typed)):
+                at_extra.append(f"{k}: {m}")
+            elif k not in shown:
+                rest.append(f"{k}: {m}")
+        _mark(self.extra, self.extra_error, "\n".join(at_extra))
         self.section_error.setText("\n".join(rest))
         self.section_error.setVisible(bool(rest))
 

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from PySide6.QtCore import QSize, Qt, QTimer
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from . import theme
 from .series import EventBatch, RunData, moving_average
@@ -52,12 +52,61 @@ def make_curve(name: str, color: str, width: float = 1.0, style=Qt.PenStyle.Soli
     return c
 
 
+class ElidedLabel(QLabel):
+    """A one-line label that shortens its text with "…" to the width it gets, instead of widening the window
+    (a stop message or a path can be long); the whole text is in the tooltip."""
+
+    def __init__(self, text: str = "", mode: Qt.TextElideMode = Qt.TextElideMode.ElideRight):
+        super().__init__()
+        self._full = ""
+        self._mode = mode
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt's name)
+        self._full = text
+        self.setToolTip(text)
+        self._elide()
+
+    def text(self) -> str:
+        return self._full
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802
+        return QSize(0, super().minimumSizeHint().height())
+
+    def sizeHint(self) -> QSize:  # noqa: N802
+        return QSize(self.fontMetrics().horizontalAdvance(self._full) + 8, super().sizeHint().height())
+
+    def resizeEvent(self, event) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        super().setText(self.fontMetrics().elidedText(self._full, self._mode, max(self.width() - 4, 0)))
+
+
+def _height_only(label: pg.LabelItem) -> None:
+    """pyqtgraph's LabelItem makes its text width the minimum width of the whole plot column: a title carrying a
+    legend would then widen its column. Keep only the height constraint (the grid gives equal columns)."""
+    hints = Qt.SizeHint
+
+    def update_min() -> None:
+        h = label.itemRect().height()
+        label.setMinimumSize(0, h)
+        label._sizeHint = {hints.MinimumSize: (0, h), hints.PreferredSize: (0, h), hints.MaximumSize: (-1, -1),
+                           hints.MinimumDescent: (0, 0)}
+        label.updateGeometry()
+
+    label.updateMin = update_min
+
+
 class _Plot:
-    """A PlotItem with a legend, optional second y axis on the right, and its curves keyed by data name."""
+    """A PlotItem whose title carries the legend (coloured keys never cover the data, unlike a legend box), with
+    an optional second y axis on the right, and its curves keyed by data name."""
 
     def __init__(self, item: pg.PlotItem, title: str, ylabel: str, units: str | None = None):
         self.item = item
-        item.setTitle(title, color=theme.FG, size="10pt")
+        self.title = title
         item.setLabel("left", ylabel, units=units)
         item.setLabel("bottom", "step")
         for ax in ("left", "bottom", "right"):
@@ -66,19 +115,28 @@ class _Plot:
         # PlotItem.addItem imposes the plot's own downsampling mode on each curve, so set it here too
         item.setDownsampling(auto=True, mode="peak")
         item.setClipToView(True)
-        self.legend = item.addLegend(offset=(-8, 8), labelTextColor=theme.FG, brush=theme.LEGEND_BG,
-                                     labelTextSize="8pt")
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.right: pg.ViewBox | None = None
         self.markers: list[pg.InfiniteLine] = []
+        _height_only(item.titleLabel)
+        self.set_title(title)
+
+    def set_title(self, title: str) -> None:
+        self.title = title
+        keys = []
+        if len(self.curves) > 1:
+            for c in self.curves.values():
+                pen = c.opts["pen"]
+                mark = {"o": "●", "s": "■"}.get(c.opts["symbol"]) or (
+                    "┅" if pen.style() == Qt.PenStyle.DashLine else "━")
+                keys.append(f"<span style='color:{pen.color().name()}'>{mark}&nbsp;{c.name()}</span>")
+        html = f"<b>{title}</b>" + ("&nbsp;&nbsp;&nbsp;" + "&nbsp;&nbsp;".join(keys) if keys else "")
+        self.item.setTitle(html, color=theme.FG, size="10pt")
 
     def add(self, key: str, curve: pg.PlotDataItem, right: bool = False) -> None:
         self.curves[key] = curve
-        if right:
-            self.right.addItem(curve)
-            self.legend.addItem(curve, curve.name())
-        else:
-            self.item.addItem(curve)
+        (self.right if right else self.item).addItem(curve)
+        self.set_title(self.title)
 
     def add_right_axis(self, label: str, units: str | None = None) -> None:
         vb = pg.ViewBox()
@@ -122,8 +180,8 @@ class MonitorPanel(QWidget):
         self.progress_label = QLabel()
         self.eta_label = QLabel()
         self.speed_label = QLabel()
-        self.status_label = QLabel()
-        self.source_label = QLabel("–")
+        self.status_label = ElidedLabel()
+        self.source_label = ElidedLabel("–", Qt.TextElideMode.ElideLeft)
         self.source_label.setObjectName("dimLabel")
         self.source_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         header = QHBoxLayout()
@@ -131,8 +189,8 @@ class MonitorPanel(QWidget):
         for w in (self.progress_label, self.eta_label, self.speed_label, self.status_label):
             w.setObjectName("statLabel")
             header.addWidget(w)
-        header.addStretch(1)
-        header.addWidget(self.source_label)
+        header.setStretchFactor(self.status_label, 3)
+        header.addWidget(self.source_label, 2)
         self.smoothing = QComboBox()
         for text, w in SMOOTHING_CHOICES:
             self.smoothing.addItem(text, w)
@@ -148,10 +206,13 @@ class MonitorPanel(QWidget):
         self.loss = _Plot(g.addPlot(row=0, col=0), "Loss", "loss")
         self.fill = _Plot(g.addPlot(row=0, col=1), "Memory fill", "fill", units="%")
         self.drift = _Plot(g.addPlot(row=0, col=2), "Embedding drift", "mean ‖Δf‖²")
-        self.recall = _Plot(g.addPlot(row=1, col=0), "Recall@1 at each evaluation", "Recall@1", units="%")
-        self.speed = _Plot(g.addPlot(row=1, col=1), "Throughput", "images/s")
-        self.pairs = _Plot(g.addPlot(row=1, col=2), "Active pairs per step", "pairs")
+        self.recall = _Plot(g.addPlot(row=1, col=0), "Recall@1", "Recall@1", units="%")
+        self.speed = _Plot(g.addPlot(row=1, col=1), "Throughput", "training images/s")
+        self.pairs = _Plot(g.addPlot(row=1, col=2), "Active pairs", "pairs per step")
         self.plots = (self.loss, self.fill, self.drift, self.recall, self.speed, self.pairs)
+        for col in range(3):  # equal columns, whatever the length of each title
+            g.ci.layout.setColumnStretchFactor(col, 1)
+            g.ci.layout.setColumnPreferredWidth(col, 1)
         for p in self.plots[1:]:
             p.item.setXLink(self.loss.item)
 
@@ -164,16 +225,15 @@ class MonitorPanel(QWidget):
         self.fill.item.enableAutoRange(axis="y", enable=False)
         self.drift.add_right_axis("age", units="steps")
         self.drift.add("drift", make_curve("drift", c["drift"]))
-        self.drift.add("drift_age", make_curve("age (steps)", c["drift_age"], style=Qt.PenStyle.DashLine), right=True)
-        self.recall.legend.setOffset((-8, -8))  # bottom right: Recall@1 rises towards the top left
+        self.drift.add("drift_age", make_curve("age", c["drift_age"], style=Qt.PenStyle.DashLine), right=True)
         self.recall.add("val/recall@1", make_curve("val", c["val"], 2.0, symbol="o"))
         self.recall.add("test/recall@1", make_curve("test", c["test"], 2.0, symbol="s"))
         self.speed.add("images_per_s", make_curve("images/s", c["images_per_s"]))
         self.pairs.item.setLogMode(y=True)
-        self.pairs.add("neg_pairs", make_curve("batch neg", c["neg_pairs"]))
-        self.pairs.add("pos_pairs", make_curve("batch pos", c["pos_pairs"]))
-        self.pairs.add("mem_neg_pairs", make_curve("memory neg", c["neg_pairs"], style=Qt.PenStyle.DashLine))
-        self.pairs.add("mem_pos_pairs", make_curve("memory pos", c["pos_pairs"], style=Qt.PenStyle.DashLine))
+        self.pairs.add("neg_pairs", make_curve("neg", c["neg_pairs"]))
+        self.pairs.add("pos_pairs", make_curve("pos", c["pos_pairs"]))
+        self.pairs.add("mem_neg_pairs", make_curve("mem neg", c["neg_pairs"], style=Qt.PenStyle.DashLine))
+        self.pairs.add("mem_pos_pairs", make_curve("mem pos", c["pos_pairs"], style=Qt.PenStyle.DashLine))
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(6, 6, 6, 6)
@@ -191,9 +251,8 @@ class MonitorPanel(QWidget):
         self.data = RunData()
         for p in self.plots:
             p.clear()
-        self.fill.item.setTitle("Memory fill", color=theme.FG, size="10pt")
+        self.fill.set_title("Memory fill")
         self.source_label.setText(source)
-        self.source_label.setToolTip(source)
         self._marked_phases = -1
         self._last_event_wall = None
         self._dirty = True
@@ -235,7 +294,7 @@ class MonitorPanel(QWidget):
                     curve.setData(x, y)
             size, fill = d.curves["memory_size"].last(), d.curves["memory_fill"].last()
             if size and fill:
-                self.fill.item.setTitle(f"Memory fill (K = {round(size / fill):,})", color=theme.FG, size="10pt")
+                self.fill.set_title(f"Memory fill (K = {round(size / fill):,})")
             for key, curve in self.recall.curves.items():
                 s = d.evals.get(key)
                 if s is not None:
@@ -293,7 +352,6 @@ class MonitorPanel(QWidget):
             text = d.message if d.status == "finished" and d.message else \
                 f"{d.status}: {d.message}" if d.message else d.status
             self.status_label.setText(text)
-            self.status_label.setToolTip(text)
         elif d.events:
             eta = d.eta_s()
             self.eta_label.setText(f"ETA {fmt_duration(eta)}" if eta is not None else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     win.form.stop_button.click()
     wait_until(app, lambda: not win.child.is_running(), 120, "the run to stop")
     win.close()
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -130,3 +130,21 @@ def test_mlflow_ui_button_starts_a_server_and_opens_it(qtbot, monkeypatch, tmp_p
         "-m", "mlflow", "ui", "--backend-store-uri", "sqlite:///a.db", "--host", "127.0.0.1", "--port", "5001"]
     ui.shutdown()
     assert not ui.is_running()
+
+
+def test_tune_launches_the_study_command_with_the_form_overrides(qtbot, project, settings):
+    seen = []
+
+    def tune(overrides):
+        seen.append(overrides)
+        return [PY, "-c", "import sys; print('study args', sys.argv[1:])", *overrides]
+
+    w = MainWindow(project, settings, tune_command=tune, retry_s=60)
+    qtbot.addWidget(w)
+    w.form.editors["memory.ratio"].setText("0.25")
+    w.form._changed()
+    with qtbot.waitSignal(w.child.finished, timeout=15_000) as sig:
+        qtbot.mouseClick(w.form.tune_button, Qt.MouseButton.LeftButton)
+    assert seen == [["memory.ratio=0.25"]] and sig.args[0] == 0
+    assert w.child_status.text() == "study finished"
+    qtbot.waitUntil(lambda: "study args ['memory.ratio=0.25']" in w.log.toPlainText(), timeout=5_000)

@@ -44,10 +44,14 @@ def test_real_run_from_the_window(qtbot, tmp_path, settings, monkeypatch, mlflow
     steps = [e for e in events if e["kind"] == "step"]
     start = next(e for e in events if e["kind"] == "start" and e["stage"] == "warmup")
     assert start["params"]["train.seed"] == 3 and start["params"]["train.warmup_steps"] == 20  # the form's values
-    qtbot.waitUntil(lambda: len(w.monitor.loss.curves["loss"].getOriginalDataset()[0] or []) == 20, timeout=5_000)
-    x, y = w.monitor.loss.curves["loss"].getOriginalDataset()
-    assert x.tolist() == [e["step"] for e in steps] == list(range(1, 21))
-    assert y.tolist() == pytest.approx([e["loss"] for e in steps])
+    def points():
+        x, y = w.monitor.loss.curves["loss"].getOriginalDataset()
+        return ([], []) if x is None else (x.tolist(), y.tolist())
+
+    qtbot.waitUntil(lambda: len(points()[0]) == 20, timeout=5_000)
+    x, y = points()
+    assert x == [e["step"] for e in steps] == list(range(1, 21))
+    assert y == pytest.approx([e["loss"] for e in steps])
     rx, ry = w.monitor.recall.curves["val/recall@1"].getOriginalDataset()
     assert rx.tolist() == [10, 20]
     assert w.monitor.phase_label.text() == "Warm-up" and "step 20 / 40" in w.monitor.progress_label.text()
