@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        p = load_params(args.params, args.overrides).data
+        params = load_params(args.params, args.overrides)
+        p = params.data
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         ds = getattr(splits, name)
         if ds is not None:
             print(f"  {name:8s} {len(ds):8d} images {ds.num_classes:7d} classes")
+    # Attach the pipeline execution's MLflow run and event file, like every stage; the sizes become run tags.
+    from pipeline.tracking import StageRun
+
+    with StageRun(params, Path(args.params).resolve().parent, "download") as run:
+        run.set_tags({f"data.{name}_images": len(ds) for name in ("train", "val", "test", "query", "gallery")
+                      if (ds := getattr(splits, name)) is not None})
     return 0
 
 

@@ -99,9 +99,7 @@ def run_download(params: Params, root: Path) -> Path:
         sizes = {name: len(ds) for name in ("train", "val", "test", "query", "gallery")
                  if (ds := getattr(splits, name, None)) is not None}
         log.info("dataset %s in %s: %s", params.data.name, prepared, sizes)
-        if run.mlflow is not None:
-            run.safe("logging the dataset sizes", run.mlflow.set_tags, {f"data.{k}_images": v
-                                                                        for k, v in sizes.items()})
+        run.set_tags({f"data.{k}_images": v for k, v in sizes.items()})
     return prepared
 
 

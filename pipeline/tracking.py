@@ -353,6 +353,10 @@ class StageRun:
             self._mlflow_sink.emit({"kind": "eval", "step": e["step"], "time": now, "split": e["split"],
                                     "metrics": metrics})
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.mlflow is not None:
+            self.safe("setting tags", self.mlflow.set_tags, tags)
+
     def safe(self, what: str, fn, *args, **kwargs) -> Any:
         """Call a tracking function (log the model, metrics, tags); a store error is a warning, not a failure."""
         if self.mlflow is None:
