@@ -48,6 +48,8 @@ CHECKPOINT_FORMAT = 1
 HISTORY_FIELDS = ("step", "phase", "loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs",
                   "mem_pos_pairs", "mem_neg_pairs", "memory_fill", "drift", "drift_age", "lr")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Scalars of XBMObjective's output, read back once per step.
+STEP_SCALARS = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs")
 # Train params that change how a run is operated, not what it computes (evaluation runs on a forked RNG).
 _OPERATIONAL = ("checkpoint_every", "eval_every", "num_threads", "device", "precision")
 
@@ -314,7 +316,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def _train_step(self, batch, memory: CrossBatchMemory | None, phase: str) -> dict[str, torch.Tensor]:
+    def _train_step(self, batch, memory: CrossBatchMemory | None, phase: str) -> dict[str, float]:
+        """One optimiser step; returns the loss parts and pair counts as Python numbers."""
         imgs, labels, idx = batch
         imgs = imgs.to(self.device, non_blocking=True, memory_format=self._mem_format)  # B x 3 x H x W
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)  # B
@@ -323,18 +326,22 @@ class Trainer:
             emb = self.model(imgs)  # B x D, unit norm
             out = self.objective(emb, labels, idx, memory)
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(self._nonfinite_message(float(loss.detach()), phase, memory))
-        if loss.requires_grad:  # no active pair at all: nothing to learn from this batch
+        learn = loss.requires_grad  # False when no pair is active: nothing to learn from this batch
+        if learn:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+        # The step's one host-device sync, after the backward is queued: all scalars at once.
+        values = dict(zip(STEP_SCALARS, torch.stack([out[k].detach().double() for k in STEP_SCALARS]).tolist()))
+        if not math.isfinite(values["loss"]):  # before the optimiser step: the weights stay the last good ones
+            raise NonFiniteLossError(self._nonfinite_message(values["loss"], phase, memory))
+        if learn:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
         if memory is not None:
             # After the loss: the batch joins the memory for the NEXT steps (Alg. 1 of the paper).
             memory.enqueue(emb.detach().float(), labels, idx, step=self.step + 1)
-        return out
+        return values
 
     def _nonfinite_message(self, value: float, phase: str, memory: CrossBatchMemory | None) -> str:
         p = self.params
@@ -469,14 +476,10 @@ class Trainer:
                 raise
         return last
 
-    def _record(self, phase: str, out: dict[str, torch.Tensor], memory: CrossBatchMemory | None,
+    def _record(self, phase: str, values: dict[str, float], memory: CrossBatchMemory | None,
                 images_per_s: float) -> dict[str, Any]:
-        """Emit the step event and append it to the curves (one device sync for all the scalars)."""
-        keys = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs")
-        vals = torch.stack([out[k].detach().double() for k in keys]).tolist()
-        rec: dict[str, Any] = dict(zip(keys, vals))
-        for k in keys[3:]:
-            rec[k] = int(rec[k])
+        """Emit the step event and append it to the curves."""
+        rec: dict[str, Any] = {k: int(v) if k.endswith("_pairs") else v for k, v in values.items()}
         rec.update(
             phase=phase,
             memory_fill=0.0 if memory is None else float(memory.fill_level),
