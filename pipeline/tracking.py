@@ -49,19 +49,28 @@ def run_key(params: Params) -> str:
     return params.digest(RESULT_SECTIONS)
 
 
-def tracking_uri(params: Params, root: Path) -> str:
-    """MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///<abs root>/mlflow.db.
+def project_home(root: Path) -> Path:
+    """The user's project folder: `root`, or when `dvc exp run --temp/--queue` runs the stage in a temporary copy
+    (<project>/.dvc/tmp/exps/<tmp>/), the project it was copied from. The MLflow database and the event files
+    live there, so the runs of every copy land in one database and the monitor finds them."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return Path(root).resolve()
 
-    Relative database paths are made absolute against the project root: `dvc exp run --temp/--queue` runs the
-    stages in a temporary copy, and every copy must log into the one database.
-    """
+
+def tracking_uri(params: Params, root: Path) -> str:
+    """MLFLOW_TRACKING_URI, else tracking.uri, else sqlite:///<abs project home>/mlflow.db (relative database
+    paths are taken from the project home, see project_home)."""
+    home = project_home(root)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
     if not uri:
-        return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+        return f"sqlite:///{home / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.is_absolute():
-            return f"sqlite:///{(root / path).resolve()}"
+            return f"sqlite:///{(home / path).resolve()}"
     return uri
 
 
@@ -74,7 +83,7 @@ def artifact_location(uri: str) -> str | None:
 
 
 def events_path(params: Params, root: Path, key: str) -> Path:
-    return root / params.tracking.runs_dir / key / EVENTS_FILE
+    return project_home(root) / params.tracking.runs_dir / key / EVENTS_FILE
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -319,7 +328,7 @@ class StageRun:
         self.key = run_key(params)
         self.events_path = events_path(params, self.root, self.key)
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / params.tracking.runs_dir / LATEST_FILE, self.key + "\n")
+        _write_atomic(project_home(self.root) / params.tracking.runs_dir / LATEST_FILE, self.key + "\n")
         self.mlflow: TrackedRun | None = None
         try:
             self.mlflow = attach_run(params, self.root, stage, fresh_start)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import MLflowSink, StageRun, attach_run, metric_name, run_key, tracking_uri
+from pipeline.tracking import (
+    MLflowSink, StageRun, attach_run, events_path, metric_name, project_home, run_key, tracking_uri,
+)
 from xbmcore.config import Params
 from xbmcore.events import make_event
 
@@ -101,6 +103,15 @@ def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
     assert tracking_uri(p, tmp_path) == f"sqlite:///{tmp_path.resolve()}/db/x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
     assert tracking_uri(p, tmp_path) == "http://tracking:5000"
+
+
+def test_temporary_experiment_copies_track_into_the_project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"  # where `dvc exp run --temp` runs the stages
+    copy.mkdir(parents=True)
+    assert project_home(copy) == tmp_path.resolve() and project_home(tmp_path) == tmp_path.resolve()
+    assert tracking_uri(Params(), copy) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert events_path(Params(), copy, "k") == tmp_path.resolve() / "runs" / "k" / "events.jsonl"
 
 
 @pytest.fixture(scope="module")
