@@ -72,6 +72,7 @@ class MainWindow(QMainWindow):
         self.settings = settings if settings is not None else QSettings()
         self.run_command, self.tune_command = run_command, tune_command
         self._quit_when_child_ends = False
+        self._what = "run"  # what the current child is: "run" or "study"
         self.setWindowTitle(f"XBM — {self.root}")
 
         # launch form (left dock)
@@ -251,7 +252,7 @@ class MainWindow(QMainWindow):
     def _child_finished(self, code: int, stopped: bool, stderr_tail: str) -> None:
         self._flush_log()
         self.form.set_running(False)
-        what = getattr(self, "_what", "child")
+        what = self._what
         if stopped:
             text = f"{what} stopped (exit code {code})"
         elif code == 0:

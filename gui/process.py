@@ -77,6 +77,8 @@ class ChildProcess(QObject):
     def start(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> bool:
         if self.is_running():
             raise RuntimeError("a child process is already running; stop it first")
+        if self._proc is not None:
+            self._proc.deleteLater()  # the previous child's QProcess, finished
         proc = QProcess(self)
         proc.setWorkingDirectory(str(cwd))
         penv = QProcessEnvironment.systemEnvironment()
@@ -90,8 +92,7 @@ class ChildProcess(QObject):
         for k, v in (env or {}).items():
             penv.insert(k, v)
         proc.setProcessEnvironment(penv)
-        if hasattr(proc, "setUnixProcessParameters"):
-            proc.setUnixProcessParameters(QProcess.UnixProcessFlag.CreateNewSession)
+        proc.setUnixProcessParameters(QProcess.UnixProcessFlag.CreateNewSession)  # its own process group
         proc.readyReadStandardOutput.connect(lambda: self._read(False))
         proc.readyReadStandardError.connect(lambda: self._read(True))
         proc.finished.connect(self._on_finished)
@@ -115,11 +116,6 @@ class ChildProcess(QObject):
         self._signals = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
         self._next_signal()
 
-    def kill(self) -> None:
-        if self.is_running():
-            self._stopping = True
-            self._signal_group(signal.SIGKILL)
-
     def _next_signal(self) -> None:
         if not self.is_running() or not self._signals:
             return
@@ -141,9 +137,7 @@ class ChildProcess(QObject):
                 pass
 
     def _read(self, is_err: bool) -> None:
-        proc = self.sender() if isinstance(self.sender(), QProcess) else self._proc
-        if proc is None:
-            return
+        proc = self._proc
         raw = proc.readAllStandardError() if is_err else proc.readAllStandardOutput()
         text = self._partial[is_err] + bytes(raw.data()).decode("utf-8", errors="replace")
         # \r-redrawn progress lines count as lines too

@@ -2,12 +2,8 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any Qt import: no display needed
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 from PySide6.QtCore import QSettings  # noqa: E402
-
-FAKE_RUN = Path(__file__).with_name("fake_run.py")
 
 
 @pytest.fixture

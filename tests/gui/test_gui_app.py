@@ -11,8 +11,7 @@ from gui.app import MainWindow
 from gui.series import EventBatch
 from xbmcore.events import make_event
 
-from conftest import FAKE_RUN
-from fake_run import step_fields
+from gui_fake_run import SCRIPT as FAKE_RUN, step_fields
 
 PY = sys.executable
 

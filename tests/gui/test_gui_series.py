@@ -8,7 +8,7 @@ import pytest
 from gui.series import EventBatch, RunData, Series, moving_average
 from xbmcore.events import EventReader, JsonlSink, make_event
 
-from fake_run import step_fields
+from gui_fake_run import step_fields
 
 
 def _step(step, phase="warmup", **over):

@@ -1,6 +1,6 @@
 """A stand-in training process for the GUI tests: writes a run's events the way the stages do.
 
-    python tests/gui/fake_run.py RUNS_DIR KEY [--warmup N] [--xbm N] [--delay S] [--bad-line]
+    python tests/gui/gui_fake_run.py RUNS_DIR KEY [--warmup N] [--xbm N] [--delay S] [--bad-line]
 
 Writes RUNS_DIR/LATEST (atomically) then RUNS_DIR/KEY/events.jsonl: start, warm-up steps, memory init, XBM steps
 with memory filling and drift, an evaluation every --eval-every steps, end. Values follow simple closed forms so
@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from xbmcore.events import JsonlSink, make_event
+
+SCRIPT = Path(__file__).resolve()
 
 
 def step_fields(step: int, phase: str, warmup: int, k: int) -> dict:
