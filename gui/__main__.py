@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     theme.apply(app)
     # Python's cyclic GC only in the GUI thread: a collection triggered in a worker thread (event tail, store
     # reads) could finalise Qt objects owned by the GUI thread, which aborts.
-    collector = GarbageCollector(interval=1.0)  # noqa: F841 (kept alive for the app's lifetime)
+    app.gc = GarbageCollector(interval=1.0)  # kept alive with the app
     root = (args.root or find_root(Path.cwd())).resolve()
     win = MainWindow(root, follow=args.run)
     win.show()

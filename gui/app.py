@@ -8,50 +8,22 @@ from typing import Callable
 from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent
 from PySide6.QtWidgets import (
-    QDockWidget, QFileDialog, QFrame, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QPlainTextEdit,
-    QPushButton, QScrollArea, QTabWidget, QToolBar, QVBoxLayout, QWidget,
+    QDockWidget, QFileDialog, QFrame, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QScrollArea, QTabWidget,
+    QToolBar, QVBoxLayout, QWidget,
 )
 
 from xbmcore.config import Params
 
-from . import process
+from . import process, theme
 from .launch import LaunchForm, format_value, load_base
 from .monitor import MonitorPanel
 from .runs import RunsPanel
 from .stores import tracking_uri
 from .study import StudyPanel
 from .tail import EventTail
+from .widgets import ErrorBanner
 
 LOG_LINES = 20_000  # the log view keeps the last lines only, so a chatty child never grows the window's memory
-
-
-class ErrorBanner(QFrame):
-    """A non-modal error strip: the window stays usable while it is shown."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.setObjectName("errorBanner")
-        self.title = QLabel()
-        self.title.setStyleSheet("font-weight: bold;")
-        self.detail = QLabel()
-        self.detail.setStyleSheet('font-family: "DejaVu Sans Mono", monospace; font-size: 9pt;')
-        self.detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.detail.setWordWrap(True)
-        close = QPushButton("Dismiss")
-        close.clicked.connect(self.hide)
-        head = QHBoxLayout()
-        head.addWidget(self.title, 1)
-        head.addWidget(close)
-        lay = QVBoxLayout(self)
-        lay.addLayout(head)
-        lay.addWidget(self.detail)
-        self.hide()
-
-    def show_error(self, title: str, detail: str = "") -> None:
-        self.title.setText(title)
-        self.detail.setText(detail)
-        self.detail.setVisible(bool(detail))
-        self.show()
 
 
 class MainWindow(QMainWindow):
@@ -222,7 +194,7 @@ class MainWindow(QMainWindow):
 
     def _bad_lines(self, n: int) -> None:
         self.bad_status.setText(f"malformed lines: {n}")
-        self.bad_status.setStyleSheet("color: #ffb454;" if n else "")
+        self.bad_status.setStyleSheet(f"color: {theme.WARN};" if n else "")
         self.bad_status.setToolTip("Lines of events.jsonl that are not valid events were skipped"
                                    if n else "")
 

@@ -12,11 +12,12 @@ import time
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QSize, Qt, QTimer
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from . import theme
 from .series import EventBatch, RunData, moving_average
+from .widgets import ElidedLabel
 
 # Per-step curves that a moving average helps read (batch-to-batch noise); fill and evaluations are never smoothed.
 SMOOTHED = {"loss", "loss_batch", "loss_memory", "drift", "drift_age", "images_per_s", "pos_pairs", "neg_pairs",
@@ -50,39 +51,6 @@ def make_curve(name: str, color: str, width: float = 1.0, style=Qt.PenStyle.Soli
     # default (5) makes every repaint draw 3x more segments than the screen can show
     c.opts["autoDownsampleFactor"] = 1.5
     return c
-
-
-class ElidedLabel(QLabel):
-    """A one-line label that shortens its text with "…" to the width it gets, instead of widening the window
-    (a stop message or a path can be long); the whole text is in the tooltip."""
-
-    def __init__(self, text: str = "", mode: Qt.TextElideMode = Qt.TextElideMode.ElideRight):
-        super().__init__()
-        self._full = ""
-        self._mode = mode
-        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-        self.setText(text)
-
-    def setText(self, text: str) -> None:  # noqa: N802 (Qt's name)
-        self._full = text
-        self.setToolTip(text)
-        self._elide()
-
-    def text(self) -> str:
-        return self._full
-
-    def minimumSizeHint(self) -> QSize:  # noqa: N802
-        return QSize(0, super().minimumSizeHint().height())
-
-    def sizeHint(self) -> QSize:  # noqa: N802
-        return QSize(self.fontMetrics().horizontalAdvance(self._full) + 8, super().sizeHint().height())
-
-    def resizeEvent(self, event) -> None:  # noqa: N802
-        super().resizeEvent(event)
-        self._elide()
-
-    def _elide(self) -> None:
-        super().setText(self.fontMetrics().elidedText(self._full, self._mode, max(self.width() - 4, 0)))
 
 
 def _height_only(label: pg.LabelItem) -> None:

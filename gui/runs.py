@@ -17,8 +17,10 @@ from PySide6.QtWidgets import (
 )
 
 from . import theme
-from .monitor import make_curve
+from .monitor import SMOOTHING_CHOICES, make_curve
+from .series import moving_average
 from .stores import KEY_PARAMS, RunRow, describe_error, fetch_histories, fetch_runs, mlflow_metric
+from .widgets import ElidedLabel
 from .worker import BackgroundCalls
 
 OVERLAY_METRICS = ("loss", "loss_batch", "loss_memory", "val/recall@1", "memory_fill", "drift", "drift_age",
@@ -60,7 +62,7 @@ class RunsPanel(QWidget):
         self._uri = ""
         self.retry_s = retry_s
 
-        self.state_label = QLabel("not loaded yet")
+        self.state_label = ElidedLabel("not loaded yet")
         self.state_label.setObjectName("dimLabel")
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.clicked.connect(self.refresh)
@@ -82,15 +84,26 @@ class RunsPanel(QWidget):
         self.metric_combo = QComboBox()
         self.metric_combo.addItems(OVERLAY_METRICS)
         self.metric_combo.currentTextChanged.connect(self._selection_changed)
-        self.overlay_label = QLabel("select runs above to overlay their curves (Ctrl/Shift for several)")
+        self.overlay_label = ElidedLabel("select runs above to overlay their curves (Ctrl/Shift for several)")
         self.overlay_label.setObjectName("dimLabel")
         bar = QHBoxLayout()
+        self.smoothing = QComboBox()
+        for text, w in SMOOTHING_CHOICES:
+            self.smoothing.addItem(text, w)
+        self.smoothing.setCurrentIndex(2)
+        self.smoothing.setToolTip("Trailing moving average of per-step metrics (evaluations are never smoothed)")
+        self.smoothing.currentIndexChanged.connect(lambda _: self._redraw_overlay())
+        self._histories: tuple[dict, str] = ({}, "")
         bar.addWidget(QLabel("Overlay"))
         bar.addWidget(self.metric_combo)
         bar.addWidget(self.overlay_label, 1)
+        bar.addWidget(QLabel("Smoothing"))
+        bar.addWidget(self.smoothing)
         self.plot = pg.PlotWidget(background=theme.PLOT_BG)
         self.plot.showGrid(x=True, y=True, alpha=0.15)
         self.plot.setLabel("bottom", "step")
+        for ax in ("left", "bottom"):
+            self.plot.getAxis(ax).enableAutoSIPrefix(False)
         self.plot.getPlotItem().setDownsampling(auto=True, mode="peak")
         self.plot.getPlotItem().setClipToView(True)
         self.legend = self.plot.addLegend(offset=(-8, 8), labelTextColor=theme.FG, brush=theme.LEGEND_BG)
@@ -190,7 +203,8 @@ class RunsPanel(QWidget):
         for col, v in ((9, val), (10, test)):
             it.setData(col, Qt.ItemDataRole.UserRole, v if v is not None else -1.0)
             it.setTextAlignment(col, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        color = {"FAILED": theme.ERROR, "RUNNING": theme.ACCENT, "FINISHED": theme.OK}.get(r.status)
+        color = {"FAILED": theme.ERROR, "RUNNING": theme.ACCENT, "FINISHED": theme.OK,
+                 "KILLED": theme.WARN}.get(r.status)
         if color:
             it.setForeground(1, pg.mkColor(color))
         it.setToolTip(0, "\n".join([f"run id {r.run_id}", *(f"{k} = {p[k]}" for k in KEY_PARAMS if k in p)]))
@@ -218,17 +232,23 @@ class RunsPanel(QWidget):
                          lambda e: self.overlay_label.setText(f"could not load curves: {describe_error(e)}"))
 
     def _draw_overlay(self, histories: dict, metric: str) -> None:
+        self._histories = (histories, metric)
+        self._redraw_overlay()
+
+    def _redraw_overlay(self) -> None:
+        histories, metric = self._histories
         self.plot.clear()
         self.legend.clear()
         scale = 100.0 if metric.endswith("recall@1") or metric == "memory_fill" else 1.0
+        evaluation = metric.startswith(("val/", "test/"))
+        window = 1 if evaluation else int(self.smoothing.currentData())
         self.plot.setLabel("left", metric, units="%" if scale == 100.0 else None)
         for i, (rid, (x, y)) in enumerate(histories.items()):
             row = self._rows.get(rid)
             name = row.name if row else rid[:8]
-            sym = "o" if metric.startswith(("val/", "test/")) else None
-            c = make_curve(name, theme.OVERLAY[i % len(theme.OVERLAY)], symbol=sym)
+            c = make_curve(name, theme.OVERLAY[i % len(theme.OVERLAY)], symbol="o" if evaluation else None)
             self.plot.addItem(c)  # before setData: clip-to-view needs the curve's view box
-            c.setData(x, y * scale)
+            c.setData(x, moving_average(y, window) * scale)
         empty = [self._rows[r].name for r, (x, _) in histories.items() if not len(x) and r in self._rows]
         text = f"{metric} for {len(histories)} run(s)" if histories else "select runs above to overlay their curves"
         if empty:

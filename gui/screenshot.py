@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = QApplication(sys.argv[:1])
     theme.apply(app)
-    collector = GarbageCollector(interval=1.0)  # noqa: F841 (GC in the GUI thread only)
+    app.gc = GarbageCollector(interval=1.0)  # GC in the GUI thread only; kept alive with the app
     work = Path(tempfile.mkdtemp(prefix="xbm-screenshot-")) if args.keep is None else args.keep.resolve()
     root = make_project(work / "project", PARAMS)
     w, h = (int(v) for v in args.size.lower().split("x"))

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
 from . import theme
 from .monitor import fmt_duration
 from .stores import StudyInfo, describe_error, fetch_study
+from .widgets import ElidedLabel
 from .worker import BackgroundCalls
 
 STATE_COLORS = {"COMPLETE": theme.OK, "PRUNED": theme.FG_DIM, "FAIL": theme.ERROR, "RUNNING": theme.ACCENT}
@@ -51,7 +52,7 @@ class StudyPanel(QWidget):
         self.retry_s = retry_s
         self._chosen: str | None = None
 
-        self.state_label = QLabel("not loaded yet")
+        self.state_label = ElidedLabel("not loaded yet")
         self.state_label.setObjectName("dimLabel")
         self.study_combo = QComboBox()
         self.study_combo.setMinimumContentsLength(12)

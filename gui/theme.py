@@ -15,6 +15,7 @@ FG_DIM = "#8b9199"
 ACCENT = "#4f9dff"
 ERROR = "#ff5d6c"
 OK = "#4fd1a5"
+WARN = "#ffb454"
 
 CURVES = {
     "loss": "#4f9dff", "loss_batch": "#ffb454", "loss_memory": "#ff6b81",

@@ -8,7 +8,6 @@ import pytest
 from PySide6.QtCore import Qt
 
 from gui.app import MainWindow
-from gui.series import EventBatch
 from xbmcore.events import make_event
 
 from gui_fake_run import SCRIPT as FAKE_RUN, step_fields

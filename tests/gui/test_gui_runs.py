@@ -37,6 +37,7 @@ def test_runs_table_with_nested_trials(qtbot, mlflow_db, tmp_path):
 def test_overlay_of_selected_runs(qtbot, mlflow_db):
     path, ids = mlflow_db
     p = _panel(qtbot, f"sqlite:///{path}")
+    p.smoothing.setCurrentIndex(0)  # raw: the values as logged
     p.refresh()
     qtbot.waitUntil(lambda: p.tree.topLevelItemCount() == 3, timeout=60_000)
     for i in range(p.tree.topLevelItemCount()):
@@ -46,6 +47,9 @@ def test_overlay_of_selected_runs(qtbot, mlflow_db):
     curves = {c.name(): c.getOriginalDataset() for c in p.plot.getPlotItem().listDataItems()}
     assert curves["xbm"][1].tolist() == [0.9, 0.7, 0.5, 0.4]
     assert curves["baseline"][0].tolist() == [0, 1, 2]
+    p.smoothing.setCurrentIndex(1)  # 10-step mean: the loss is smoothed, evaluations never are
+    assert {c.name(): c.getOriginalDataset()[1].tolist()[-1] for c in p.plot.getPlotItem().listDataItems()} == \
+        pytest.approx({"xbm": 0.625, "baseline": 0.8166666666666667})
     p.metric_combo.setCurrentText("val/recall@1")  # logged as val/recall_at_1; shown in percent
     qtbot.waitUntil(lambda: {c.name(): c.getOriginalDataset()[1].tolist()
                              for c in p.plot.getPlotItem().listDataItems()} == {"xbm": [75.7], "baseline": [71.5]},
