@@ -299,6 +299,16 @@ class MonitorPanel(QWidget):
 
     def _update_header(self) -> None:
         d = self.data
+        about = [self.source_label.text()]
+        if d.run_id:
+            about.append(f"MLflow run {d.run_id}")
+        if d.params:
+            keys = ("data.name", "loss.name", "memory.enabled", "memory.mode", "memory.ratio", "train.batch_size",
+                    "train.lr", "train.warmup_steps", "train.xbm_steps", "train.seed")
+            about += [f"{k} = {d.params[k]}" for k in keys if k in d.params]
+        if d.checkpoint:
+            about.append(f"last checkpoint {d.checkpoint}")
+        self.source_label.setToolTip("\n".join(about))  # what a run started elsewhere is
         phase = d.phase
         if phase:
             self.phase_label.setText(PHASE_NAMES.get(phase, phase))

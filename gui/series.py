@@ -130,7 +130,6 @@ class RunData:
     run_id: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     total_steps: int | None = None      # as announced by the latest start/phase event
-    phase_total: dict[str, int] = field(default_factory=dict)      # phase -> steps announced for it
     last_step: int | None = None
     status: str | None = None           # from the end event: finished | failed | stopped
     message: str | None = None
@@ -180,9 +179,6 @@ class RunData:
             self.params.update(ev.get("params") or {})
             self.total_steps = ev.get("total_steps") or self.total_steps
             self.status = None
-        elif kind == "phase":
-            if ev.get("total_steps"):
-                self.phase_total[ev["phase"]] = int(ev["total_steps"])
         elif kind == "eval":
             for name, value in (ev.get("metrics") or {}).items():
                 key = f"{ev.get('split', 'val')}/{name}"

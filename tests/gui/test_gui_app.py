@@ -59,6 +59,8 @@ def test_plots_receive_points_from_a_child_that_writes_events(qtbot, make_window
     assert w.monitor.phase_label.text() == "XBM"
     assert "step 60 / 60" in w.monitor.progress_label.text()
     assert w.monitor.status_label.text() == "fake run finished"
+    # what the run is, for a run started elsewhere: its params, MLflow run and checkpoint on hover
+    assert "train.seed = 0" in w.monitor.source_label.toolTip()
     assert w.bad_status.text() == "malformed lines: 1"
     qtbot.waitUntil(lambda: w.child_status.text() == "run finished", timeout=10_000)
 

@@ -58,7 +58,7 @@ def test_batch_columns_nulls_and_phases():
     assert b.phase_changes == [(0, "warmup"), (2, "memory_init"), (2, "xbm")]
     run = RunData()
     run.add(b)
-    assert run.phase == "xbm" and run.phase_total == {"warmup": 2, "xbm": 3}
+    assert run.phase == "xbm"
     assert run.evals["val/recall@1"].y.tolist() == [0.5]
     assert np.isnan(run.evals["val/map@r"].y[0])
     # the next batch continues the phase: no new change is reported
