@@ -78,7 +78,7 @@ def _describe_classes(p: SyntheticParams, rng: np.random.Generator) -> dict[str,
     colours = palette[sup].copy()  # C x 3 parts x 3 channels
     which = rng.integers(0, 2, C)  # the part whose colour and size move
     colours[np.arange(C), 1 + which] = np.clip(
-        colours[np.arange(C), 1 + which] + rng.normal(0, 0.18, (C, 3)).astype(np.float32), 0, 1)
+        colours[np.arange(C), 1 + which] + rng.normal(0, 0.22, (C, 3)).astype(np.float32), 0, 1)
     grow = c(0.75, 1.3)
     for i in range(2):
         sel = which == i
@@ -86,9 +86,9 @@ def _describe_classes(p: SyntheticParams, rng: np.random.Generator) -> dict[str,
         d[f"part{i}_b"][sel] *= grow[sel]
     d["colours"] = colours
     r, ang = np.sqrt(c(0, 1)) * 0.55, c(0, 2 * np.pi)  # mark uniform over a disc inside the body
-    d["mark_cx"], d["mark_cy"], d["mark_r"] = r * np.cos(ang), r * np.sin(ang), c(0.14, 0.2)
+    d["mark_cx"], d["mark_cy"], d["mark_r"] = r * np.cos(ang), r * np.sin(ang), c(0.16, 0.22)
     d["mark_colour"] = mark_colours[sup, rng.integers(0, 2, C)]
-    d["stripe_t"], d["stripe_off"], d["stripe_w"] = c(0, np.pi), c(-0.35, 0.35), c(0.1, 0.18)
+    d["stripe_t"], d["stripe_off"], d["stripe_w"] = c(0, np.pi), c(-0.35, 0.35), c(0.12, 0.2)
     d["stripe_colour"] = stripe_colour[sup]
     return d
 
@@ -97,15 +97,15 @@ def _describe_images(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per-image nuisance: pose, background, clutter, colour jitter, occlusion, noise (image units: [-1, 1])."""
     u = lambda lo, hi, size=n: _uniform(rng, lo, hi, size)  # noqa: E731
     return dict(
-        cx=u(-0.22, 0.22), cy=u(-0.22, 0.22), scale=u(0.6, 0.85), rot=u(-0.35, 0.35),
-        bg=u(0, 1, (n, 3)), grad=u(-0.35, 0.35, (n, 3)), grad_t=u(0, 2 * np.pi),
-        tex_amp=u(0, 0.15), tex_fx=u(-9, 9), tex_fy=u(-9, 9), tex_ph=u(0, 2 * np.pi),
-        clutter_cx=u(-1, 1, (n, 2)), clutter_cy=u(-1, 1, (n, 2)), clutter_a=u(0.06, 0.22, (n, 2)),
-        clutter_b=u(0.06, 0.22, (n, 2)), clutter_e=np.exp(u(np.log(0.9), np.log(6.0), (n, 2))),
+        cx=u(-0.18, 0.18), cy=u(-0.18, 0.18), scale=u(0.65, 0.85), rot=u(-0.25, 0.25),
+        bg=u(0, 1, (n, 3)), grad=u(-0.3, 0.3, (n, 3)), grad_t=u(0, 2 * np.pi),
+        tex_amp=u(0, 0.1), tex_fx=u(-9, 9), tex_fy=u(-9, 9), tex_ph=u(0, 2 * np.pi),
+        clutter_cx=u(-1, 1, (n, 2)), clutter_cy=u(-1, 1, (n, 2)), clutter_a=u(0.05, 0.16, (n, 2)),
+        clutter_b=u(0.05, 0.16, (n, 2)), clutter_e=np.exp(u(np.log(0.9), np.log(6.0), (n, 2))),
         clutter_t=u(0, np.pi, (n, 2)), clutter_colour=u(0, 1, (n, 2, 3)),
         gain=u(0.75, 1.25), channel_gain=u(0.9, 1.1, (n, 3)), offset=u(-0.06, 0.06, (n, 3)),
-        occlude=(rng.random(n) < 0.25), occ_cx=u(-0.9, 0.9), occ_cy=u(-0.9, 0.9), occ_w=u(0.1, 0.28),
-        occ_h=u(0.1, 0.28), occ_colour=u(0, 1, (n, 3)), noise=u(0.01, 0.05),
+        occlude=(rng.random(n) < 0.2), occ_cx=u(-0.9, 0.9), occ_cy=u(-0.9, 0.9), occ_w=u(0.1, 0.28),
+        occ_h=u(0.1, 0.28), occ_colour=u(0, 1, (n, 3)), noise=u(0.01, 0.04),
     )
 
 
