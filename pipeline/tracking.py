@@ -380,8 +380,9 @@ class StageRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from xbmcore.trainer import TrainingStopped
-
+        # Without the trainer imported (download, evaluate), nothing can have raised its TrainingStopped.
+        trainer = sys.modules.get("xbmcore.trainer")
+        stopped = exc_type is not None and trainer is not None and issubclass(exc_type, trainer.TrainingStopped)
         step = self.sink.last_step
         if exc_type is not None and not self.sink.ended:  # the trainer reports its own stops and failures
             status = "stopped" if issubclass(exc_type, KeyboardInterrupt) else "failed"
@@ -389,14 +390,12 @@ class StageRun:
         elif exc_type is None and self.finish:
             self.sink.emit(make_event("end", step, status="finished", message=f"{self.stage} done"))
         self.sink.close()
-        if exc_type is not None and issubclass(exc_type, (TrainingStopped, KeyboardInterrupt)):
-            status = "KILLED"
-        elif exc_type is not None:
-            status = "FAILED"
-            if not issubclass(exc_type, Exception):
-                status = "KILLED"
-        else:
+        if exc_type is None:
             status = "FINISHED" if self.finish else None
+        elif stopped or not issubclass(exc_type, Exception):  # a stop signal, Ctrl-C, SystemExit
+            status = "KILLED"
+        else:
+            status = "FAILED"
         if status is not None and self.mlflow is not None:
             self.safe("setting the run status", self.mlflow.terminate, status)
 
