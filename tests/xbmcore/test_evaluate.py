@@ -108,9 +108,10 @@ def test_self_is_dropped_by_index_not_position():
     assert_metrics(got, reference(x, y, ks=(1, 2, 4)))
 
 
-def test_drop_self_when_absent_drops_the_last():
+def test_self_removed_by_id_or_else_the_last():
     ids = np.array([[5, 3, 0], [1, 2, 3], [4, 7, 8]])
-    np.testing.assert_array_equal(ev._drop_self(ids, np.array([0, 2, 9])), [[5, 3], [1, 3], [4, 7]])
+    keep = ev._without_self(ids, np.array([0, 2, 9]))
+    np.testing.assert_array_equal(ids[keep].reshape(3, 2), [[5, 3], [1, 3], [4, 7]])
 
 
 def test_k_beyond_gallery_and_unnormalised_input():
