@@ -52,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     root = Path(args.params).resolve().parent
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args, params, root)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() also runs in-process (tests, notebooks)
+
+
+def _run(args: argparse.Namespace, params, root: Path) -> int:
     # torch and the stages are imported only here: the study's bookkeeping does not need them.
     from xbmcore.trainer import TrainingStopped
     from pipeline.study.objective import StageObjective
