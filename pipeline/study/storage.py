@@ -48,10 +48,16 @@ class StudyStorage:
 
 
 def resolve_storage(spec: str | None, root: Path) -> StudyStorage:
-    """None -> sqlite:///<root>/optuna.db; "sqlite:///rel.db" -> absolute; "x://..." as is; a path -> journal."""
+    """None -> sqlite:///<root>/optuna.db; "sqlite:///rel.db" -> absolute; "x://..." as is; a path (optionally
+    written journal:path or journal:///abs/path) -> a journal file."""
     root = Path(root).resolve()
     if spec is None:
         spec = f"sqlite:///{root / 'optuna.db'}"
+    if spec.startswith("journal:"):
+        rest = spec[len("journal:"):]
+        if rest.startswith("//"):  # journal:///abs/file (URL style) -> /abs/file
+            rest = "/" + rest.lstrip("/")
+        return _journal(rest, root)
     if spec.startswith("sqlite:///"):
         rest = spec[len("sqlite:///"):]
         if rest in ("", ":memory:"):
@@ -66,6 +72,12 @@ def resolve_storage(spec: str | None, root: Path) -> StudyStorage:
     if spec.endswith((".db", ".sqlite", ".sqlite3")):
         raise ValueError(f"tune.storage: {spec!r} looks like a SQLite file; write it as sqlite:///{spec} "
                          "(a plain path means a journal file)")
+    return _journal(spec, root)
+
+
+def _journal(spec: str, root: Path) -> StudyStorage:
+    if not spec:
+        raise ValueError("tune.storage: a journal storage needs a file path, e.g. journal:artifacts/tune/xbm.journal")
     path = Path(spec).expanduser()
     path = path if path.is_absolute() else root / path
     path.parent.mkdir(parents=True, exist_ok=True)
