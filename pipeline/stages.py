@@ -127,9 +127,7 @@ def _trainer_after_warmup(params: Params, root: Path, warmup: Path | None, sink)
     if state.get("phase") != "warmup":
         raise ValueError(f"{warmup}/state.pt: expected the warm-up's final state, got phase {state.get('phase')!r}")
     trainer = Trainer(params, build_model(params.model), _splits(params, root), sink)
-    trainer.load_state_dict(state)
-    # The XBM phase trains with the params' lr even when the shared warm-up used another one (a study trial).
-    trainer.set_lr(params.train.lr, params.train.weight_decay)
+    trainer.load_state_dict(state)  # the XBM phase then sets its own lr (train.lr), whatever the warm-up's was
     return trainer
 
 

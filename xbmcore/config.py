@@ -100,6 +100,9 @@ class TrainParams(_Section):
     images_per_class: int = Field(4, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
+    # The warm-up phase's own lr: a from-scratch model needs a large one, while the XBM phase needs the slow drift
+    # a smaller one gives. Separate, so that changing train.lr leaves the warm-up (and its cached output) alone.
+    warmup_lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(300, ge=0)

@@ -105,14 +105,15 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 def training_digest(params: Params, phase: str) -> str:
     """Hash of what a phase's result depends on; a checkpoint resumes only a run with the same digest.
 
-    The warm-up depends on neither the memory nor the length of the XBM phase (the lr schedule runs over the XBM
-    phase only), so changing those keeps a warm-up checkpoint valid.
+    The warm-up depends neither on the memory nor on the XBM phase's length, lr and schedule, so changing those
+    keeps a warm-up checkpoint valid.
     """
     d = params.model_dump(mode="json")
     train = {k: v for k, v in d["train"].items() if k not in _OPERATIONAL}
     keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train}
     if phase == "warmup":
-        train.pop("xbm_steps")
+        for k in ("xbm_steps", "lr", "lr_schedule"):  # the XBM phase's
+            train.pop(k)
     else:
         keep["memory"] = d["memory"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
@@ -217,15 +218,16 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         t = self.params.train
         params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = t.warmup_lr  # train_phase sets each phase's own
         if t.optimizer == "adam":
-            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
         if t.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
+            return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
 
     def _lr_factor(self, step: int) -> float:
         # Constant through the warm-up; `cosine` decays to 0 over the XBM phase only, so the warm-up (and its
-        # cached output) does not depend on how long the XBM phase is.
+        # cached output) does not depend on how long the XBM phase is. Multiplies the phase's lr (set_lr).
         t = self.params.train
         if t.lr_schedule == "constant" or step < t.warmup_steps:
             return 1.0
@@ -233,8 +235,8 @@ class Trainer:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def set_lr(self, lr: float, weight_decay: float | None = None) -> None:
-        """Make the params' lr (and weight decay) rule from here on, e.g. after loading a warm-up state that was
-        trained with other values (the optimiser's saved param groups would otherwise win)."""
+        """Make `lr` (and the weight decay) rule from here on: each phase starts with its own lr, also after
+        loading a state whose optimiser carries another (a shared warm-up in a study trial)."""
         self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             g["initial_lr"] = lr
@@ -317,7 +319,7 @@ class Trainer:
                               enabled=self.amp_dtype is not None)
 
     def _train_step(self, batch, memory: CrossBatchMemory | None, phase: str) -> dict[str, float]:
-        """One optimiser step; returns the loss parts and pair counts as Python numbers."""
+        """One optimiser step; returns the loss parts, pair counts and lr as Python numbers."""
         imgs, labels, idx = batch
         imgs = imgs.to(self.device, non_blocking=True, memory_format=self._mem_format)  # B x 3 x H x W
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)  # B
@@ -334,6 +336,7 @@ class Trainer:
         values = dict(zip(STEP_SCALARS, torch.stack([out[k].detach().double() for k in STEP_SCALARS]).tolist()))
         if not math.isfinite(values["loss"]):  # before the optimiser step: the weights stay the last good ones
             raise NonFiniteLossError(self._nonfinite_message(values["loss"], phase, memory))
+        values["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr of this step
         if learn:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -347,7 +350,8 @@ class Trainer:
         p = self.params
         kept = f"the last good checkpoint {self._last_checkpoint} is kept" if self._last_checkpoint \
             else "no checkpoint had been written yet"
-        hint = f"lower train.lr (now {p.train.lr:g})"
+        name = "warmup_lr" if phase == "warmup" else "lr"
+        hint = f"lower train.{name} (now {getattr(p.train, name):g})"
         if memory is not None and p.loss.reduction == "sum_over_batch":
             hint += (f", or use loss.reduction: mean_active (sum_over_batch grows with the memory size, "
                      f"now {len(memory)} entries)")
@@ -420,6 +424,7 @@ class Trainer:
         t = self.params.train
         start = self.step
         end = start + steps
+        self.set_lr(t.warmup_lr if phase == "warmup" else t.lr, t.weight_decay)
         resumed = folder is not None and self._resume(folder, phase, start, end, memory)
         self.model.train()
         self.sink.emit(make_event("phase", self.step, phase=phase, total_steps=steps, start_step=start,
@@ -486,7 +491,6 @@ class Trainer:
             memory_size=0 if memory is None else len(memory),
             drift=None if memory is None else memory.last_drift,
             drift_age=None if memory is None else memory.last_drift_age,
-            lr=self.optimizer.param_groups[0]["lr"],
             images_per_s=images_per_s,
         )
         self.sink.emit(make_event("step", self.step, **rec))

@@ -54,6 +54,11 @@ def test_pipeline_files_and_metrics(project):
     assert [int(r["step"]) for r in train] == list(range(1, W + X + 1))
     assert {r["phase"] for r in train[:W]} == {"warmup"} and {r["phase"] for r in train[W:]} == {"xbm"}
     assert float(train[W]["memory_fill"]) == 1.0 and float(train[W]["loss_memory"]) > 0
+    # Each phase its own lr: warm-up constant, then cosine from train.lr to 0 over the XBM phase.
+    assert {float(r["lr"]) for r in train[:W]} == {p.train.warmup_lr}
+    assert p.train.lr_schedule == "cosine" and float(train[W]["lr"]) == p.train.lr
+    assert [float(r["lr"]) for r in train[W:]] == sorted((float(r["lr"]) for r in train[W:]), reverse=True)
+    assert 0 < float(train[-1]["lr"]) < 0.05 * p.train.lr
     val = _csv(root / "plots/val.csv")
     assert [int(r["step"]) for r in val] == [4, 8, 12]
     events = read_events(root / "runs" / run_key(p) / "events.jsonl")
@@ -90,7 +95,7 @@ def test_one_finished_mlflow_run_with_continuous_curves_and_the_model(project):
 def test_study_layout_baseline_from_the_shared_warmup(project):
     """A trial: its own artifacts folder, the shared warm-up, the baseline, another lr for the XBM phase."""
     root, _, _ = project
-    p = validate_params(tiny_params(memory={"enabled": False}, train={"lr": 0.0005},
+    p = validate_params(tiny_params(memory={"enabled": False}, train={"lr": 0.0005, "lr_schedule": "constant"},
                                     tracking={"experiment": "trials"}))
     trial = root / "trial"
     stages.run_memory_init(p, root, artifacts=trial)

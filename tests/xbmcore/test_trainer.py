@@ -83,7 +83,7 @@ def make(params: Params, seed: int = 0):
 
 def params(**train) -> Params:
     t = dict(batch_size=8, images_per_class=2, warmup_steps=6, xbm_steps=10, checkpoint_every=5, eval_every=0,
-             lr=3e-3, seed=0, device="cpu")
+             lr=3e-3, warmup_lr=3e-3, seed=0, device="cpu")
     t.update(train)
     return Params.model_validate({"train": t, "memory": {"ratio": 0.5}, "eval": {"recall_at": [1, 2]}})
 
@@ -213,7 +213,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError) as err:
         trainer.train_phase("warmup", 10, checkpoint_dir=tmp_path)
     msg = str(err.value)
-    assert "loss is nan at step 8" in msg and "step_00000005.pt" in msg and "train.lr" in msg
+    assert "loss is nan at step 8" in msg and "step_00000005.pt" in msg and "train.warmup_lr" in msg
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5]
     assert load_checkpoint(tmp_path / "step_00000005.pt")["step"] == 5
     assert trainer.step == 7
@@ -236,7 +236,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path):
 def test_stale_checkpoints_are_not_resumed(tmp_path, caplog):
     trainer, _ = make(params())
     trainer.train_phase("warmup", 5, checkpoint_dir=tmp_path)
-    other, sink = make(params(lr=1e-3))  # another lr: the checkpoint does not continue this run
+    other, sink = make(params(warmup_lr=1e-3))  # another lr: the checkpoint does not continue this run
     with caplog.at_level(logging.WARNING, logger="xbmcore.trainer"):
         other.train_phase("warmup", 5, checkpoint_dir=tmp_path)
     assert any("starts over" in r.message for r in caplog.records)
