@@ -82,6 +82,8 @@ def test_storage_paths_are_absolute_and_journal_files_are_plain_paths(tmp_path):
     journal = resolve_storage("studies/x.journal", tmp_path)
     assert journal.url == str(tmp_path / "studies/x.journal")
     assert isinstance(journal.open(), optuna.storages.JournalStorage)
+    assert resolve_storage("journal:studies/x.journal", tmp_path) == journal
+    assert resolve_storage(f"journal://{tmp_path}/studies/x.journal", tmp_path) == journal  # journal:///abs
     with pytest.raises(ValueError, match="sqlite:///optuna.db"):
         resolve_storage("optuna.db", tmp_path)
 
@@ -302,7 +304,8 @@ def test_real_stages_share_the_pipelines_warmup(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
-    raw = tiny_params(tune={"n_trials": 2, "pruner": "none"})
+    # A constant schedule: the logged lr is then exactly the phase's own (the warm-up's, then the trial's).
+    raw = tiny_params(train={"lr_schedule": "constant"}, tune={"n_trials": 2, "pruner": "none"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     base = validate_params(raw)
     stages.run_download(base, tmp_path)
@@ -318,8 +321,8 @@ def test_real_stages_share_the_pipelines_warmup(tmp_path, monkeypatch):
     best = study.best_trial
     assert summary["best_trial"] == best.number and summary["split"] == "val"
     assert set(summary["test"]) == {"recall@1", "recall@2", "map@r", "r_precision", "nmi"}
-    # the warm-up depends on the loss and the lr: the trials kept the params' values for it, and say so
-    assert summary["warmup_kept"] == {"loss.margin": base.loss.margin, "train.lr": base.train.lr}
+    # the warm-up depends on the loss (not on the XBM phase's lr): its margin stayed at the params' value there
+    assert summary["warmup_kept"] == {"loss.margin": base.loss.margin}
 
     client, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1
@@ -330,7 +333,7 @@ def test_real_stages_share_the_pipelines_warmup(tmp_path, monkeypatch):
         run_id = children[t.number].info.run_id
         lr = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
         assert sorted(lr) == list(range(1, W + X + 1))  # the warm-up's curve, then the trial's own
-        assert all(lr[s] == pytest.approx(base.train.lr) for s in range(1, W + 1))
+        assert all(lr[s] == pytest.approx(base.train.warmup_lr) for s in range(1, W + 1))
         assert all(lr[s] == pytest.approx(t.params["train.lr"]) for s in range(W + 1, W + X + 1))
         val = client.get_metric_history(run_id, "val/recall_at_1")
         assert [m.step for m in val if m.step > W] == [8, 12, 14]  # periodic evaluations, then the final one
