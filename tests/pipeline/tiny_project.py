@@ -18,7 +18,8 @@ TINY = {
                            "classes_per_superclass": 4, "image_size": 16}},
     "model": {"embedding_dim": 16},
     "train": {"batch_size": 8, "images_per_class": 2, "warmup_steps": 6, "xbm_steps": 8, "checkpoint_every": 4,
-              "eval_every": 4, "num_threads": 1, "lr": 0.003, "warmup_lr": 0.003},
+              "eval_every": 4, "num_threads": 1, "lr": 0.003, "warmup_lr": 0.003,
+              "lr_schedule": "cosine"},
     "eval": {"recall_at": [1, 2], "batch_size": 64},
 }
 
