@@ -21,7 +21,7 @@ from .monitor import SMOOTHING_CHOICES, make_curve
 from .series import moving_average
 from .stores import KEY_PARAMS, RunRow, describe_error, fetch_histories, fetch_runs, mlflow_metric
 from .widgets import ElidedLabel
-from .worker import BackgroundCalls
+from .worker import PollingPanel
 
 OVERLAY_METRICS = ("loss", "loss_batch", "loss_memory", "val/recall@1", "memory_fill", "drift", "drift_age",
                    "images_per_s", "lr")
@@ -50,17 +50,15 @@ def memory_text(p: dict[str, str]) -> str:
     return f"{p.get('memory.ratio', '?')} {p.get('memory.mode', '')}".strip()
 
 
-class RunsPanel(QWidget):
+class RunsPanel(PollingPanel):
     def __init__(self, uri_source: Callable[[], tuple[str, str]], retry_s: float = 10.0,
                  parent: QWidget | None = None):
         """uri_source() -> (tracking URI, experiment name), asked at each refresh (params.yaml can change)."""
-        super().__init__(parent)
+        super().__init__("mlflow-runs", retry_s, parent)
         self._uri_source = uri_source
-        self._calls = BackgroundCalls("mlflow-runs", self)
         self._rows: dict[str, RunRow] = {}
         self._signature: list | None = None
         self._uri = ""
-        self.retry_s = retry_s
 
         self.state_label = ElidedLabel("not loaded yet")
         self.state_label.setObjectName("dimLabel")
@@ -121,8 +119,6 @@ class RunsPanel(QWidget):
         lay.addLayout(top)
         lay.addWidget(split, 1)
 
-        self._timer = QTimer(self)
-        self._timer.timeout.connect(self.refresh)
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(250)
@@ -130,11 +126,6 @@ class RunsPanel(QWidget):
         self._overlay_token = 0
 
     # --- runs table ---------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Load now and then every retry_s (a live table, and a retry when the store was missing or locked)."""
-        self.refresh()
-        self._timer.start(int(self.retry_s * 1000))
 
     def refresh(self) -> None:
         if self._calls.busy():
@@ -255,10 +246,3 @@ class RunsPanel(QWidget):
             text += f"; no {metric} logged by: {', '.join(empty)}"
         self.overlay_label.setText(text)
 
-    def shutdown(self) -> None:
-        self._timer.stop()
-        self._calls.shutdown()
-
-    def closeEvent(self, event) -> None:  # shown on its own (tests, a floating panel)
-        self.shutdown()
-        super().closeEvent(event)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox, QHBoxLayout, QHeaderView, QLabel, QPushButton, QSplitter, QTableWidget, QTableWidgetItem,
     QVBoxLayout, QWidget,
@@ -20,7 +20,7 @@ from . import theme
 from .monitor import fmt_duration
 from .stores import StudyInfo, describe_error, fetch_study
 from .widgets import ElidedLabel
-from .worker import BackgroundCalls
+from .worker import PollingPanel
 
 STATE_COLORS = {"COMPLETE": theme.OK, "PRUNED": theme.FG_DIM, "FAIL": theme.ERROR, "RUNNING": theme.ACCENT}
 
@@ -41,15 +41,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
-class StudyPanel(QWidget):
+class StudyPanel(PollingPanel):
     use_params = Signal(dict)  # the best trial's params (dotted keys), for the launch form
     def __init__(self, storage_source: Callable[[], tuple[str | None, Path, str]], retry_s: float = 10.0,
                  parent: QWidget | None = None):
         """storage_source() -> (tune.storage, project root, tune.study_name), asked at each refresh."""
-        super().__init__(parent)
+        super().__init__("optuna-study", retry_s, parent)
         self._source = storage_source
-        self._calls = BackgroundCalls("optuna-study", self)
-        self.retry_s = retry_s
         self._chosen: str | None = None
 
         self.state_label = ElidedLabel("not loaded yet")
@@ -101,12 +99,6 @@ class StudyPanel(QWidget):
         lay.addLayout(best_row)
         lay.addWidget(split, 1)
 
-        self._timer = QTimer(self)
-        self._timer.timeout.connect(self.refresh)
-
-    def start(self) -> None:
-        self.refresh()
-        self._timer.start(int(self.retry_s * 1000))
 
     def _choose(self, name: str) -> None:
         self._chosen = name
@@ -182,10 +174,3 @@ class StudyPanel(QWidget):
             self.best_line.setData([], [])
         self.plot.setLabel("left", "objective")
 
-    def shutdown(self) -> None:
-        self._timer.stop()
-        self._calls.shutdown()
-
-    def closeEvent(self, event) -> None:  # shown on its own (tests, a floating panel)
-        self.shutdown()
-        super().closeEvent(event)

@@ -5,7 +5,8 @@ import itertools
 import traceback
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+from PySide6.QtWidgets import QWidget
 
 
 class _Runner(QObject):
@@ -60,3 +61,30 @@ class BackgroundCalls(QObject):
         if self._thread.isRunning():
             self._thread.quit()
             self._thread.wait(10_000)
+
+
+class PollingPanel(QWidget):
+    """A panel that reads a store through its own BackgroundCalls: `refresh()` now, then every `retry_s`
+    (a live view, and a retry while the store is missing or locked). Subclasses implement `refresh`."""
+
+    def __init__(self, thread_name: str, retry_s: float, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.retry_s = retry_s
+        self._calls = BackgroundCalls(thread_name, self)
+        self._timer = QTimer(self)
+        self._timer.timeout.connect(self.refresh)
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.refresh()
+        self._timer.start(int(self.retry_s * 1000))
+
+    def shutdown(self) -> None:
+        self._timer.stop()
+        self._calls.shutdown()
+
+    def closeEvent(self, event) -> None:  # shown on its own (tests, a floating panel)
+        self.shutdown()
+        super().closeEvent(event)

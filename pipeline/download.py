@@ -12,28 +12,23 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
-from xbmcore.config import load_params
+from pipeline.cli import add_params_arguments, load_cli_params
 from xbmcore.data import open_splits, prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.download", description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param, like `dvc exp run -S` (repeatable)")
+    add_params_arguments(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params, args.overrides)
-        p = params.data
-    except ValueError as err:
-        print(err, file=sys.stderr)
+    if (loaded := load_cli_params(args)) is None:
         return 2
+    params, root = loaded
+    p = params.data
     t0 = time.perf_counter()
     try:
-        out = prepare_dataset(p, Path(args.params).resolve().parent, progress=sys.stderr.isatty())
+        out = prepare_dataset(p, root, progress=sys.stderr.isatty())
         splits = open_splits(out, p)
     except (ValueError, OSError) as err:  # OSError covers missing files and failed downloads
         print(f"download failed: {err}", file=sys.stderr)
@@ -46,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     # Attach the pipeline execution's MLflow run and event file, like every stage; the sizes become run tags.
     from pipeline.tracking import StageRun
 
-    with StageRun(params, Path(args.params).resolve().parent, "download") as run:
+    with StageRun(params, root, "download") as run:
         run.set_tags({f"data.{name}_images": len(ds) for name in ("train", "val", "test", "query", "gallery")
                       if (ds := getattr(splits, name)) is not None})
     return 0

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from xbmcore.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from xbmcore.config import Params, load_params
+from xbmcore.config import Params
 from xbmcore.data import open_splits, prepare_dataset
 from xbmcore.events import make_event
 from xbmcore.evaluate import evaluate_model
@@ -39,6 +39,7 @@ from xbmcore.trainer import (
     HISTORY_FIELDS, NonFiniteLossError, OutOfMemory, Trainer, TrainingStopped, build_memory, resolve_device,
     resumable_checkpoint,
 )
+from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.tracking import StageRun, configure_logging
 
 log = logging.getLogger(__name__)
@@ -246,17 +247,12 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     """`python -m pipeline.<stage> [--params params.yaml] [-S key=value ...]`: run one stage, exit non-zero on
     failure (2: bad params, 1: an error, 128 + signal number: stopped by SIGTERM/SIGINT with a checkpoint)."""
     ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}")
-    ap.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param, like `dvc exp run -S` (repeatable)")
+    add_params_arguments(ap)
     args = ap.parse_args(argv)
     configure_logging()
-    try:
-        params = load_params(args.params, args.overrides)
-    except ValueError as err:
-        print(err, file=sys.stderr)
+    if (loaded := load_cli_params(args)) is None:
         return 2
-    root = Path(args.params).resolve().parent
+    params, root = loaded
     fn = {"download": run_download, "warmup": run_warmup, "memory_init": run_memory_init,
           "train_xbm": run_train_xbm, "evaluate": run_evaluate}[stage]
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import optuna
 
-from xbmcore.config import load_params
+from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.study import StudyTracker, Worker, finalize, resolve_storage
 from pipeline.tracking import configure_logging, tracking_uri
 
@@ -28,10 +28,7 @@ from pipeline.tracking import configure_logging, tracking_uri
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml",
-                    help="params file; its folder is the project root (default: %(default)s)")
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param like `dvc exp run -S`, e.g. -S tune.n_trials=20 (repeatable)")
+    add_params_arguments(ap, example=", e.g. -S tune.n_trials=20")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the stored trials")
     return ap.parse_args(argv)
 
@@ -46,12 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the worker prints one line per trial itself
-    try:
-        params = load_params(args.params, args.overrides)
-    except ValueError as err:
-        print(err, file=sys.stderr)
+    if (loaded := load_cli_params(args)) is None:
         return 2
-    root = Path(args.params).resolve().parent
+    params, root = loaded
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _run(args, params, root)

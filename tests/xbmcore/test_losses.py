@@ -25,14 +25,6 @@ from xbmcore.memory import CrossBatchMemory
 EPS_POS = 1e-5  # the official code's "exact copy" threshold for positives
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------- brute-force references
 
 

@@ -17,14 +17,6 @@ from xbmcore.memory import CrossBatchMemory
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def batches(seed, count, max_b, num_items, D=3):
     """Random batches (feats, labels, indices, step) with random sizes and repeated indices."""
     g = torch.Generator().manual_seed(seed)
