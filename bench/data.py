@@ -74,7 +74,6 @@ def main() -> None:
             "num_images": meta["num_images"],
             "image_size": p.synthetic.image_size,
             "array_mb": round((out / "images.npy").stat().st_size / 2**20, 1),
-            "generation_s": meta["generation_seconds"],
             "prepare_s": round(prepare_s, 2),
             "verify_s": round(verify_s, 3),
             "batch_size": args.batch_size,

@@ -90,8 +90,8 @@ def _prepare_synthetic(out: Path, p: DataParams, recipe: dict) -> None:
     splits = np.where(data.labels < sp.num_classes // 2, "train", "test").astype(object)
     index = carve_val(Index(np.arange(len(data.labels), dtype=np.int64), data.labels, splits, data.super_labels),
                       p.val_fraction)
-    _finish(out, p, index, recipe, {"storage": "array", "array": ARRAY_FILE, "image_size": sp.image_size,
-                                    "generation_seconds": round(seconds, 3)})
+    # No timing in meta.json: the folder must be byte-identical for the same params (DVC hashes it).
+    _finish(out, p, index, recipe, {"storage": "array", "array": ARRAY_FILE, "image_size": sp.image_size})
     log.info("synthetic: generated %d images of %d classes in %.1f s", len(index), sp.num_classes, seconds)
 
 
