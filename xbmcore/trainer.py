@@ -15,6 +15,7 @@ on the CPU. SIGTERM/SIGINT stop after the current step with a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -102,15 +103,28 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """Hash of this library's sources. A phase killed and run again by the same code resumes; after a code
+    change (DVC reruns the stage because its code deps changed) it starts over instead of finishing a run begun
+    by other code."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def training_digest(params: Params, phase: str) -> str:
-    """Hash of what a phase's result depends on; a checkpoint resumes only a run with the same digest.
+    """Hash of what a phase's result depends on (parameters and code); a checkpoint resumes only a run with the
+    same digest.
 
     The warm-up depends neither on the memory nor on the XBM phase's length, lr and schedule, so changing those
     keeps a warm-up checkpoint valid.
     """
     d = params.model_dump(mode="json")
     train = {k: v for k, v in d["train"].items() if k not in _OPERATIONAL}
-    keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train}
+    keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train, "code": code_fingerprint()}
     if phase == "warmup":
         for k in ("xbm_steps", "lr", "lr_schedule"):  # the XBM phase's
             train.pop(k)
@@ -132,8 +146,8 @@ def build_memory(params: Params, num_items: int, dim: int, device: torch.device)
 def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: int, end: int,
                          delete_stale: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """(path, state) of the newest checkpoint in `folder` that continues this phase: same phase, same digest
-    (training_digest), same starting step, step within [start, end]. Others are stale (other parameters, or a
-    phase that started elsewhere); `delete_stale` removes them, with a warning, so they cannot pile up."""
+    (training_digest), same starting step, step within [start, end]. Others are stale (other parameters or code,
+    or a phase that started elsewhere); `delete_stale` removes them, with a warning, so they cannot pile up."""
     folder = Path(folder)
     digest = training_digest(params, phase)
     stale, found = [], None
@@ -151,8 +165,8 @@ def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: 
         stale.append(path)
     if delete_stale and stale:
         if found is None:
-            log.warning("%s: %d checkpoint(s) of other parameters or another starting step; deleted, the %s phase "
-                        "starts over", folder, len(stale), phase)
+            log.warning("%s: %d checkpoint(s) of other parameters, other code or another starting step; deleted, "
+                        "the %s phase starts over", folder, len(stale), phase)
         for p in stale:
             p.unlink(missing_ok=True)
     return found

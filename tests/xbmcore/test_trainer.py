@@ -14,6 +14,7 @@ from torch import nn
 
 from xbmcore.checkpoint import list_checkpoints, load_checkpoint
 from xbmcore.config import Params
+import xbmcore.trainer as trainer_module
 from xbmcore.trainer import NonFiniteLossError, Trainer, TrainingStopped, build_memory, resolve_device
 
 torch.set_num_threads(1)
@@ -242,6 +243,43 @@ def test_stale_checkpoints_are_not_resumed(tmp_path, caplog):
     assert any("starts over" in r.message for r in caplog.records)
     assert sink.of("phase")[0]["resumed"] is False
     assert [e["step"] for e in sink.of("step")] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoints_of_other_code_are_not_resumed(tmp_path, monkeypatch):
+    trainer, _ = make(params())
+    trainer.train_phase("warmup", 5, checkpoint_dir=tmp_path / "a")
+    same, sink = make(params())
+    same.train_phase("warmup", 5, checkpoint_dir=tmp_path / "a")
+    assert sink.of("phase")[0]["resumed"] is True  # same params, same code: resumed
+    trainer, _ = make(params())
+    trainer.train_phase("warmup", 5, checkpoint_dir=tmp_path / "b")
+    fingerprint = trainer_module.code_fingerprint()
+    monkeypatch.setattr(trainer_module, "code_fingerprint", lambda: "edited" + fingerprint[6:])
+    edited, sink = make(params())
+    edited.train_phase("warmup", 5, checkpoint_dir=tmp_path / "b")
+    assert sink.of("phase")[0]["resumed"] is False
+    assert [e["step"] for e in sink.of("step")] == [1, 2, 3, 4, 5]
+
+
+def test_code_fingerprint_covers_the_library_sources(tmp_path, monkeypatch):
+    lib = tmp_path / "xbmcore"
+    (lib / "data").mkdir(parents=True)
+    (lib / "trainer.py").write_text("x = 1\n")
+    (lib / "data" / "prepare.py").write_text("y = 2\n")
+    monkeypatch.setattr(trainer_module, "__file__", str(lib / "trainer.py"))
+
+    def fingerprint():
+        trainer_module.code_fingerprint.cache_clear()
+        return trainer_module.code_fingerprint()
+
+    try:
+        a = fingerprint()
+        assert fingerprint() == a
+        (lib / "data" / "prepare.py").write_text("y = 3\n")  # a file in a subpackage
+        assert fingerprint() != a
+    finally:
+        monkeypatch.undo()
+        trainer_module.code_fingerprint.cache_clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
