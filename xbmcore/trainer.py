@@ -440,6 +440,11 @@ class Trainer:
         end = start + steps
         self.set_lr(t.warmup_lr if phase == "warmup" else t.lr, t.weight_decay)
         resumed = folder is not None and self._resume(folder, phase, start, end, memory)
+        if memory is not None and self.params.loss.reduction == "sum_over_batch":
+            # Not an error (it is the official code's reduction), but the usual cause of a silent collapse.
+            log.warning("loss.reduction sum_over_batch: the memory term sums ~K/B = %.0f times as many pairs as "
+                        "the batch term; if Recall@1 falls and drift rises when the memory switches on, use "
+                        "loss.reduction: mean_active or a lower memory.weight", memory.K / t.batch_size)
         self.model.train()
         self.sink.emit(make_event("phase", self.step, phase=phase, total_steps=steps, start_step=start,
                                   resumed=resumed))

@@ -245,6 +245,19 @@ def test_stale_checkpoints_are_not_resumed(tmp_path, caplog):
     assert [e["step"] for e in sink.of("step")] == [1, 2, 3, 4, 5]
 
 
+def test_sum_over_batch_with_a_memory_warns_of_the_scale(caplog):
+    p = params()
+    p = p.model_copy(update={"loss": p.loss.model_copy(update={"reduction": "sum_over_batch"})})
+    trainer, _ = make(p)
+    memory = build_memory(p, len(trainer.splits.train), 16, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="xbmcore.trainer"):
+        trainer.train_phase("warmup", 2)
+        assert not caplog.records  # no memory: nothing to warn of
+        trainer.train_phase("xbm", 2, memory)
+    assert any(f"K/B = {memory.K / 8:.0f} times" in r.message and "mean_active" in r.message
+               for r in caplog.records)
+
+
 def test_checkpoints_of_other_code_are_not_resumed(tmp_path, monkeypatch):
     trainer, _ = make(params())
     trainer.train_phase("warmup", 5, checkpoint_dir=tmp_path / "a")
