@@ -333,7 +333,8 @@ class Trainer:
                               enabled=self.amp_dtype is not None)
 
     def _train_step(self, batch, memory: CrossBatchMemory | None, phase: str) -> dict[str, float]:
-        """One optimiser step; returns the loss parts, pair counts and lr as Python numbers."""
+        """One optimiser step; returns the loss parts, pair counts, lr and drift (None when no stored embedding was
+        replaced) as Python numbers."""
         imgs, labels, idx = batch
         imgs = imgs.to(self.device, non_blocking=True, memory_format=self._mem_format)  # B x 3 x H x W
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)  # B
@@ -346,18 +347,27 @@ class Trainer:
         if learn:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+        parts = [out[k].detach().double() for k in STEP_SCALARS]
+        if memory is not None:
+            # After the loss: the batch joins the memory for the NEXT steps (Alg. 1 of the paper). `emb` is the
+            # forward's output, so enqueueing before the optimiser step stores the same values, and the drift
+            # it measures joins the one sync below. (A non-finite loss ends the run; the memory in checkpoints
+            # is the last good one.)
+            memory.enqueue(emb.detach().float(), labels, idx, step=self.step + 1)
+            parts += list(memory.drift_last)  # sum ||new - old||^2, sum of ages, count
         # The step's one host-device sync, after the backward is queued: all scalars at once.
-        values = dict(zip(STEP_SCALARS, torch.stack([out[k].detach().double() for k in STEP_SCALARS]).tolist()))
+        numbers = torch.stack(parts).tolist()
+        values: dict[str, float | None] = dict(zip(STEP_SCALARS, numbers))
         if not math.isfinite(values["loss"]):  # before the optimiser step: the weights stay the last good ones
             raise NonFiniteLossError(self._nonfinite_message(values["loss"], phase, memory))
         values["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr of this step
+        drift_sum, age_sum, count = numbers[len(STEP_SCALARS):] or (0.0, 0.0, 0.0)
+        values["drift"] = drift_sum / count if count else None
+        values["drift_age"] = age_sum / count if count else None
         if learn:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()
-        if memory is not None:
-            # After the loss: the batch joins the memory for the NEXT steps (Alg. 1 of the paper).
-            memory.enqueue(emb.detach().float(), labels, idx, step=self.step + 1)
         return values
 
     def _nonfinite_message(self, value: float, phase: str, memory: CrossBatchMemory | None) -> str:
@@ -500,7 +510,7 @@ class Trainer:
                 raise
         return last
 
-    def _record(self, phase: str, values: dict[str, float], memory: CrossBatchMemory | None,
+    def _record(self, phase: str, values: dict[str, float | None], memory: CrossBatchMemory | None,
                 images_per_s: float) -> dict[str, Any]:
         """Emit the step event and append it to the curves."""
         rec: dict[str, Any] = {k: int(v) if k.endswith("_pairs") else v for k, v in values.items()}
@@ -508,8 +518,6 @@ class Trainer:
             phase=phase,
             memory_fill=0.0 if memory is None else float(memory.fill_level),
             memory_size=0 if memory is None else len(memory),
-            drift=None if memory is None else memory.last_drift,
-            drift_age=None if memory is None else memory.last_drift_age,
             images_per_s=images_per_s,
         )
         self.sink.emit(make_event("step", self.step, **rec))
