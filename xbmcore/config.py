@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DATASETS = ("synthetic", "sop", "inshop", "cub", "cars", "vehicleid")
+DATASETS = ("synthetic", "sop", "inshop", "cub", "cars", "vehicleid", "folder", "csv")
 
 
 class _Section(BaseModel):
@@ -42,12 +42,22 @@ class SyntheticParams(_Section):
 
 
 class DataParams(_Section):
-    name: Literal["synthetic", "sop", "inshop", "cub", "cars", "vehicleid"] = "synthetic"
+    name: Literal["synthetic", "sop", "inshop", "cub", "cars", "vehicleid", "folder", "csv"] = "synthetic"
+    # The published datasets: the folder holding their folders. folder: the image folder itself. csv: the CSV file.
     root: str = "data/raw"
     prepared: str = "data/prepared"
     download: bool = True
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    # folder / csv without a given split: the fraction of classes (whole classes, never images) held out for
+    # testing, drawn with split_seed, so evaluation is on unseen classes as in every DML benchmark.
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    split_seed: int = 0
     skip_corrupt: bool = False
+    # Real datasets are decoded once into a cache of images whose shorter side is cache_size (256: the paper's
+    # Resize(256) before the 224 crop); training and evaluation read only the cache.
+    cache_size: int = Field(256, ge=8, le=4096)
+    # Processes that decode images while the cache is built (null: one per CPU core).
+    cache_workers: int | None = Field(None, ge=1)
     train_size: int = Field(32, ge=8)
     test_resize: int = Field(32, ge=8)
     test_size: int = Field(32, ge=8)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+
+from xbmcore.data.batch import collate, to_device
 
 # Result buffers of one search call (distances float32 + ids int64 per neighbour) stay under this many bytes,
 # so 100k x 512 queries with k ~ 1000 neighbours fit in a few GB.
@@ -26,14 +27,6 @@ _FAISS_QUERY_BLOCK = 4096
 _FAISS_GALLERY_BLOCK = 4096
 NMI_SEED = 0
 NMI_NITER = 20
-
-
-def _collate(batch):
-    # A dataset's __getitems__ may return the collated (imgs, labels, idx) tuple already, or a list of samples.
-    if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[0], torch.Tensor) \
-            and batch[0].dim() == 4:
-        return batch
-    return default_collate(batch)
 
 
 def compute_embeddings(
@@ -48,15 +41,16 @@ def compute_embeddings(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate)
+                        collate_fn=collate)
     was_training = model.training
     model.eval()
     feats, labels = [], []
     try:
         with torch.inference_mode():
-            for imgs, y, _ in loader:
-                feats.append(model(imgs.to(device)).float().cpu().numpy())
-                labels.append(np.asarray(y, dtype=np.int64))
+            for batch in loader:
+                imgs, y, _ = to_device(batch, device)  # a cached batch gets the test view on the device
+                feats.append(model(imgs).float().cpu().numpy())
+                labels.append(y.cpu().numpy().astype(np.int64, copy=False))
     finally:
         model.train(was_training)
     if not feats:

@@ -28,13 +28,13 @@ from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from torch.utils.data._utils.collate import default_collate
 
 from xbmcore.checkpoint import (
     checkpoint_path, list_checkpoints, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint,
     set_rng_state,
 )
 from xbmcore.config import Params
+from xbmcore.data.batch import collate, to_device
 from xbmcore.evaluate import compute_embeddings, evaluate_model
 from xbmcore.events import make_event
 from xbmcore.losses import XBMObjective, build_loss
@@ -170,14 +170,6 @@ def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: 
         for p in stale:
             p.unlink(missing_ok=True)
     return found
-
-
-def _collate(batch):
-    # A dataset's __getitems__ may return the collated (images, labels, indices) already, or a list of samples.
-    if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[0], torch.Tensor) \
-            and batch[0].dim() == 4:
-        return batch
-    return default_collate(batch)
 
 
 @contextlib.contextmanager
@@ -324,7 +316,7 @@ class Trainer:
         # Own generator for the workers' base seed: creating the iterator must not draw from the global RNG,
         # whose state a checkpoint restores.
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step)
-        loader = DataLoader(self.splits.train, batch_sampler=self.sampler, num_workers=nw, collate_fn=_collate,
+        loader = DataLoader(self.splits.train, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
                             pin_memory=self.cuda, persistent_workers=False, generator=gen)
         return iter(loader)
 
@@ -335,10 +327,8 @@ class Trainer:
     def _train_step(self, batch, memory: CrossBatchMemory | None, phase: str) -> dict[str, float]:
         """One optimiser step; returns the loss parts, pair counts, lr and drift (None when no stored embedding was
         replaced) as Python numbers."""
-        imgs, labels, idx = batch
-        imgs = imgs.to(self.device, non_blocking=True, memory_format=self._mem_format)  # B x 3 x H x W
-        labels = torch.as_tensor(labels).to(self.device, non_blocking=True)  # B
-        idx = torch.as_tensor(idx).to(self.device, non_blocking=True)  # B, dataset indices
+        # B x 3 x S x S (a cached batch is augmented on the device), B labels, B dataset indices
+        imgs, labels, idx = to_device(batch, self.device, self._mem_format)
         with self._autocast():
             emb = self.model(imgs)  # B x D, unit norm
             out = self.objective(emb, labels, idx, memory)

@@ -90,7 +90,7 @@ def test_sop(tmp_path):
     assert img.shape == (3, 32, 32) and label == 0 and i == 0
 
 
-def test_inshop(tmp_path):
+def test_inshop(tmp_path, caplog):
     d = tmp_path / "raw" / "InShop"
     rows = [("img/WOMEN/Dresses/id_00000002/02_1_front.jpg", "id_00000002", "train"),
             ("img/WOMEN/Dresses/id_00000002/02_2_side.jpg", "id_00000002", "train"),
@@ -107,14 +107,17 @@ def test_inshop(tmp_path):
     for rel, item, _ in rows:
         image(d / rel, int(item[3:]))
     p = params(tmp_path, "inshop", val_fraction=0.0)
-    s = open_splits(prepare_dataset(p, tmp_path, progress=False), p)
+    with caplog.at_level(logging.WARNING):
+        s = open_splits(prepare_dataset(p, tmp_path, progress=False), p)
     assert s.test is None and s.val is None
     assert (len(s.train), sorted(set(s.train.class_ids))) == (6, [2, 80, 81])
-    assert (len(s.query), sorted(set(s.query.class_ids))) == (2, [100, 200])
+    # Item 200 has no gallery image: as a query it can never be retrieved, so it is left out, with a count.
+    assert (len(s.query), sorted(set(s.query.class_ids))) == (1, [100])
+    assert "query: 1 images of 1 classes without a gallery image left out" in caplog.text
     assert (len(s.gallery), sorted(set(s.gallery.class_ids))) == (2, [100])
     # Super-class = gender/category in sorted order: MEN/Denim 0, WOMEN/Dresses 1, WOMEN/Skirts 2.
     np.testing.assert_array_equal(s.train.super_labels, [1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(s.query.super_labels, [2, 0])
+    np.testing.assert_array_equal(s.query.super_labels, [2])
     check_loads_its_own_file(s.query)
 
 
@@ -256,35 +259,36 @@ def test_missing_image_is_named_or_skipped_with_a_count(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         out = prepare_dataset(p, tmp_path, progress=False)
     assert "skipped 2 of 11 listed images" in caplog.text
-    assert len(open_splits(out, p).test) == 3
+    # Class 5 kept one of its three images: as a query it can never be retrieved, so it is left out too.
+    assert "test: 1 classes with a single image left out" in caplog.text
+    assert len(open_splits(out, p).test) == 2
 
 
-def test_image_corrupt_at_decode_time(tmp_path, caplog):
+def test_image_corrupt_in_its_pixel_data_is_found_when_the_cache_is_built(tmp_path, caplog):
     d = make_sop(tmp_path / "raw")
-    p = params(tmp_path, "sop", val_fraction=0.0)
-    s = open_splits(prepare_dataset(p, tmp_path, progress=False), p)
     path = d / "chair_final" / "5_0.JPG"
     noisy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noisy).save(path, format="JPEG")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # header intact, pixel data truncated: fails only when decoded
-    with pytest.raises(ValueError, match=r"5_0.JPG: cannot decode image .*data.skip_corrupt"):
-        s.test[2]
+    with pytest.raises(ValueError, match=r"1 of 11 listed images cannot be decoded: .*5_0.JPG \(cannot decode: "
+                                         r"OSError: image file is truncated.*data.skip_corrupt: true"):
+        prepare_dataset(params(tmp_path, "sop", val_fraction=0.0), tmp_path, progress=False)
+    assert not (tmp_path / "prepared" / "sop" / "meta.json").exists()
     p = params(tmp_path, "sop", val_fraction=0.0, skip_corrupt=True)
-    s = open_splits(prepare_dataset(p, tmp_path, progress=False), p)
     with caplog.at_level(logging.WARNING):
-        img, label, i = s.test[2]
-    # Replaced by the next image of the same class; the item keeps its label and index.
-    assert (label, i) == (1, 2) and s.test.skipped == {2}
-    np.testing.assert_allclose(mean_colour(img), colour(5), atol=3.0)
-    assert "skipped corrupt image" in caplog.text and "5_0.JPG (1 skipped in test so far)" in caplog.text
+        s = open_splits(prepare_dataset(p, tmp_path, progress=False), p)
+    assert "skipped 1 of 11 listed images that cannot be decoded" in caplog.text and "5_0.JPG" in caplog.text
+    assert len(s.test) == 4 and sorted(s.test.class_ids) == [4, 4, 5, 5]
+    check_loads_its_own_file(s.test)
 
 
 def test_unknown_dataset_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; known datasets: synthetic, sop, inshop, cub, "
                                          "cars, vehicleid"):
         get_source("imagenet")
-    with pytest.raises(ValueError, match="'synthetic', 'sop', 'inshop', 'cub', 'cars' or 'vehicleid'"):
+    with pytest.raises(ValueError, match="'synthetic', 'sop', 'inshop', 'cub', 'cars', 'vehicleid', 'folder' or "
+                                         "'csv'"):
         DataParams(name="imagenet")
 
 

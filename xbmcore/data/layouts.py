@@ -1,4 +1,5 @@
-"""Parsers of the published layouts of the five real datasets, each into an Index of relative image paths.
+"""Parsers of the published layouts of the five real datasets, and of the two layouts of one's own images (folder,
+csv, at the end), each into an Index of relative image paths.
 
 Every parser returns (index, annotation files) with the splits of the dataset's standard retrieval protocol:
 
@@ -15,13 +16,20 @@ file and line.
 """
 from __future__ import annotations
 
+import csv
+import logging
+import os
+import posixpath
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xbmcore.config import DataParams
 from xbmcore.data.index import Index
+
+log = logging.getLogger(__name__)
 
 Rows = list[tuple[int, list[str]]]  # (line number, columns)
 
@@ -175,3 +183,165 @@ def parse_vehicleid(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
             model[_int(model_txt, lineno, "vehicle_id", vid)] = _int(model_txt, lineno, "model_id", mid)
         files.append(model_txt)
     return _index(items, labels, splits, [model.get(v, -1) for v in labels]), files
+
+
+# ---------------------------------------------------------------------------------------------- own images
+#
+#   folder  <root>/<class>/<image> (images anywhere below the class folder), or <root>/train/<class>/... and
+#           <root>/test/<class>/... (also val/, query/, gallery/) when the split is given
+#   csv     a file with the header path,label (optionally split); paths relative to the file, labels any string
+#
+# Class names map to labels in sorted order (code points), the same on every machine and every preparation; the
+# names are returned so that the prepared folder keeps them. Without a given split, splits are drawn per class
+# (split_by_class).
+
+# Names that file managers leave among images: ignored without a word (like hidden files).
+JUNK_FILES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
+SPLIT_NAMES = ("train", "val", "test", "query", "gallery")
+
+
+def image_extensions() -> frozenset[str]:
+    """File extensions PIL can open (.jpg, .png, .webp, .tif, ...), lower case."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass
+class OwnLayout:
+    index: Index  # labels index `class_names`; splits all "train" where the layout gives none
+    class_names: list[str]
+    image_root: Path
+    annotations: list[Path]  # files the index was read from (the CSV), for the recipe
+    given_split: bool
+
+
+def _labelled(items: list[str], names: list[str], splits: list[str], image_root: Path, annotations: list[Path],
+              given: bool) -> OwnLayout:
+    class_names = sorted(set(names))
+    label = {n: k for k, n in enumerate(class_names)}
+    return OwnLayout(_index(items, [label[n] for n in names], splits or ["train"] * len(items)), class_names,
+                     image_root, annotations, given)
+
+
+def _scan(folder: Path, root: Path, exts: frozenset[str], ignored: list[str]) -> list[str]:
+    """Image paths under `folder`, relative to `root`, sorted; other files are appended to `ignored`."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith(".") or f.lower() in JUNK_FILES:
+                continue
+            path = Path(dirpath) / f
+            if path.suffix.lower() in exts:
+                out.append(path.relative_to(root).as_posix())
+            else:
+                ignored.append(str(path))
+    return out
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def parse_folder(root: Path, p: DataParams) -> OwnLayout:
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root}: not a folder; expected <root>/<class>/<image> (data.name: folder)")
+    exts = image_extensions()
+    tops = _subfolders(root)
+    split_dirs = [d for d in tops if d.name in SPLIT_NAMES]
+    given = bool(split_dirs)
+    if given and len(split_dirs) != len(tops):
+        raise ValueError(
+            f"{root}: mixes split folders ({', '.join(d.name for d in split_dirs)}) with other folders "
+            f"({', '.join(d.name for d in tops if d.name not in SPLIT_NAMES)}); expected either <root>/<class>/ or "
+            f"<root>/<split>/<class>/ with splits among {', '.join(SPLIT_NAMES)}")
+    if given and "train" not in {d.name for d in split_dirs}:
+        raise ValueError(f"{root}: has split folders ({', '.join(d.name for d in split_dirs)}) but no train/")
+    ignored: list[str] = []
+    items, names, splits = [], [], []
+    for split_dir in split_dirs if given else [root]:
+        loose = [f for f in split_dir.iterdir() if f.is_file() and not f.name.startswith(".")
+                 and f.name.lower() not in JUNK_FILES]
+        ignored += [str(f) for f in sorted(loose)]  # not in a class folder: no class
+        for cls in _subfolders(split_dir):
+            found = _scan(cls, root, exts, ignored)
+            if not found:
+                log.warning("%s: no images; the class is left out", cls)
+            items += found
+            names += [cls.name] * len(found)
+            splits += [split_dir.name if given else ""] * len(found)
+    if ignored:
+        log.warning("%s: %d files that are not images in class folders were ignored: %s%s", root, len(ignored),
+                    ", ".join(ignored[:5]), ", ..." if len(ignored) > 5 else "")
+    if not items:
+        raise ValueError(f"{root}: no images found; expected <root>/<class>/<image> (extensions "
+                         f"{', '.join(sorted(e for e in exts if e in ('.jpg', '.jpeg', '.png', '.webp')))}, ...)")
+    return _labelled(items, names, splits if given else [], root, [], given)
+
+
+def parse_csv(path: Path, p: DataParams) -> OwnLayout:
+    if not path.is_file():
+        raise FileNotFoundError(f"data.root {path}: not a file; expected a CSV file with the header path,label "
+                                f"(optionally split) (data.name: csv)")
+    items, names, splits = [], [], []
+    seen: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if header not in (["path", "label"], ["path", "label", "split"]):
+            raise ValueError(f"{path}:1: expected the header path,label or path,label,split, got {','.join(header)!r}")
+        for row in reader:
+            lineno = reader.line_num
+            if not row or not any(c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{lineno}: expected {len(header)} columns ({','.join(header)}), got "
+                                 f"{len(row)}: {row}")
+            rel, label = row[0].strip(), row[1].strip()
+            if not rel or not label:
+                raise ValueError(f"{path}:{lineno}: empty {'path' if not rel else 'label'}")
+            key = posixpath.normpath(rel.replace("\\", "/"))
+            if key in seen:
+                raise ValueError(f"{path}:{lineno}: duplicate path {rel!r} (first on line {seen[key]})")
+            seen[key] = lineno
+            if len(header) == 3:
+                split = row[2].strip()
+                if split not in SPLIT_NAMES:
+                    raise ValueError(f"{path}:{lineno}: unknown split {split!r}; expected one of "
+                                     f"{', '.join(SPLIT_NAMES)}")
+                splits.append(split)
+            items.append(key)
+            names.append(label)
+    if not items:
+        raise ValueError(f"{path}: no rows after the header")
+    if splits and "train" not in splits:
+        raise ValueError(f"{path}: the split column names no train image")
+    return _labelled(items, names, splits, path.parent, [path], bool(splits))
+
+
+def _draw_classes(classes: np.ndarray, fraction: float, rng: np.random.Generator, what: str, key: str) -> np.ndarray:
+    n = int(round(fraction * len(classes)))
+    n = max(1, n)
+    if len(classes) - n < 2:
+        raise ValueError(f"data.{key}={fraction}: {len(classes)} classes leave {len(classes) - n} for training "
+                         f"after {n} for {what}; expected at least 2 (add classes or lower data.{key})")
+    return rng.permutation(classes)[:n]
+
+
+def split_by_class(index: Index, given: bool, p: DataParams) -> Index:
+    """Whole classes to train / val / test, drawn with data.split_seed: without a given split data.test_fraction of
+    the classes go to test; then data.val_fraction of the training classes go to val (also with a given split
+    that has no val)."""
+    rng = np.random.default_rng(p.split_seed)
+    splits = index.splits.copy()
+    if not given:
+        splits[:] = "train"
+        test = _draw_classes(np.unique(index.labels), p.test_fraction, rng, "testing", "test_fraction")
+        splits[np.isin(index.labels, test)] = "test"
+    if p.val_fraction > 0 and not (splits == "val").any():
+        train = splits == "train"
+        val = _draw_classes(np.unique(index.labels[train]), p.val_fraction, rng, "validation", "val_fraction")
+        splits[train & np.isin(index.labels, val)] = "val"
+    return Index(index.items, index.labels, splits, index.super_labels)

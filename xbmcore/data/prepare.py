@@ -1,13 +1,18 @@
-"""prepare_dataset: make data/prepared/<name>/ (index + meta, and the array for the embedded set); open_splits.
+"""prepare_dataset: make data/prepared/<name>/ (index + meta, and the array for the embedded set or the
+decoded-image cache for a real one); open_splits.
 
 Idempotent: the meta file records the recipe the folder was made from (the parameters that shape its content,
-and for real datasets the size and mtime of the annotation files). When the recipe matches and the files hash to
-what the meta file says, nothing is redone.
+and for real datasets the size and mtime of the annotation files and of every listed image). When the recipe
+matches and the files hash to what the meta file says, nothing is redone. A rebuild deletes meta.json first, so
+a build killed at any point leaves a folder that does not pass for complete.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +23,18 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from xbmcore.config import DataParams
-from xbmcore.data import synthetic
+from xbmcore.data import layouts, synthetic
+from xbmcore.data.cache import CACHE_DIR, PIXELS_FILE, SHAPES_FILE, ImageCache, build_cache
 from xbmcore.data.dataset import ImageDataset
-from xbmcore.data.index import (ARRAY_FILE, FORMAT_VERSION, INDEX_FILE, Index, atomic_path, carve_val, read_index,
-                                read_meta, sha256_file, write_index, write_meta)
+from xbmcore.data.index import (ARRAY_FILE, FORMAT_VERSION, INDEX_FILE, META_FILE, Index, atomic_path, carve_val,
+                                read_index, read_meta, sha256_file, write_index, write_meta)
 from xbmcore.data.sources import ensure_raw, get_source
 
 log = logging.getLogger(__name__)
+
+# The layouts of one's own images; data.root is the folder or the CSV file itself.
+OWN_LAYOUTS = {"folder": layouts.parse_folder, "csv": layouts.parse_csv}
+CLASSES_FILE = "classes.csv"  # label,name of the own layouts: results and the GUI can name the classes
 
 
 @dataclass
@@ -38,19 +48,37 @@ class Splits:
     gallery: ImageDataset | None = None
     name: str = ""
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
+    class_names: list[str] | None = None  # name of class id k (own layouts), None where ids are the dataset's own
 
 
-def _recipe(p: DataParams, annotations: list[Path] | None = None, image_root: Path | None = None) -> dict:
+def _recipe(p: DataParams, annotations: list[Path] | None = None, image_root: Path | None = None,
+            items: np.ndarray | None = None) -> dict:
     r: dict[str, Any] = {"format_version": FORMAT_VERSION, "name": p.name, "val_fraction": p.val_fraction}
     if p.name == "synthetic":
         r["synthetic"] = p.synthetic.model_dump()
     else:
         r["skip_corrupt"] = p.skip_corrupt
+        r["cache_size"] = p.cache_size
         r["image_root"] = str(image_root)
         r["annotations"] = [[str(a), a.stat().st_size, a.stat().st_mtime_ns] for a in annotations or []]
+        r["images"] = _listing_digest(image_root, items)
         if p.name == "vehicleid":
             r["vehicleid_test"] = p.vehicleid_test
+        if p.name in OWN_LAYOUTS:
+            r["test_fraction"], r["split_seed"] = p.test_fraction, p.split_seed
     return r
+
+
+def _listing_digest(image_root: Path, items: np.ndarray) -> str:
+    """Hash of every listed image's path, size and mtime: an image replaced in place rebuilds the cache."""
+    h = hashlib.sha256()
+    for rel in items:
+        try:
+            st = os.stat(image_root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel}\0missing\n".encode())
+    return h.hexdigest()
 
 
 def _is_prepared(out: Path, recipe: dict) -> bool:
@@ -64,14 +92,21 @@ def _is_prepared(out: Path, recipe: dict) -> bool:
         if not (out / name).is_file() or sha256_file(out / name) != digest:
             log.warning("%s: %s does not match its recorded hash; preparing again", out, name)
             return False
+    # The cache's pixels (GBs) are checked by size and mtime; the table that describes them by its hash.
+    for name, (size, mtime) in meta.get("stat", {}).items():
+        st = (out / name).stat() if (out / name).is_file() else None
+        if st is None or (st.st_size, st.st_mtime_ns) != (size, mtime):
+            log.warning("%s: %s is not the file that was built; preparing again", out, name)
+            return False
     return True
 
 
-def _finish(out: Path, p: DataParams, index: Index, recipe: dict, extra: dict[str, Any]) -> None:
+def _finish(out: Path, p: DataParams, index: Index, recipe: dict, extra: dict[str, Any], files: list[str],
+            stat: list[str] = ()) -> None:
     write_index(out, index)
-    files = [INDEX_FILE] + ([ARRAY_FILE] if extra.get("storage") == "array" else [])
     meta = {"format_version": FORMAT_VERSION, "dataset": p.name, "recipe": recipe, "counts": index.counts(),
-            "num_images": len(index), "sha256": {f: sha256_file(out / f) for f in files}, **extra}
+            "num_images": len(index), "sha256": {f: sha256_file(out / f) for f in [INDEX_FILE, *files]},
+            "stat": {f: [(out / f).stat().st_size, (out / f).stat().st_mtime_ns] for f in stat}, **extra}
     write_meta(out, meta)  # last: its presence marks the folder complete
 
 
@@ -91,15 +126,20 @@ def _prepare_synthetic(out: Path, p: DataParams, recipe: dict) -> None:
     index = carve_val(Index(np.arange(len(data.labels), dtype=np.int64), data.labels, splits, data.super_labels),
                       p.val_fraction)
     # No timing in meta.json: the folder must be byte-identical for the same params (DVC hashes it).
-    _finish(out, p, index, recipe, {"storage": "array", "array": ARRAY_FILE, "image_size": sp.image_size})
+    _finish(out, p, index, recipe, {"storage": "array", "array": ARRAY_FILE, "image_size": sp.image_size},
+            [ARRAY_FILE])
     log.info("synthetic: generated %d images of %d classes in %.1f s", len(index), sp.num_classes, seconds)
+
+
+def _listing(bad: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{f} ({why})" for f, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
 
 
 def _check_images(index: Index, image_root: Path, p: DataParams, progress: bool) -> Index:
     """Every listed image must exist and have a readable header; with skip_corrupt the bad ones are dropped.
 
-    Only the header is parsed (about 0.1 ms per file); an image whose pixel data is damaged is caught when it is
-    decoded, by ImageDataset.
+    Only the header is parsed (about 0.1 ms per file), so a missing file or a non-image stops preparation before
+    the long decode; an image whose pixel data is damaged is caught when the cache is built.
     """
     bad: list[tuple[str, str]] = []
     for rel in tqdm(index.items, desc=f"{p.name}: checking images", unit="img", disable=not progress, leave=False):
@@ -113,7 +153,7 @@ def _check_images(index: Index, image_root: Path, p: DataParams, progress: bool)
             bad.append((str(path), f"corrupt: {err}"))
     if not bad:
         return index
-    listing = "; ".join(f"{f} ({why})" for f, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    listing = _listing(bad)
     if not p.skip_corrupt:
         raise ValueError(f"{len(bad)} of {len(index)} listed images cannot be read: {listing}. Restore them, or set "
                          f"data.skip_corrupt: true to leave them out")
@@ -122,15 +162,76 @@ def _check_images(index: Index, image_root: Path, p: DataParams, progress: bool)
     return index.select(np.array([str(image_root / rel) not in drop for rel in index.items]))
 
 
-def _prepare_real(out: Path, p: DataParams, folder: Path, index: Index, recipe: dict, progress: bool) -> None:
-    src = get_source(p.name)
-    image_root = src.image_root(folder)
-    index = carve_val(_check_images(index, image_root, p, progress), p.val_fraction)
+def _drop_unretrievable(index: Index) -> Index:
+    """Leave out the queries that can never be retrieved: a class with one image in a split searched against
+    itself (val, test), and a query whose class has no gallery image."""
+    keep = np.ones(len(index), dtype=bool)
+    for split in ("val", "test"):
+        m = index.splits == split
+        classes, counts = np.unique(index.labels[m], return_counts=True)
+        lone = m & np.isin(index.labels, classes[counts == 1])
+        if lone.any():
+            log.warning("%s: %d classes with a single image left out (as a query it can never be retrieved)",
+                        split, int(lone.sum()))
+        keep &= ~lone
+    query = index.splits == "query"
+    orphan = query & ~np.isin(index.labels, index.labels[index.splits == "gallery"])
+    if orphan.any():
+        log.warning("query: %d images of %d classes without a gallery image left out (they can never be retrieved)",
+                    int(orphan.sum()), len(np.unique(index.labels[orphan])))
+    index = index.select(keep & ~orphan)
+    found = set(index.splits.tolist())
+    if "test" not in found and not {"query", "gallery"} <= found:
+        raise ValueError(f"no test images left: expected a test split, or query and gallery splits, whose classes "
+                         f"have at least two images (splits now: {index.counts()})")
+    return index
+
+
+def _write_classes(out: Path, names: list[str]) -> None:
+    with atomic_path(out / CLASSES_FILE) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(("label", "name"))
+            w.writerows(enumerate(names))
+
+
+def read_classes(folder: Path) -> list[str]:
+    with open(folder / CLASSES_FILE, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != ["label", "name"] or [r[0] for r in rows[1:]] != [str(k) for k in range(len(rows) - 1)]:
+        raise ValueError(f"{folder / CLASSES_FILE}: expected the header label,name and labels 0, 1, ...; prepare it "
+                         f"again")
+    return [r[1] for r in rows[1:]]
+
+
+def _prepare_real(out: Path, p: DataParams, index: Index, image_root: Path, class_names: list[str] | None,
+                  recipe: dict, progress: bool) -> None:
+    t0 = time.perf_counter()
+    index = _drop_unretrievable(_check_images(index, image_root, p, progress))
+    failed = build_cache(out, [image_root / rel for rel in index.items], p.cache_size, p.cache_workers, progress)
+    if failed:
+        bad = [(str(image_root / index.items[k]), f"cannot decode: {why}") for k, why in failed]
+        if not p.skip_corrupt:
+            shutil.rmtree(out / CACHE_DIR)  # incomplete; no meta.json marks it valid anyway
+            raise ValueError(f"{len(bad)} of {len(index)} listed images cannot be decoded: {_listing(bad)}. Restore "
+                             f"them, or set data.skip_corrupt: true to leave them out")
+        log.warning("skipped %d of %d listed images that cannot be decoded: %s", len(bad), len(index), _listing(bad))
+        keep = np.ones(len(index), dtype=bool)
+        keep[[k for k, _ in failed]] = False
+        index = index.select(keep)
+    files = [f"{CACHE_DIR}/{SHAPES_FILE}"]
+    if class_names is not None:
+        _write_classes(out, class_names)
+        files.append(CLASSES_FILE)
     # A relative data.root is stored relative to the prepared folder, so the project can move as a whole; an
     # absolute one (a shared dataset folder) stays absolute.
     root_ref = str(image_root.resolve()) if Path(p.root).is_absolute() else os.path.relpath(image_root, out)
-    _finish(out, p, index, recipe, {"storage": "files", "image_root": root_ref, "source_folder": str(folder)})
-    log.info("%s: indexed %d images from %s", p.name, len(index), folder)
+    cache_bytes = (out / CACHE_DIR / PIXELS_FILE).stat().st_size
+    _finish(out, p, index, recipe, {"storage": "cache", "cache": CACHE_DIR, "cache_size": p.cache_size,
+                                    "cache_bytes": cache_bytes, "image_root": root_ref},
+            files, stat=[f"{CACHE_DIR}/{PIXELS_FILE}"])
+    log.info("%s: %d images from %s decoded into a %.1f GB cache in %.0f s", p.name, len(index), image_root,
+             cache_bytes / 1e9, time.perf_counter() - t0)
 
 
 def prepare_dataset(p: DataParams, project_root: Path, progress: bool = True) -> Path:
@@ -145,15 +246,24 @@ def prepare_dataset(p: DataParams, project_root: Path, progress: bool = True) ->
         out.mkdir(parents=True, exist_ok=True)
         _prepare_synthetic(out, p, recipe)
         return out
-    src = get_source(p.name)
-    folder = ensure_raw(src, project_root / p.root, p.download, progress)
-    index, annotations = src.parse(folder, p)
-    recipe = _recipe(p, annotations, src.image_root(folder).resolve())
+    class_names = None
+    if p.name in OWN_LAYOUTS:
+        own = OWN_LAYOUTS[p.name](project_root / p.root, p)
+        index = layouts.split_by_class(own.index, own.given_split, p)
+        image_root, annotations, class_names = own.image_root, own.annotations, own.class_names
+    else:
+        src = get_source(p.name)
+        folder = ensure_raw(src, project_root / p.root, p.download, progress)
+        index, annotations = src.parse(folder, p)
+        image_root = src.image_root(folder)
+        index = carve_val(index, p.val_fraction)
+    recipe = _recipe(p, annotations, image_root.resolve(), index.items)
     if _is_prepared(out, recipe):
         log.info("%s: %s is up to date (verified)", p.name, out)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    _prepare_real(out, p, folder, index, recipe, progress)
+    (out / META_FILE).unlink(missing_ok=True)  # from here until the new one is written, the folder is incomplete
+    _prepare_real(out, p, index, image_root, class_names, recipe, progress)
     return out
 
 
@@ -171,7 +281,13 @@ def open_splits(prepared_dir: Path, p: DataParams) -> Splits:
             raise ValueError(f"{prepared_dir}: {meta['array']} has {len(images)} images, the index lists "
                              f"{len(index)}; prepare it again")
     else:
-        image_root = (prepared_dir / meta["image_root"]).resolve()
+        cache = ImageCache(prepared_dir / meta["cache"])  # row k of the cache is row k of the index
+        if len(cache) != len(index):
+            raise ValueError(f"{prepared_dir}: the cache has {len(cache)} images, the index lists {len(index)}; "
+                             f"prepare it again")
+        if meta["cache_size"] != p.cache_size:
+            raise ValueError(f"{prepared_dir}: the cache was built at data.cache_size {meta['cache_size']}, but "
+                             f"data.cache_size is {p.cache_size}; prepare it again (python -m pipeline.download)")
     sets: dict[str, ImageDataset] = {}
     for split in ("train", "val", "test", "query", "gallery"):
         m = index.splits == split
@@ -182,8 +298,9 @@ def open_splits(prepared_dir: Path, p: DataParams) -> Splits:
         if array_backed:
             sets[split] = ImageDataset.from_array(images, sub.items, sub.labels, p, train, split, sub.super_labels)
         else:
-            sets[split] = ImageDataset.from_files([image_root / rel for rel in sub.items], sub.labels, p, train,
-                                                  split, sub.super_labels)
+            sets[split] = ImageDataset.from_cache(cache, np.flatnonzero(m), sub.labels, p, train, split,
+                                                  sub.super_labels)
     if "train" not in sets:
         raise ValueError(f"{prepared_dir}: the index has no train split")
-    return Splits(name=p.name, meta=meta, **sets)
+    names = read_classes(prepared_dir) if (prepared_dir / CLASSES_FILE).is_file() else None
+    return Splits(name=p.name, meta=meta, class_names=names, **sets)

@@ -42,34 +42,32 @@ def pil_transform(p: DataParams, train: bool) -> v2.Compose:
     return v2.Compose([*geometric, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+def crop_boxes(n: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: tuple[float, float],
                ratio: tuple[float, float] = RATIO, attempts: int = 10) -> torch.Tensor:
     """RandomResizedCrop's box sampling, vectorised: n x 4 (top, left, h, w) in pixels.
 
     Like torchvision: up to `attempts` draws of an area fraction in `scale` and a log-uniform aspect ratio in
     `ratio`; the first draw that fits is used; images with none fall back to the largest centred box whose
-    aspect ratio lies within `ratio`.
+    aspect ratio lies within `ratio`. `height` and `width` are one size for all n images, or one per image (n).
     """
-    area = height * width
-    target = area * torch.empty(n, attempts).uniform_(*scale)
+    H = torch.as_tensor(height, dtype=torch.float32).expand(n)  # n
+    W = torch.as_tensor(width, dtype=torch.float32).expand(n)
+    target = (H * W)[:, None] * torch.empty(n, attempts).uniform_(*scale)  # n x attempts
     ar = torch.exp(torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1])))
     w = torch.round(torch.sqrt(target * ar))
     h = torch.round(torch.sqrt(target / ar))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
     first = ok.to(torch.uint8).argmax(1)  # first fitting attempt (0 when none fits; overwritten below)
     rows = torch.arange(n)
     w, h, found = w[rows, first], h[rows, first], ok.any(1)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    w = torch.where(found, w, torch.tensor(float(fw)))
-    h = torch.where(found, h, torch.tensor(float(fh)))
-    top = torch.where(found, torch.floor(torch.rand(n) * (height - h + 1)), torch.tensor(float((height - fh) // 2)))
-    left = torch.where(found, torch.floor(torch.rand(n) * (width - w + 1)), torch.tensor(float((width - fw) // 2)))
+    # Fallback: the whole image, narrowed to the nearest aspect ratio within `ratio`.
+    in_ratio = W / H
+    fw = torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W)
+    fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
+    top = torch.where(found, torch.floor(torch.rand(n) * (H - h + 1)), torch.div(H - fh, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(torch.rand(n) * (W - w + 1)), torch.div(W - fw, 2, rounding_mode="floor"))
     return torch.stack([top, left, h, w], 1)
 
 

@@ -1,0 +1,124 @@
+"""A batch of cached images as the loader hands it over (uint8, each its own size), and the one call that moves
+it to the training device and turns it into the network's input there.
+
+    ImageBatch       pixels of B images back to back (uint8), their sizes, labels, dataset indices, the view
+    to_device(batch, device) -> (images B x 3 x S x S float normalised, labels B, indices B), all on `device`
+
+Loader workers only copy bytes out of the memory-mapped cache; the crop, resize, flip and normalisation run on
+the device that trains, so on a GPU they cost the CPU nothing. Crop boxes and flips are drawn from the global
+torch RNG of the process that calls `to_device`, the stream a checkpoint restores, so a resumed run draws the
+same augmentations whatever the number of loader workers.
+
+The resize is torch's bilinear interpolation with antialiasing, the filter PIL applies (uint8 on the CPU, where
+torch has PIL's SIMD kernel; float32 on a GPU, which has no uint8 kernel). Within 2 grey levels of PIL's resize
+of the same crop (tests/xbmcore/test_data_cache.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data._utils.collate import default_collate
+
+from xbmcore.config import DataParams
+from xbmcore.data.transforms import MEAN, STD, _check_sizes, crop_boxes
+
+
+@dataclass(frozen=True)
+class View:
+    """How a split is shown to the network: train = random resized crop + flip, else resize + centre crop."""
+
+    train: bool
+    train_size: int
+    scale: tuple[float, float]
+    test_resize: int
+    test_size: int
+
+    @classmethod
+    def of(cls, p: DataParams, train: bool) -> "View":
+        _check_sizes(p)
+        return cls(train, p.train_size, tuple(p.train_crop_scale), p.test_resize, p.test_size)
+
+    @property
+    def size(self) -> int:
+        return self.train_size if self.train else self.test_size
+
+
+@dataclass
+class ImageBatch:
+    pixels: torch.Tensor  # uint8, image k is 3 x h_k x w_k starting at sum of the previous 3 h w
+    shapes: torch.Tensor  # B x 2 int64 (h, w)
+    labels: torch.Tensor  # B int64
+    indices: torch.Tensor  # B int64, positions in the split
+    view: View
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pin_memory(self) -> "ImageBatch":
+        """Called by DataLoader(pin_memory=True): page-locked pixels copy to a GPU asynchronously."""
+        return replace(self, pixels=self.pixels.pin_memory(), labels=self.labels.pin_memory(),
+                       indices=self.indices.pin_memory())
+
+    def images(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """B x 3 x S x S float32 on `device`, normalised with the ImageNet statistics."""
+        device = torch.device(device)
+        B, v, S = len(self), self.view, self.view.size
+        hw = self.shapes.tolist()
+        if v.train:
+            boxes = crop_boxes(B, self.shapes[:, 0], self.shapes[:, 1], v.scale).long().tolist()  # top, left, h, w
+            flips = (torch.rand(B) < 0.5).tolist()
+        else:
+            boxes, flips = [None] * B, [False] * B
+        flat = self.pixels.to(device, non_blocking=True)
+        work = torch.uint8 if device.type == "cpu" else torch.float32
+        out = torch.empty(B, 3, S, S, dtype=work, device=device)
+        start = 0
+        for k, ((h, w), box, flip) in enumerate(zip(hw, boxes, flips)):
+            img = flat[start:start + 3 * h * w].view(1, 3, h, w)
+            start += 3 * h * w
+            if box is None:  # test view: shorter side to test_resize, then the centre crop
+                if min(h, w) != v.test_resize:
+                    h, w = (v.test_resize, int(v.test_resize * w / h)) if h <= w else \
+                        (int(v.test_resize * h / w), v.test_resize)
+                    img = _resize(img.to(work), h, w)
+                top, left = int(round((h - S) / 2.0)), int(round((w - S) / 2.0))
+                box = (top, left, S, S)
+            top, left, bh, bw = box
+            img = img[:, :, top:top + bh, left:left + bw]
+            if (bh, bw) != (S, S):
+                img = _resize(img.to(work), S, S)
+            out[k] = img[0].flip(-1) if flip else img[0]
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        return out.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+
+
+def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+
+
+def collate(batch):
+    """DataLoader collate_fn: a dataset's __getitems__ may hand over an ImageBatch or collated (images, labels,
+    indices) already; a list of samples is stacked."""
+    if isinstance(batch, ImageBatch):
+        return batch
+    if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[0], torch.Tensor) \
+            and batch[0].dim() == 4:
+        return batch
+    return default_collate(batch)
+
+
+def to_device(batch, device: torch.device | str,
+              memory_format: torch.memory_format = torch.contiguous_format
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, indices) on `device`; an ImageBatch is cropped, resized, flipped and normalised there."""
+    if isinstance(batch, ImageBatch):
+        imgs, labels, idx = batch.images(device), batch.labels, batch.indices
+    else:
+        imgs, labels, idx = batch
+    imgs = imgs.to(device, non_blocking=True, memory_format=memory_format)  # B x 3 x S x S
+    labels = torch.as_tensor(labels).to(device, non_blocking=True)  # B
+    idx = torch.as_tensor(idx).to(device, non_blocking=True)  # B, dataset indices
+    return imgs, labels, idx
