@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch.utils.data import DataLoader, Dataset
 
-from xbmcore.data.batch import collate, to_device
+from xbmcore.data.batch import collate_for, to_device
 
 # Result buffers of one search call (distances float32 + ids int64 per neighbour) stay under this many bytes,
 # so 100k x 512 queries with k ~ 1000 neighbours fit in a few GB.
@@ -41,7 +41,7 @@ def compute_embeddings(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate)
+                        collate_fn=collate_for(device))
     was_training = model.training
     model.eval()
     feats, labels = [], []

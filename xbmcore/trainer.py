@@ -34,7 +34,7 @@ from xbmcore.checkpoint import (
     set_rng_state,
 )
 from xbmcore.config import Params
-from xbmcore.data.batch import collate, to_device
+from xbmcore.data.batch import collate_for, to_device
 from xbmcore.evaluate import compute_embeddings, evaluate_model
 from xbmcore.events import make_event
 from xbmcore.losses import XBMObjective, build_loss
@@ -316,8 +316,9 @@ class Trainer:
         # Own generator for the workers' base seed: creating the iterator must not draw from the global RNG,
         # whose state a checkpoint restores.
         gen = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step)
-        loader = DataLoader(self.splits.train, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
-                            pin_memory=self.cuda, persistent_workers=False, generator=gen)
+        loader = DataLoader(self.splits.train, batch_sampler=self.sampler, num_workers=nw,
+                            collate_fn=collate_for(self.device), pin_memory=self.cuda, persistent_workers=False,
+                            generator=gen)
         return iter(loader)
 
     def _autocast(self):

@@ -4,10 +4,11 @@ it to the training device and turns it into the network's input there.
     ImageBatch       pixels of B images back to back (uint8), their sizes, labels, dataset indices, the view
     to_device(batch, device) -> (images B x 3 x S x S float normalised, labels B, indices B), all on `device`
 
-Loader workers only copy bytes out of the memory-mapped cache; the crop, resize, flip and normalisation run on
-the device that trains, so on a GPU they cost the CPU nothing. Crop boxes and flips are drawn from the global
-torch RNG of the process that calls `to_device`, the stream a checkpoint restores, so a resumed run draws the
-same augmentations whatever the number of loader workers.
+The crop, resize, flip and normalisation run on the device that trains. For a GPU, loader workers only copy
+bytes out of the memory-mapped cache and `to_device` augments on the GPU, which costs the CPU nothing. For a
+CPU, the loader workers augment (collate_for), in parallel beside the training process; with no workers that is
+the training process itself, and the crop boxes and flips come from the global torch RNG that a checkpoint
+restores.
 
 The resize is torch's bilinear interpolation with antialiasing, the filter PIL applies (uint8 on the CPU, where
 torch has PIL's SIMD kernel; float32 on a GPU, which has no uint8 kernel). Within 2 grey levels of PIL's resize
@@ -15,10 +16,13 @@ of the same crop (tests/xbmcore/test_data_cache.py).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from xbmcore.config import DataParams
@@ -73,7 +77,15 @@ class ImageBatch:
             boxes, flips = [None] * B, [False] * B
         flat = self.pixels.to(device, non_blocking=True)
         work = torch.uint8 if device.type == "cpu" else torch.float32
-        out = torch.empty(B, 3, S, S, dtype=work, device=device)
+        if device.type == "cpu" and get_worker_info() is not None:
+            # In a loader worker: write straight into shared memory, which the batch crosses to the trainer in
+            # (as default_collate does), instead of a copy there.
+            out = torch.empty(0).new(torch.empty(0)._typed_storage()._new_shared(B * 3 * S * S)).view(B, 3, S, S)
+        else:
+            out = torch.empty(B, 3, S, S, device=device)
+        # (x / 255 - mean) / std as x * mul - sub, per image while it is in the cache.
+        std = torch.tensor(STD, device=device).view(3, 1, 1)
+        mul, sub = 1.0 / (255.0 * std), torch.tensor(MEAN, device=device).view(3, 1, 1) / std
         start = 0
         for k, ((h, w), box, flip) in enumerate(zip(hw, boxes, flips)):
             img = flat[start:start + 3 * h * w].view(1, 3, h, w)
@@ -89,21 +101,25 @@ class ImageBatch:
             img = img[:, :, top:top + bh, left:left + bw]
             if (bh, bw) != (S, S):
                 img = _resize(img.to(work), S, S)
-            out[k] = img[0].flip(-1) if flip else img[0]
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        return out.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+            out[k].copy_(img[0].flip(-1) if flip else img[0]).mul_(mul).sub_(sub)
+        return out
 
 
 def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
 
 
-def collate(batch):
-    """DataLoader collate_fn: a dataset's __getitems__ may hand over an ImageBatch or collated (images, labels,
-    indices) already; a list of samples is stacked."""
+def collate_for(device: torch.device | str) -> Callable:
+    """DataLoader collate_fn for a model on `device`. A dataset's __getitems__ may hand over an ImageBatch, or
+    collated (images, labels, indices) already; a list of samples is stacked. For a CPU model an ImageBatch is
+    augmented here, in the loader workers (in parallel, beside the training process); for a GPU it stays raw and
+    to_device augments it on the GPU."""
+    return functools.partial(_collate, augment=torch.device(device).type == "cpu")
+
+
+def _collate(batch, augment: bool):
     if isinstance(batch, ImageBatch):
-        return batch
+        return (batch.images("cpu"), batch.labels, batch.indices) if augment else batch
     if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[0], torch.Tensor) \
             and batch[0].dim() == 4:
         return batch
