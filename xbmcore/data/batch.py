@@ -11,7 +11,7 @@ the training process itself, and the crop boxes and flips come from the global t
 restores.
 
 The resize is torch's bilinear interpolation with antialiasing, the filter PIL applies (uint8 on the CPU, where
-torch has PIL's SIMD kernel; float32 on a GPU, which has no uint8 kernel). Within 2 grey levels of PIL's resize
+torch has PIL's SIMD kernel; float32 on a GPU, which has no uint8 kernel). Within 1 grey level of PIL's resize
 of the same crop (tests/xbmcore/test_data_cache.py).
 """
 from __future__ import annotations
