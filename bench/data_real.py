@@ -1,6 +1,6 @@
 """Benchmark of real-image loading: the per-image PIL path against the decoded-image cache, printed as JSON.
 
-Usage: python -m bench.data_real [--classes 200 --per-class 10] [--batches 60] [--device cpu|cuda]
+Usage: python -m bench.data_real [--classes 200 --per-class 10] [--batches 100] [--device cpu|cuda]
 
 Generates classes x per-class photo-like JPEGs (500 x 400, quality 90: smooth gradients, shaded shapes, edges
 and mild sensor noise, which a JPEG codec finds as costly as a photograph) as a `folder` dataset in a temporary
@@ -171,7 +171,7 @@ class JpegCache(torch.utils.data.Dataset):
             one = ds.__getitems__([i])
             raw, (h, w) = one.pixels.numpy(), one.shapes[0].tolist()
             buf = io.BytesIO()
-            Image.fromarray(raw.reshape(3, h, w).transpose(1, 2, 0)).save(buf, format="JPEG", quality=quality)
+            Image.fromarray(raw.reshape(h, w, 3)).save(buf, format="JPEG", quality=quality)
             self.blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
 
     def __len__(self) -> int:
@@ -185,8 +185,8 @@ class JpegCache(torch.utils.data.Dataset):
         imgs = decode_jpeg([torch.from_numpy(self.blobs[i].copy()) for i in indices])  # list of 3 x h x w
         hw = torch.tensor([im.shape[1:] for im in imgs], dtype=torch.int64)
         idx = torch.as_tensor(indices)
-        return ImageBatch(torch.cat([im.reshape(-1) for im in imgs]), hw, torch.from_numpy(self.ds.labels[indices]),
-                          idx, self.ds._view[True])
+        pixels = torch.cat([im.permute(1, 2, 0).reshape(-1) for im in imgs])  # h x w x 3 each, as the cache
+        return ImageBatch(pixels, hw, torch.from_numpy(self.ds.labels[indices]), idx, self.ds._view[True])
 
 
 def cached_rate(ds, batch: int, batches: int, workers: int, device: torch.device) -> float:
@@ -204,10 +204,11 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=200)
     ap.add_argument("--per-class", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=60, help="timed batches per path (after one warm-up batch)")
+    ap.add_argument("--batches", type=int, default=100, help="timed batches per path (after one warm-up batch)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="PIL path's loader workers (default: cores)")
-    ap.add_argument("--cache-workers", type=int, default=1, help="cache path's loader workers")
+    ap.add_argument("--cache-workers", type=int, default=os.cpu_count(),
+                    help="cache paths' loader workers (default: cores; on a CPU they also augment)")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

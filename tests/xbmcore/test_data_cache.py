@@ -35,8 +35,8 @@ def photo(path: Path, size=(120, 96), seed=0, **save) -> Path:
     return path
 
 
-def chw(im: Image.Image) -> np.ndarray:
-    return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+def hwc(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("RGB"))
 
 
 def to_grey_levels(x: torch.Tensor) -> np.ndarray:
@@ -62,8 +62,8 @@ def test_cached_pixels_are_torchvision_resize_of_the_original(tmp_path, size):
     path = photo(tmp_path / "a.jpg", size)
     got = decode_image(path, 48)
     with Image.open(path) as im:
-        want = chw(v2.Resize(48)(im.convert("RGB")))  # what torchvision users apply before the crop
-    assert got.dtype == np.uint8 and min(got.shape[1:]) == 48
+        want = hwc(v2.Resize(48)(im.convert("RGB")))  # what torchvision users apply before the crop
+    assert got.dtype == np.uint8 and min(got.shape[:2]) == 48 and got.shape[2] == 3
     np.testing.assert_array_equal(got, want)
 
 
@@ -71,8 +71,8 @@ def test_large_jpeg_is_decoded_at_a_reduced_scale_within_tolerance(tmp_path):
     path = photo(tmp_path / "big.jpg", (1000, 800))
     got = decode_image(path, 128).astype(int)  # 800 >= 4 x 128: DCT-domain downscale to >= 256 first
     with Image.open(path) as im:
-        want = chw(v2.Resize(128)(im.convert("RGB"))).astype(int)
-    assert got.shape == want.shape == (3, 128, 160)
+        want = hwc(v2.Resize(128)(im.convert("RGB"))).astype(int)
+    assert got.shape == want.shape == (128, 160, 3)
     diff = np.abs(got - want)
     # Tolerance of the draft decode: the 2x oversampled intermediate keeps the result within a few grey levels.
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 6, (diff.mean(), np.percentile(diff, 99))
@@ -82,25 +82,25 @@ def test_image_modes_become_8_bit_rgb(tmp_path):
     rgb = render_photo(np.random.default_rng(1), size=(40, 32))
     grey = rgb.convert("L")
     grey.save(tmp_path / "grey.png")
-    np.testing.assert_array_equal(decode_image(tmp_path / "grey.png", 32), np.stack([np.asarray(grey)] * 3))
+    np.testing.assert_array_equal(decode_image(tmp_path / "grey.png", 32), np.stack([np.asarray(grey)] * 3, -1))
     pal = rgb.convert("P", palette=Image.ADAPTIVE, colors=64)
     pal.save(tmp_path / "palette.png")
-    np.testing.assert_array_equal(decode_image(tmp_path / "palette.png", 32), chw(pal.convert("RGB")))
+    np.testing.assert_array_equal(decode_image(tmp_path / "palette.png", 32), hwc(pal.convert("RGB")))
     rgb.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
     with Image.open(tmp_path / "cmyk.jpg") as im:
         assert im.mode == "CMYK"
-        np.testing.assert_array_equal(decode_image(tmp_path / "cmyk.jpg", 32), chw(im.convert("RGB")))
+        np.testing.assert_array_equal(decode_image(tmp_path / "cmyk.jpg", 32), hwc(im.convert("RGB")))
     # 16-bit grayscale: the top 8 bits (a plain convert would clip everything above 255 to white).
     ramp = (np.arange(40 * 32, dtype=np.uint32).reshape(32, 40) * 51).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
-    np.testing.assert_array_equal(decode_image(tmp_path / "deep.png", 32), np.stack([ramp >> 8] * 3).astype(np.uint8))
+    np.testing.assert_array_equal(decode_image(tmp_path / "deep.png", 32), np.stack([ramp >> 8] * 3, -1).astype(np.uint8))
     # Alpha: composited on white; fully transparent pixels become white whatever colour they hold.
     rgba = np.zeros((32, 40, 4), np.uint8)
     rgba[..., :3] = (200, 10, 10)
     rgba[:, :20, 3] = 255  # left half opaque red, right half transparent
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
     out = decode_image(tmp_path / "alpha.png", 32)
-    assert (out[:, :, :20] == np.array([200, 10, 10])[:, None, None]).all() and (out[:, :, 20:] == 255).all()
+    assert (out[:, :20] == np.array([200, 10, 10])).all() and (out[:, 20:] == 255).all()
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -109,9 +109,9 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise: portrait
     im.save(tmp_path / "rot.jpg", quality=95, exif=exif)
     got = decode_image(tmp_path / "rot.jpg", 40)
-    assert got.shape == (3, 60, 40)
+    assert got.shape == (60, 40, 3)
     with Image.open(tmp_path / "rot.jpg") as f:
-        want = chw(f.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+        want = hwc(f.convert("RGB").transpose(Image.Transpose.ROTATE_270))
     np.testing.assert_array_equal(got, want)
 
 
@@ -154,12 +154,12 @@ def test_train_view_is_pils_resized_crop_and_flip_within_one_grey_level(tmp_path
     assert 0 < int(flips.sum()) < len(batch)
     worst = 0.0
     for k, row in enumerate(s.train._rows):
-        cached = Image.fromarray(cache.image(int(row)).transpose(1, 2, 0))
+        cached = Image.fromarray(cache.image(int(row)))
         top, left, h, w = boxes[k].tolist()
         want = TF.resized_crop(cached, top, left, h, w, [32, 32], antialias=True)  # PIL's filter
         if flips[k]:
             want = TF.horizontal_flip(want)
-        diff = np.abs(to_grey_levels(imgs[k]) - chw(want).astype(np.float64))
+        diff = np.abs(to_grey_levels(imgs[k]) - hwc(want).transpose(2, 0, 1).astype(np.float64))
         worst = max(worst, float(diff.max()))
     assert worst <= 1.0 + 1e-3, worst  # torch's antialiased bilinear rounds within one grey level of PIL's
 

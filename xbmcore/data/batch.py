@@ -51,7 +51,7 @@ class View:
 
 @dataclass
 class ImageBatch:
-    pixels: torch.Tensor  # uint8, image k is 3 x h_k x w_k starting at sum of the previous 3 h w
+    pixels: torch.Tensor  # uint8, image k is h_k x w_k x 3 starting at sum of the previous 3 h w
     shapes: torch.Tensor  # B x 2 int64 (h, w)
     labels: torch.Tensor  # B int64
     indices: torch.Tensor  # B int64, positions in the split
@@ -88,7 +88,7 @@ class ImageBatch:
         mul, sub = 1.0 / (255.0 * std), torch.tensor(MEAN, device=device).view(3, 1, 1) / std
         start = 0
         for k, ((h, w), box, flip) in enumerate(zip(hw, boxes, flips)):
-            img = flat[start:start + 3 * h * w].view(1, 3, h, w)
+            img = flat[start:start + 3 * h * w].view(1, h, w, 3).permute(0, 3, 1, 2)  # 1 x 3 x h x w channels-last
             start += 3 * h * w
             if box is None:  # test view: shorter side to test_resize, then the centre crop
                 if min(h, w) != v.test_resize:
