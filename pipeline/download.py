@@ -1,9 +1,11 @@
 """DVC stage `download`: generate, fetch or parse the dataset named by data.name into data.prepared/<name>.
 
 Usage: python -m pipeline.download [--params params.yaml] [-S data.name=cub ...]
+       python -m pipeline.download -S data.name=folder -S data.root=/path/to/images
 
-Paths in the params are relative to the params file's folder (the project root). A dataset already prepared with
-the same parameters is verified, not made again. Exit status: 0 done, 2 bad params, 1 any other error (the
+Paths in the params are relative to the params file's folder (the project root). A real dataset's images are
+decoded once into the prepared folder's cache, which training and evaluation read. A dataset already prepared
+with the same parameters (and unchanged images) is verified, not made again. Exit status: 0 done, 2 bad params, 1 any other error (the
 message names the file, line or address at fault).
 """
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"download failed: {err}", file=sys.stderr)
         return 1
     print(f"{p.name}: prepared in {out} ({time.perf_counter() - t0:.1f} s)")
+    if splits.meta.get("storage") == "cache":
+        print(f"  cache    {splits.meta['num_images']:8d} images {splits.meta['cache_bytes'] / 1e9:7.2f} GB, "
+              f"shorter side {splits.meta['cache_size']} px")
     for name in ("train", "val", "test", "query", "gallery"):
         ds = getattr(splits, name)
         if ds is not None:

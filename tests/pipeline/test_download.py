@@ -32,3 +32,19 @@ def test_stage_reports_bad_params_and_missing_data(tmp_path, capsys):
     assert main(["--params", str(tmp_path / "params.yaml"), "-S", "data.name=vehicleid"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("download failed: PKU VehicleID: not found under") and "pkuml.org" in err
+
+
+def test_stage_builds_the_cache_of_a_folder_and_names_a_bad_csv_line(tmp_path, capsys):
+    from bench.data_real import make_folder_dataset
+
+    make_folder_dataset(tmp_path / "photos", classes=4, per_class=3, size=(40, 30))
+    sizes = {"cache_size": 24, "train_size": 16, "test_resize": 24, "test_size": 16, "cache_workers": 1,
+             "val_fraction": 0.0}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"data": {"name": "folder", "root": "photos", **sizes}}))
+    assert main(["--params", str(tmp_path / "p.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "  cache          12 images    0.00 GB, shorter side 24 px" in out
+    assert "  train           6 images       2 classes" in out and "  test            6 images       2 classes" in out
+    (tmp_path / "labels.csv").write_text("path,label\nphotos/class_000/img_00.jpg,a\nphotos/class_000/img_01.jpg\n")
+    assert main(["--params", str(tmp_path / "p.yaml"), "-S", "data.name=csv", "-S", "data.root=labels.csv"]) == 1
+    assert "labels.csv:3: expected 2 columns (path,label), got 1" in capsys.readouterr().err
