@@ -105,8 +105,9 @@ def _finish(out: Path, p: DataParams, index: Index, recipe: dict, extra: dict[st
             stat: list[str] = ()) -> None:
     write_index(out, index)
     meta = {"format_version": FORMAT_VERSION, "dataset": p.name, "recipe": recipe, "counts": index.counts(),
-            "num_images": len(index), "sha256": {f: sha256_file(out / f) for f in [INDEX_FILE, *files]},
-            "stat": {f: [(out / f).stat().st_size, (out / f).stat().st_mtime_ns] for f in stat}, **extra}
+            "num_images": len(index), "sha256": {f: sha256_file(out / f) for f in [INDEX_FILE, *files]}, **extra}
+    if stat:
+        meta["stat"] = {f: [(out / f).stat().st_size, (out / f).stat().st_mtime_ns] for f in stat}
     write_meta(out, meta)  # last: its presence marks the folder complete
 
 
