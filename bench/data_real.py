@@ -13,7 +13,8 @@ folder, then measures, in one run, 224 px training batches of 64 (random resized
   jpeg   the alternative cache format, for the choice: the same cached images re-encoded as JPEG (quality 90) and
          decoded per batch with torchvision.io.decode_jpeg in the loader, then the same augmentation.
 
-Also: the one-off cache build time per image, and bytes per image of the raw and the JPEG cache.
+Also: the one-off cache build time per image, bytes per image of the raw and the JPEG cache, and how fast one
+process reads raw cached batches (no workers, no augmentation: the CPU's share of a GPU run).
 """
 from __future__ import annotations
 
@@ -199,6 +200,16 @@ def cached_rate(ds, batch: int, batches: int, workers: int, device: torch.device
     return _rate(loader, device, lambda b: to_device(b, device))
 
 
+def read_rate(ds, batch: int, batches: int) -> float:
+    """Raw cached batches handed over by the training process itself (no workers, no augmentation): what a GPU
+    run's loader costs the CPU before to_device."""
+    from xbmcore.data.batch import collate_for
+
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=RandomBatches(len(ds), batch, batches + 1),
+                                         num_workers=0, collate_fn=collate_for("cuda"))
+    return _rate(loader, torch.device("cpu"), lambda b: (b.labels,))  # counts images
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.data_real", description=__doc__.split("\n")[0])
     ap.add_argument("--classes", type=int, default=200)
@@ -232,6 +243,7 @@ def main() -> None:
         train = open_splits(out, p).train
         pil = pil_path(root, args.batch_size, args.batches, args.workers)
         cache = cached_rate(train, args.batch_size, args.batches, args.cache_workers, device)
+        read = read_rate(train, args.batch_size, args.batches)
         jpeg_ds = JpegCache(train)
         jpeg = cached_rate(jpeg_ds, args.batch_size, args.batches, args.cache_workers, device)
         result = {
@@ -254,6 +266,7 @@ def main() -> None:
             "pil_images_per_s": round(pil),
             "cache_images_per_s": round(cache),
             "jpeg_cache_images_per_s": round(jpeg),
+            "cache_read_only_images_per_s": round(read),
             "cache_over_pil": round(cache / pil, 2),
             "cache_over_jpeg_cache": round(cache / jpeg, 2),
         }
