@@ -273,3 +273,15 @@ def test_parallel_build_writes_the_same_cache(tmp_path):
     build_cache(tmp_path / "two", paths, 40, workers=2, progress=False)
     for f in ("pixels.u8", "shapes.npy"):
         assert (tmp_path / "one" / "cache" / f).read_bytes() == (tmp_path / "two" / "cache" / f).read_bytes()
+
+
+def test_to_device_writes_the_requested_memory_format(tmp_path):
+    photo_folder(tmp_path / "photos", classes=4, per_class=3)
+    p = folder_params(tmp_path, test_fraction=0.5)
+    test = open_splits(prepare_dataset(p, tmp_path, progress=False), p).test
+    batch = test.__getitems__(list(range(len(test))))
+    plain, labels, idx = to_device(batch, "cpu")
+    last, _, _ = to_device(batch, "cpu", torch.channels_last)  # what the trainer asks for on a GPU
+    assert last.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    torch.testing.assert_close(last, plain, rtol=0, atol=0)
+    assert labels.tolist() == test.labels.tolist() and idx.tolist() == list(range(len(test)))

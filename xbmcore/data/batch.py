@@ -65,8 +65,9 @@ class ImageBatch:
         return replace(self, pixels=self.pixels.pin_memory(), labels=self.labels.pin_memory(),
                        indices=self.indices.pin_memory())
 
-    def images(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """B x 3 x S x S float32 on `device`, normalised with the ImageNet statistics."""
+    def images(self, device: torch.device | str = "cpu",
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """B x 3 x S x S float32 on `device` (in `memory_format`), normalised with the ImageNet statistics."""
         device = torch.device(device)
         B, v, S = len(self), self.view, self.view.size
         hw = self.shapes.tolist()
@@ -82,7 +83,7 @@ class ImageBatch:
             # (as default_collate does), instead of a copy there.
             out = torch.empty(0).new(torch.empty(0)._typed_storage()._new_shared(B * 3 * S * S)).view(B, 3, S, S)
         else:
-            out = torch.empty(B, 3, S, S, device=device)
+            out = torch.empty(B, 3, S, S, device=device, memory_format=memory_format)
         # (x / 255 - mean) / std as x * mul - sub, per image while it is in the cache.
         std = torch.tensor(STD, device=device).view(3, 1, 1)
         mul, sub = 1.0 / (255.0 * std), torch.tensor(MEAN, device=device).view(3, 1, 1) / std
@@ -131,7 +132,7 @@ def to_device(batch, device: torch.device | str,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, labels, indices) on `device`; an ImageBatch is cropped, resized, flipped and normalised there."""
     if isinstance(batch, ImageBatch):
-        imgs, labels, idx = batch.images(device), batch.labels, batch.indices
+        imgs, labels, idx = batch.images(device, memory_format), batch.labels, batch.indices
     else:
         imgs, labels, idx = batch
     imgs = imgs.to(device, non_blocking=True, memory_format=memory_format)  # B x 3 x S x S
