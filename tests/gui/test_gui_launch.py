@@ -28,7 +28,7 @@ def test_prefilled_from_params_yaml(form):
     # choices come from the schema's Literal types
     combo = form.editors["data.name"]
     assert [combo.itemText(i) for i in range(combo.count())] == ["synthetic", "sop", "inshop", "cub", "cars",
-                                                                 "vehicleid"]
+                                                                 "vehicleid", "folder", "csv"]
 
 
 def test_bad_value_shown_at_the_field_and_nothing_launched(qtbot, form):
