@@ -145,7 +145,8 @@ class ProgressSink:
         if event["kind"] == "phase":
             if self._bar is not None:
                 self._bar.close()
-            self._bar = tqdm(total=event.get("total_steps"), desc=event["phase"], initial=0, dynamic_ncols=True)
+            done = event.get("resume_from", 0) - event.get("start_step", 0)  # a resumed phase's steps so far
+            self._bar = tqdm(total=event.get("total_steps"), desc=event["phase"], initial=done, dynamic_ncols=True)
         elif event["kind"] == "step" and self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{event['loss']:.4f}" if event["loss"] is not None else "nan",
