@@ -5,7 +5,8 @@
 
 Times XBM steps (memory filled by memory init) of the Trainer with log_every 1 (the default: one read, i.e. one
 sync, per step) and log_every --every (one read per --every steps). The two take turns for --rounds rounds on
-the same trainer; `sync_cost` is the median over rounds of the per-step time ratio minus 1. Prints JSON.
+the same trainer, in alternating order; `sync_cost` is the median over rounds of the per-step time ratio minus 1.
+Prints JSON.
 """
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in variants:  # untimed: allocator, autotuning
         run(n, 10)
     times: dict[int, list[float]] = {n: [] for n in variants}
-    for _ in range(args.rounds):
-        for n in variants:
+    for r in range(args.rounds):
+        for n in (list(variants) if r % 2 == 0 else list(variants)[::-1]):  # alternate which goes first
             times[n].append(run(n, args.steps))
     every, deferred = 1, args.every
     out = {
