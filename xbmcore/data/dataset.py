@@ -103,6 +103,12 @@ class ImageDataset(torch.utils.data.Dataset):
         images = self._batch_tf[self.train](torch.from_numpy(batch))  # B x 3 x S x S float
         return list(zip(images.unbind(0), self.labels[idx].tolist(), idx.tolist()))
 
+    def image(self, i: int) -> Image.Image:
+        """Item i as stored, before any transform (RGB): what a person looks at (thumbnails of retrievals)."""
+        if self._array is not None:
+            return Image.fromarray(np.ascontiguousarray(self._array[self._rows[int(i)]].transpose(1, 2, 0)))
+        return self._load(int(i))
+
     def _load(self, i: int) -> Image.Image:
         """Decode image i; a corrupt or missing file raises naming it, or with skip_corrupt is replaced."""
         path = self._paths[i]
