@@ -240,6 +240,7 @@ class MainWindow(QMainWindow):
         self.child_status.setText(text)
         self._log_line(f"# {text}")
         self.runs.refresh()
+        self.retrieval.refresh()  # a finished run has logged its model
         if self._quit_when_child_ends:
             self.close()
 

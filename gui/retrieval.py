@@ -417,13 +417,14 @@ class RetrievalPanel(QWidget):
 
     def _show_runs(self, runs: list[ModelRun]) -> None:
         current = self.selected_run()
+        newest = self.run_combo.currentIndex() <= 0  # on the newest run (the default): move to a newer one
         self._runs = runs
         self.run_combo.blockSignals(True)
         self.run_combo.clear()
         for r in runs:
             self.run_combo.addItem(r.label(), r.run_id)
-        keep = self.run_combo.findData(current.run_id) if current else -1
-        self.run_combo.setCurrentIndex(keep if keep >= 0 else 0)  # default: the newest
+        keep = self.run_combo.findData(current.run_id) if current and not newest else -1
+        self.run_combo.setCurrentIndex(keep if keep >= 0 else 0)
         self.run_combo.blockSignals(False)
         if not runs:
             self._say("no run with a logged model yet: the evaluate stage logs one")

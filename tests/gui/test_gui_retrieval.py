@@ -11,7 +11,7 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDropEvent
 
 from gui import retrieval
-from gui.retrieval import RetrievalPanel, image_paths, section_params
+from gui.retrieval import ModelRun, RetrievalPanel, check_prepared, image_paths, section_params
 from pipeline import stages
 from pipeline.tracking import tracking_uri
 from tests.pipeline.tiny_project import tiny_params, write_params
@@ -89,6 +89,18 @@ def test_run_params_are_read_back_typed(trained):
     flat = {k: str(v) for k, v in trained["params"].flat().items()}
     assert section_params(flat, "data") == trained["params"].data.model_dump(mode="json")
     assert section_params({"model.pretrained": "None", "data.name": "x"}, "model") == {"pretrained": None}
+
+
+def test_a_run_of_another_dataset_is_refused_naming_the_param(trained):
+    p = trained["params"]
+    prepared = trained["root"] / p.data.prepared / p.data.name
+    run = ModelRun("r", "other-run", None, "models:/m")
+    check_prepared(prepared, p.data, run)  # the run's own dataset passes
+    other = p.data.model_copy(update={"synthetic": p.data.synthetic.model_copy(update={"seed": 7})})
+    with pytest.raises(ValueError, match=r"data.synthetic = .*'seed': 0.*other-run used .*'seed': 7"):
+        check_prepared(prepared, other, run)
+    with pytest.raises(ValueError, match="no prepared dataset 'synthetic' here; prepare it with"):
+        check_prepared(trained["root"] / "nowhere", p.data, run)
 
 
 def test_query_top_k_and_marks_match_brute_force(qtbot, trained):
