@@ -310,6 +310,7 @@ class RetrievalPanel(QWidget):
         self.results: Results | None = None
         self.tiles: list[_Tile] = []
         self._runs: list[ModelRun] = []
+        self._items: dict[int, QTreeWidgetItem] = {}  # query row -> its line in the worst-queries list
         self._tokens = itertools.count(1)
         self._session_token = 0   # of the session being opened (0: none)
         self._opening: str | None = None  # its run id
@@ -458,6 +459,7 @@ class RetrievalPanel(QWidget):
         self.session = None
         self.query_spin.setEnabled(False)
         self.worst.clear()
+        self._items = {}
         self.progress.setRange(0, 0)
         self.progress.show()
         self._say(f"loading the model of {run.name} and embedding its test split…")
@@ -512,6 +514,7 @@ class RetrievalPanel(QWidget):
             it.setTextAlignment(0, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             items.append(it)
         self.worst.addTopLevelItems(items)
+        self._items = {int(i): it for i, it in zip(rows, items)}
         self.worst.blockSignals(False)
         more = f" (the worst {len(rows)} of {len(session.order)})" if len(rows) < len(session.order) else ""
         self.worst_label.setText(f"Worst queries{more}: rank of the first same-class result")
@@ -576,10 +579,16 @@ class RetrievalPanel(QWidget):
             self.summary.setText(f"{int(res.same.sum())} of {len(res.same)} results share the query's class")
         else:
             self.summary.setText("an image from outside the test split: similarities only")
-        if res.row is not None:
+        if res.row is not None:  # the list and the number box follow the query shown
             self.query_spin.blockSignals(True)
             self.query_spin.setValue(res.row)
             self.query_spin.blockSignals(False)
+            item = self._items.get(res.row)
+            self.worst.blockSignals(True)
+            self.worst.setCurrentItem(item)
+            if item is not None:
+                self.worst.scrollToItem(item)
+            self.worst.blockSignals(False)
         self.results_shown.emit()
 
     # --- files --------------------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def test_worst_queries_listed_worst_first_and_browsable(qtbot, trained):
     np.testing.assert_array_equal(panel.session.ranks, ref)
     shown = ref[rows]
     assert list(shown) == sorted(shown, reverse=True) and shown[0] > 1
-    assert panel.results.row == rows[0]  # the worst query is shown first
+    assert panel.results.row == rows[0]  # the worst query is shown first, and marked in the list
+    assert panel.worst.currentItem() is panel.worst.topLevelItem(0)
     item = panel.worst.topLevelItem(5)
     assert item.text(0) == str(shown[5]) and item.text(1) == str(rows[5])
     panel.worst.setCurrentItem(item)  # browsing the list shows that query
