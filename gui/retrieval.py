@@ -42,7 +42,7 @@ from .worker import BackgroundCalls
 
 THUMB = 112          # px of a result tile's image
 QUERY_THUMB = 196    # px of the query's image
-LIST_ROWS = 2000     # worst queries listed; any other query is reachable by its number
+LIST_ROWS = 10_000   # worst queries listed (10k rows fill a QTreeWidget in ~40 ms); the rest by number
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -300,12 +300,11 @@ class RetrievalPanel(QWidget):
     results_shown = Signal()
 
     def __init__(self, root: Path, source: Callable[[], tuple[str, str]], parent: QWidget | None = None,
-                 batch_size: int | None = None, columns: int = 5):
+                 batch_size: int | None = None):
         super().__init__(parent)
         self.root = Path(root)
         self._source = source
         self.batch_size = batch_size
-        self.columns = columns
         self.session: Session | None = None
         self.results: Results | None = None
         self.tiles: list[_Tile] = []
@@ -368,7 +367,7 @@ class RetrievalPanel(QWidget):
         left = QWidget()
         ll = QVBoxLayout(left)
         ll.setContentsMargins(0, 0, 0, 0)
-        self.worst_label = QLabel("Worst queries")
+        self.worst_label = ElidedLabel("Worst queries")  # long counts must not widen the list
         ll.addWidget(self.worst_label)
         ll.addWidget(self.worst, 1)
 
@@ -390,10 +389,11 @@ class RetrievalPanel(QWidget):
         self.grid_host = QWidget()
         self.grid = QGridLayout(self.grid_host)
         self.grid.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
-        scroll = QScrollArea()
+        self.scroll = scroll = QScrollArea()
         scroll.setWidget(self.grid_host)
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # tiles wrap to the width
         right = QWidget()
         rl = QVBoxLayout(right)
         rl.setContentsMargins(0, 0, 0, 0)
@@ -516,8 +516,8 @@ class RetrievalPanel(QWidget):
         self.worst.addTopLevelItems(items)
         self._items = {int(i): it for i, it in zip(rows, items)}
         self.worst.blockSignals(False)
-        more = f" (the worst {len(rows)} of {len(session.order)})" if len(rows) < len(session.order) else ""
-        self.worst_label.setText(f"Worst queries{more}: rank of the first same-class result")
+        more = f" ({len(rows)} of {len(session.order)})" if len(rows) < len(session.order) else ""
+        self.worst_label.setText(f"Worst queries first{more}")
 
     def worst_rows(self) -> list[int]:
         """The listed query rows, top to bottom."""
@@ -572,9 +572,8 @@ class RetrievalPanel(QWidget):
                 colour, mark = None, ""
             else:
                 colour, mark = (_rgb(SAME), "correct") if res.same[n] else (_rgb(OTHER), "incorrect")
-            tile = _Tile(_pixmap(thumb), caption, colour, mark)
-            self.grid.addWidget(tile, n // self.columns, n % self.columns)
-            self.tiles.append(tile)
+            self.tiles.append(_Tile(_pixmap(thumb), caption, colour, mark))
+        self._place_tiles()
         if res.same is not None:
             self.summary.setText(f"{int(res.same.sum())} of {len(res.same)} results share the query's class")
         else:
@@ -590,6 +589,21 @@ class RetrievalPanel(QWidget):
                 self.worst.scrollToItem(item)
             self.worst.blockSignals(False)
         self.results_shown.emit()
+
+    def _place_tiles(self) -> None:
+        """As many tiles per row as the results area's width holds."""
+        if not self.tiles:
+            return
+        step = self.tiles[0].sizeHint().width() + self.grid.horizontalSpacing()
+        columns = max(1, (self.scroll.viewport().width() - 2 * self.grid.contentsMargins().left()) // step)
+        while self.grid.count():  # the tiles stay; only their cells change
+            self.grid.takeAt(0)
+        for n, tile in enumerate(self.tiles):
+            self.grid.addWidget(tile, n // columns, n % columns)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        self._place_tiles()
 
     # --- files --------------------------------------------------------------------------------------------
 

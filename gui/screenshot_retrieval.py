@@ -5,7 +5,8 @@
 Makes a throwaway copy of the project (gui/demo.py) with the short schedule of gui/screenshot.py, runs
 `dvc repro` in it (the evaluate stage logs the model to MLflow), opens the window on it, switches to the Retrieval
 tab, waits for the test split to be embedded, picks a query whose first same-class result is not first (the
-kind of mistake one looks for) and saves the window. About 1.5 minutes on 2 idle CPU cores.
+kind of mistake one looks for) and saves the window. About 1.5 minutes on 2 idle CPU cores
+(--warmup-steps 150 --xbm-steps 250: under one CPU-minute).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="1600x1000", help="window size WxH in pixels")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for the embeddings")
     ap.add_argument("--keep", type=Path, default=None, help="make the demo project here and keep it")
+    ap.add_argument("--warmup-steps", type=int, default=PARAMS["train.warmup_steps"])
+    ap.add_argument("--xbm-steps", type=int, default=PARAMS["train.xbm_steps"])
     args = ap.parse_args(argv)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from .demo import make_project
 
     work = Path(tempfile.mkdtemp(prefix="xbm-screenshot-")) if args.keep is None else args.keep.resolve()
-    root = make_project(work / "project", PARAMS)
+    root = make_project(work / "project", {**PARAMS, "train.warmup_steps": args.warmup_steps,
+                                           "train.xbm_steps": args.xbm_steps})
     print(f"demo project {root}: dvc repro", flush=True)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
