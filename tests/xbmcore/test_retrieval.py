@@ -119,3 +119,34 @@ def test_draw_retrieval_frames_and_panels():
         assert int((framed[1:] & ~framed[:-1]).sum() + framed[0]) == 1 + k
     with pytest.raises(ValueError, match="expected 3 queries with 4 neighbours"):
         draw_retrieval(queries[:2], neighbours, sims, same)
+
+
+class _Images:
+    """A stand-in dataset: solid-colour images, one colour per item."""
+
+    def __init__(self, n, labels, seed):
+        rng = np.random.default_rng(seed)
+        self.colours = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(n)]
+        self.class_ids = np.asarray(labels) + 100
+
+    def image(self, i):
+        return Image.new("RGB", (8, 8), self.colours[i])
+
+
+def test_split_figure_query_against_gallery():
+    """In-Shop's protocol: queries searched in a separate gallery; nothing is excluded."""
+    from xbmcore.figures import split_figure
+
+    rng = np.random.default_rng(3)
+    g, q = _unit(rng, 40, 8).astype(np.float32), _unit(rng, 12, 8).astype(np.float32)
+    gl, ql = rng.integers(0, 4, 40), rng.integers(0, 4, 12)
+    gallery, queries = _Images(40, gl, 1), _Images(12, ql, 2)
+    fig = split_figure(queries, gallery, q, ql, g, gl, count=5, k=3)
+    ref_s, ref_i = _brute(q[fig.queries], g, 3)
+    np.testing.assert_array_equal(fig.ids, ref_i)
+    np.testing.assert_array_equal(fig.same, gl[ref_i] == ql[fig.queries, None])
+    px = np.asarray(fig.image)
+    for r in range(5):
+        x0, y0, x1, y1 = fig.frames[r, 1]
+        assert tuple(px[(y0 + y1) // 2, (x0 + x1) // 2]) == gallery.colours[ref_i[r, 0]]
+        assert tuple(px[y0, x0]) == (SAME if fig.same[r, 0] else OTHER)
