@@ -163,6 +163,7 @@ class Session:
     run: ModelRun
     data: DataParams
     model: torch.nn.Module
+    device: torch.device
     query_set: Any
     gallery_set: Any
     query: np.ndarray
@@ -190,7 +191,7 @@ class Session:
             raise ValueError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
         x = pil_transform(self.data, train=False)(image)[None]
         with torch.inference_mode():
-            emb = self.model(x).float().numpy()
+            emb = self.model(x.to(self.device)).float().cpu().numpy()
         sims, ids = nearest(emb, self.gallery, k)
         return self._results(image, f"{Path(path).name} (not in the test split: no class)", sims[0], ids[0], None,
                              None)
@@ -235,13 +236,17 @@ def open_session(root: Path, run: ModelRun, tracking: str, progress: Callable[[i
     check_prepared(prepared, data, run)
     splits = open_splits(prepared, data)
     model = load_run_model(run.model_uri, tracking)
+    # an exported graph is traced for the CPU; a module moves to the GPU where there is one
+    device = torch.device("cuda" if torch.cuda.is_available() and not isinstance(model, _ExportedModule)
+                          else "cpu")
+    model.to(device)
     bs = batch_size or int(_param_value(run.params.get("eval.batch_size", "256")))
-    q, ql, g, gl = embed_split(model, splits, "test", bs, "cpu", progress=progress)
+    q, ql, g, gl = embed_split(model, splits, "test", bs, device, progress=progress)
     query_set, gallery_set = eval_sets(splits, "test")
     own = g is None
     ranks = first_relevant_rank(q, ql, g, gl)
-    return Session(run, data, model, query_set, gallery_set, q, ql, q if own else g, ql if own else gl, own,
-                   ranks, worst_first(ranks))
+    return Session(run, data, model, device, query_set, gallery_set, q, ql, q if own else g, ql if own else gl,
+                   own, ranks, worst_first(ranks))
 
 
 # --- the panel -------------------------------------------------------------------------------------------------
