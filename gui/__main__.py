@@ -65,8 +65,9 @@ def missing_libraries(plugin: Path, run=subprocess.run) -> list[str]:
 
 
 def xcb_problem(environ=os.environ, plugin: Path | None = None, run=subprocess.run) -> str | None:
-    """Why Qt's X11 (xcb) platform plugin would fail to load, with the packages to install; None if it loads or
-    another platform is used. Qt itself only prints "Could not load the Qt platform plugin xcb" and aborts."""
+    """Why Qt's X11 (xcb) platform plugin would fail (missing libraries, with the packages to install, or no
+    display); None if it would work or another platform is used. Qt itself only prints "Could not load the Qt
+    platform plugin xcb" and aborts."""
     if not sys.platform.startswith("linux"):
         return None
     platform = environ.get("QT_QPA_PLATFORM", "")
@@ -79,6 +80,9 @@ def xcb_problem(environ=os.environ, plugin: Path | None = None, run=subprocess.r
         return None
     missing = missing_libraries(plugin, run)
     if not missing:
+        if not environ.get("DISPLAY") and not environ.get("WAYLAND_DISPLAY"):  # Qt would abort the same way
+            return ("xbm-gui: no display to open the window on (DISPLAY is not set): run it in a desktop "
+                    "session or over `ssh -X`, or without a display: QT_QPA_PLATFORM=offscreen xbm-gui.")
         return None
     qt = [m for m in missing if m.startswith("libQt6")]
     if qt:

@@ -61,7 +61,9 @@ def test_no_message_when_xcb_loads_or_is_not_used(plugin):
     assert xcb_problem({}, plugin.with_name("absent.so"), run) is None
     assert calls == []  # nothing to check in those cases
     ok, _ = _ldd(LDD_OUTPUT.replace("not found", "/lib/x86_64-linux-gnu/x.so (0x1)"))
-    assert xcb_problem({}, plugin, ok) is None
+    assert xcb_problem({"DISPLAY": ":0"}, plugin, ok) is None
+    # the libraries are there but no X server is named: Qt would abort the same way
+    assert "DISPLAY is not set" in xcb_problem({}, plugin, ok)
 
 
 def test_broken_pyside_install_is_not_blamed_on_x(plugin):
