@@ -150,3 +150,29 @@ def test_split_figure_query_against_gallery():
         x0, y0, x1, y1 = fig.frames[r, 1]
         assert tuple(px[(y0 + y1) // 2, (x0 + x1) // 2]) == gallery.colours[ref_i[r, 0]]
         assert tuple(px[y0, x0]) == (SAME if fig.same[r, 0] else OTHER)
+
+
+def test_embed_split_progress_counts_query_and_gallery_sets():
+    import torch
+
+    from xbmcore.evaluate import compute_embeddings, embed_split
+
+    class _Set(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.x = torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(n))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], i % 3, i
+
+    class _Splits:
+        test, query, gallery, val = None, _Set(5), _Set(7), None
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 4))
+    seen = []
+    q, ql, g, gl = embed_split(model, _Splits, "test", batch_size=3, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(3, 12), (5, 12), (8, 12), (11, 12), (12, 12)]
+    np.testing.assert_array_equal(q, compute_embeddings(model, _Splits.query)[0])
+    np.testing.assert_array_equal(g, compute_embeddings(model, _Splits.gallery)[0])
