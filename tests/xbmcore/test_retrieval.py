@@ -174,5 +174,5 @@ def test_embed_split_progress_counts_query_and_gallery_sets():
     seen = []
     q, ql, g, gl = embed_split(model, _Splits, "test", batch_size=3, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(3, 12), (5, 12), (8, 12), (11, 12), (12, 12)]
-    np.testing.assert_array_equal(q, compute_embeddings(model, _Splits.query)[0])
-    np.testing.assert_array_equal(g, compute_embeddings(model, _Splits.gallery)[0])
+    np.testing.assert_array_equal(q, compute_embeddings(model, _Splits.query, batch_size=3)[0])
+    np.testing.assert_array_equal(g, compute_embeddings(model, _Splits.gallery, batch_size=3)[0])
