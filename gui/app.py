@@ -17,6 +17,7 @@ from xbmcore.config import Params
 from . import process, theme
 from .launch import LaunchForm, format_value, load_base
 from .monitor import MonitorPanel
+from .retrieval import RetrievalPanel
 from .runs import RunsPanel
 from .stores import tracking_uri
 from .study import StudyPanel
@@ -68,6 +69,9 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.monitor, "Live")
         self.tabs.addTab(self.runs, "Runs")
         self.tabs.addTab(self.study, "Study")
+        self.retrieval = RetrievalPanel(self.root, self._tracking)
+        self.tabs.addTab(self.retrieval, "Retrieval")
+        self.setAcceptDrops(True)  # an image file dropped anywhere on the window is a Retrieval query
         centre = QWidget()
         cl = QVBoxLayout(centre)
         cl.setContentsMargins(4, 4, 4, 0)
@@ -236,6 +240,7 @@ class MainWindow(QMainWindow):
         self.child_status.setText(text)
         self._log_line(f"# {text}")
         self.runs.refresh()
+        self.retrieval.refresh()  # a finished run has logged its model
         if self._quit_when_child_ends:
             self.close()
 
@@ -246,6 +251,13 @@ class MainWindow(QMainWindow):
 
     def open_mlflow_ui(self) -> None:
         self.mlflow_ui.open(self._tracking()[0], self.root)
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 (a drop outside the tab: the tab takes it)
+        self.retrieval.dragEnterEvent(event)
+
+    def dropEvent(self, event) -> None:  # noqa: N802
+        self.tabs.setCurrentWidget(self.retrieval)
+        self.retrieval.dropEvent(event)
 
     # --- log ----------------------------------------------------------------------------------------------
 
@@ -309,5 +321,6 @@ class MainWindow(QMainWindow):
         self.tail.shutdown()
         self.runs.shutdown()
         self.study.shutdown()
+        self.retrieval.shutdown()
         self.mlflow_ui.shutdown()
         super().closeEvent(event)

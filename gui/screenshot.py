@@ -32,6 +32,16 @@ def wait_until(app, cond, timeout_s: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def save_window(app, win, out: Path) -> None:
+    """Let pending redraws (plot timer, log flush, layout) run, then save the window as a PNG."""
+    for _ in range(20):
+        app.processEvents()
+        time.sleep(0.05)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not win.grab().save(str(out)):
+        raise RuntimeError(f"could not write {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "gui.png")
@@ -74,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not win.child.is_running():
         raise RuntimeError(f"the run ended early:\n{win.log.toPlainText()[-2000:]}")
     time.sleep(0.3)
-    for _ in range(20):  # let the redraw timer and the log flush run
-        app.processEvents()
-        time.sleep(0.05)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if not win.grab().save(str(args.out)):
-        raise RuntimeError(f"could not write {args.out}")
+    save_window(app, win, args.out)
     print(f"saved {args.out} at step {data().last_step}", flush=True)
     win.form.stop_button.click()
     wait_until(app, lambda: not win.child.is_running(), 120, "the run to stop")

@@ -1,5 +1,6 @@
 """python -m pipeline.evaluate [--params params.yaml] [-S key=value ...]: Recall@K, MAP@R, R-precision and NMI
-of the trained model on the test split; logs the model to MLflow and closes the run.
+of the trained model on the test split; draws the retrieval figure (plots/retrieval.png: fixed test queries and
+their top 5), logs it and the model to MLflow and closes the run.
 
 A DVC stage (dvc.yaml); the work is pipeline.stages.run_evaluate.
 """

@@ -10,6 +10,7 @@ Files (DVC outs), with `art` = <root>/artifacts unless a stage is given `artifac
     art/train_xbm/model.pt       the trained embedding model (weights + its `model` params)
     art/train_xbm/checkpoints/   periodic checkpoints of the XBM / baseline phase
     plots/train.csv, plots/val.csv   curves against the global step (under `artifacts` when it is given)
+    plots/retrieval.png          the evaluate stage's retrieval figure of the test split (idem)
     metrics.json                 the evaluate stage's metrics (under `artifacts` when it is given)
 The study passes `artifacts=<trial folder>` to memory_init / train_xbm / evaluate; they read the warm-up from
 `warmup=` (default <root>/artifacts/warmup), so every trial starts from the same warm-up.
@@ -34,7 +35,8 @@ from xbmcore.checkpoint import list_checkpoints, load_checkpoint, save_checkpoin
 from xbmcore.config import Params
 from xbmcore.data import open_splits, prepare_dataset
 from xbmcore.events import make_event
-from xbmcore.evaluate import evaluate_model
+from xbmcore.evaluate import embed_split, eval_sets, retrieval_metrics
+from xbmcore.figures import RETRIEVAL_PNG, save_png, split_figure
 from xbmcore.models import build_model
 from xbmcore.events import HISTORY_FIELDS
 from xbmcore.trainer import (
@@ -230,11 +232,17 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
     with StageRun(params, root, "evaluate", finish=final, model_sha256=sha) as run:
         run.sink.emit(make_event("phase", step, phase="evaluate", total_steps=0, split=split))
         e = params.eval
-        metrics = evaluate_model(model, _splits(params, root), split, e.recall_at, e.batch_size, device,
-                                 nmi=True, num_workers=params.data.num_workers)
+        splits = _splits(params, root)
+        embedded = embed_split(model, splits, split, e.batch_size, device, params.data.num_workers)
+        metrics = retrieval_metrics(*embedded, recall_at=e.recall_at, nmi=True)
         run.sink.emit(make_event("eval", step, phase="evaluate", split=split, metrics=metrics))
         path = _outputs_dir(root, artifacts) / "metrics.json"
         _write_text(path, json.dumps({split: metrics, "step": step}, indent=2) + "\n")
+        if final:  # what the model retrieves for a fixed sample of test queries: a DVC image plot and in MLflow
+            figure = split_figure(*eval_sets(splits, split), *embedded)
+            png = save_png(figure.image, _outputs_dir(root, artifacts) / "plots" / RETRIEVAL_PNG)
+            if run.mlflow is not None:
+                run.safe("logging the retrieval figure", run.mlflow.client.log_artifact, run.mlflow.run_id, str(png))
         if run.mlflow is not None and (final if log_model is None else log_model):
             run.safe("logging the model", _log_model, run, model, params, root)
     return metrics

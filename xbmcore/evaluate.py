@@ -7,7 +7,7 @@ query and gallery sets (In-Shop, VehicleID).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import faiss
 import numpy as np
@@ -31,12 +31,13 @@ NMI_NITER = 20
 
 def compute_embeddings(
     model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "cpu",
-    num_workers: int = 0,
+    num_workers: int = 0, progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed a dataset whose items are (image, label, index): returns (N x D float32, N int64 labels).
 
     Runs in eval mode without gradients and restores the model's train/eval mode afterwards. The model must
-    already be on `device`.
+    already be on `device`. progress(done, total) is called after each batch (a window's progress bar; it may
+    raise to stop early).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -51,6 +52,8 @@ def compute_embeddings(
                 imgs, y, _ = to_device(batch, device)  # a cached batch gets the test view on the device
                 feats.append(model(imgs).float().cpu().numpy())
                 labels.append(y.cpu().numpy().astype(np.int64, copy=False))
+                if progress is not None:
+                    progress(sum(map(len, labels)), len(dataset))
     finally:
         model.train(was_training)
     if not feats:
@@ -181,27 +184,45 @@ def nmi_score(emb: np.ndarray, labels: np.ndarray, seed: int = NMI_SEED) -> floa
     return float(normalized_mutual_info_score(labels, assign[:, 0]))
 
 
+def eval_sets(splits, which: Literal["val", "test"]) -> tuple[Dataset, Dataset | None]:
+    """(query set, gallery set) of a split: "val" searches the val split in itself (gallery None); "test" the test
+    split in itself, or, for datasets with query and gallery sets (splits.test is None), the query set in the
+    gallery set."""
+    if which == "val":
+        if splits.val is None:
+            raise ValueError("evaluate 'val': the dataset has no val split (set data.val_fraction > 0)")
+        return splits.val, None
+    if which == "test":
+        if splits.test is not None:
+            return splits.test, None
+        if splits.query is not None and splits.gallery is not None:
+            return splits.query, splits.gallery
+        raise ValueError("evaluate 'test': the dataset has neither a test split nor query and gallery sets")
+    raise ValueError(f"which: expected 'val' or 'test', got {which!r}")
+
+
+def embed_split(
+    model: torch.nn.Module, splits, which: Literal["val", "test"], batch_size: int = 256,
+    device: str | torch.device = "cpu", num_workers: int = 0, progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(query, query_labels, gallery, gallery_labels) embeddings of a split (see eval_sets); gallery None when
+    the query set is its own gallery: retrieval_metrics' arguments. progress(done, total) counts both sets."""
+    query_set, gallery_set = eval_sets(splits, which)
+    total = len(query_set) + (len(gallery_set) if gallery_set is not None else 0)
+
+    def counted(offset: int):
+        return None if progress is None else (lambda done, _: progress(offset + done, total))
+
+    q, ql = compute_embeddings(model, query_set, batch_size, device, num_workers, counted(0))
+    if gallery_set is None:
+        return q, ql, None, None
+    return (q, ql, *compute_embeddings(model, gallery_set, batch_size, device, num_workers, counted(len(q))))
+
+
 def evaluate_model(
     model: torch.nn.Module, splits, which: Literal["val", "test"], recall_at: Sequence[int] = (1, 10, 100),
     batch_size: int = 256, device: str | torch.device = "cpu", nmi: bool = True, num_workers: int = 0,
 ) -> dict[str, float]:
-    """Embed a split and score it: "val" searches the val split in itself; "test" the test split in itself, or,
-    for datasets with query and gallery sets (splits.test is None), the query set in the gallery set."""
-    if which == "val":
-        if splits.val is None:
-            raise ValueError("evaluate 'val': the dataset has no val split (set data.val_fraction > 0)")
-        pairs = (splits.val, None)
-    elif which == "test":
-        if splits.test is not None:
-            pairs = (splits.test, None)
-        elif splits.query is not None and splits.gallery is not None:
-            pairs = (splits.query, splits.gallery)
-        else:
-            raise ValueError("evaluate 'test': the dataset has neither a test split nor query and gallery sets")
-    else:
-        raise ValueError(f"which: expected 'val' or 'test', got {which!r}")
-    q, ql = compute_embeddings(model, pairs[0], batch_size, device, num_workers)
-    if pairs[1] is None:
-        return retrieval_metrics(q, ql, recall_at=recall_at, nmi=nmi)
-    g, gl = compute_embeddings(model, pairs[1], batch_size, device, num_workers)
-    return retrieval_metrics(q, ql, g, gl, recall_at=recall_at, nmi=nmi)
+    """Embed a split (see eval_sets) and score it."""
+    return retrieval_metrics(*embed_split(model, splits, which, batch_size, device, num_workers),
+                             recall_at=recall_at, nmi=nmi)

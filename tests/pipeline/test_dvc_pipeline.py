@@ -49,7 +49,8 @@ def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
     test = next(iter(metrics.values()))["data"]["metrics.json"]["data"]["test"]  # the workspace
     assert 0 <= test["recall@1"] <= test["recall@2"] <= 1 and "map@r" in test
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
-    assert set(plots) == {"loss", "memory_fill", "drift", "recall_at_1"}
+    assert set(plots) == {"loss", "memory_fill", "drift", "recall_at_1", "plots/retrieval.png"}
+    assert [p["type"] for p in plots["plots/retrieval.png"]] == ["image"]
     assert (root / "mlflow.db").is_file()
 
     # Nothing changed: nothing runs again.

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from xbmcore.config import DataParams
 from xbmcore.data.batch import ImageBatch, View, to_device
@@ -106,3 +107,8 @@ class ImageDataset(torch.utils.data.Dataset):
         batch[order] = self._array[rows[order]]
         images = self._batch_tf[self.train](torch.from_numpy(batch))  # B x 3 x S x S float
         return list(zip(images.unbind(0), self.labels[idx].tolist(), idx.tolist()))
+    def image(self, i: int) -> Image.Image:
+        """Item i as stored, before any transform (RGB): what a person looks at (thumbnails of retrievals)."""
+        if self._cache is not None:
+            return Image.fromarray(self._cache.image(int(self._rows[int(i)])))
+        return Image.fromarray(np.ascontiguousarray(self._array[self._rows[int(i)]].transpose(1, 2, 0)))

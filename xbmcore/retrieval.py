@@ -1,0 +1,97 @@
+"""What a trained embedding retrieves, query by query: its top-k neighbours and the rank of its first relevant
+item. The evaluate stage's retrieval figure and the desktop app's Retrieval tab read these.
+
+Two protocols, as in xbmcore.evaluate: the query set is its own gallery (gallery None; each query's own copy is
+excluded, by id), or separate query and gallery sets. Embeddings are L2-normalised, so inner product = cosine.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from xbmcore.evaluate import _as_embeddings, _without_self
+
+# Rows of one similarity block in first_relevant_rank: 1,024 x 60,000 float32 is 240 MB.
+_RANK_ROWS = 1024
+
+
+def _pair(query, query_labels, gallery, gallery_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    q, ql = _as_embeddings("query", query, query_labels)
+    if gallery is None:
+        if len(q) < 2:
+            raise ValueError(f"query: query = gallery with self excluded needs >= 2 items, got {len(q)}")
+        return q, ql, q, ql
+    g, gl = _as_embeddings("gallery", gallery, gallery_labels)
+    if g.shape[1] != q.shape[1]:
+        raise ValueError(f"gallery: expected dimension D = {q.shape[1]} (the query's), got {g.shape[1]}")
+    return q, ql, g, gl
+
+
+def nearest(query: np.ndarray, gallery: np.ndarray, k: int,
+            exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine: (sims n x k float32, best first; ids n x k int64 gallery rows).
+
+    exclude[i]: query i's own row in the gallery, left out of its neighbours (the query = gallery protocol:
+    np.arange(n)), or -1 for a query from elsewhere (a dropped image file). k is capped at the number of
+    candidates. Exact search through faiss' IndexFlatIP: the one place to switch to another exact kNN.
+    """
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    q = np.atleast_2d(np.asarray(query, dtype=np.float32))
+    g = np.asarray(gallery, dtype=np.float32)
+    q, _, g, _ = _pair(q, np.zeros(len(q), np.int64), g, np.zeros(len(g), np.int64))
+    extra = 0
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=np.int64)
+        if exclude.shape != (len(q),) or (exclude >= len(g)).any() or (exclude < -1).any():
+            raise ValueError(f"exclude: expected one gallery row in 0..{len(g) - 1} (or -1) per query, got "
+                             f"{exclude.tolist() if exclude.size <= 8 else exclude.shape}")
+        extra = 1
+    k = min(int(k), len(g) - int(exclude is not None and (exclude >= 0).any()))
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g)
+    sims, ids = index.search(q, k + extra)
+    if extra:  # by id: duplicates may tie with the query's own copy; where it is absent the extra one goes
+        keep = _without_self(ids, exclude)
+        sims, ids = sims[keep].reshape(len(q), k), ids[keep].reshape(len(q), k)
+    return sims, ids
+
+
+def first_relevant_rank(query, query_labels, gallery=None, gallery_labels=None) -> np.ndarray:
+    """1-based rank of each query's first same-label gallery item in its full ranking; 0 when it has none.
+
+    The worst queries are those with the largest rank. Rank = 1 + the number of candidates strictly more similar
+    than the most similar relevant one, so a tie counts in the query's favour. Exact, in blocks of queries.
+    """
+    self_excluded = gallery is None
+    q, ql, g, gl = _pair(query, query_labels, gallery, gallery_labels)
+    ranks = np.zeros(len(q), dtype=np.int64)
+    for s in range(0, len(q), _RANK_ROWS):
+        e = min(s + _RANK_ROWS, len(q))
+        sim = q[s:e] @ g.T  # n x N
+        if self_excluded:
+            sim[np.arange(e - s), np.arange(s, e)] = -np.inf
+        rel = gl[None, :] == ql[s:e, None]
+        if self_excluded:
+            rel[np.arange(e - s), np.arange(s, e)] = False
+        best = np.where(rel, sim, -np.inf).max(1)  # n: most similar relevant item
+        has = rel.any(1)
+        ranks[s:e] = np.where(has, (sim > best[:, None]).sum(1) + 1, 0)
+    return ranks
+
+
+def worst_first(ranks: np.ndarray) -> np.ndarray:
+    """Query rows ordered from the largest first-relevant rank down (ties: lower row first); queries without
+    any relevant item (rank 0) last."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    key = np.where(ranks > 0, ranks, -1)
+    return np.argsort(-key, kind="stable")
+
+
+def sample_queries(n: int, count: int, seed: int = 0) -> np.ndarray:
+    """A fixed sample of `count` query rows out of n (sorted): the same queries for every model of a dataset, so
+    their figures compare."""
+    if n < 1:
+        raise ValueError(f"n: expected at least one query, got {n}")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(count, n), replace=False))
