@@ -4,6 +4,10 @@ Embeds an image collection with a trained model and writes, atomically, the embe
 labels when the layout has them (class folders, or a CSV `label` column), a faiss index and the model's
 identity (xbmcore/embedding_store.py), for `python -m pipeline.search`.
 
+IMAGES may also be a prepared dataset (data/prepared/<name>, written by the download stage): `--split` of it is
+embedded through the dataset's own storage (the embedded set's image array, or a real dataset's prepared
+images), with the dataset's class ids as labels.
+
 MODEL is the train_xbm stage's model.pt (its input size comes from the params file's data.test_resize and
 data.test_size, the values it was trained with), or a model the evaluate stage logged to MLflow:
 `models:/<model_id>` or `runs:/<run_id>/model` (it carries its own input size).
@@ -77,6 +81,29 @@ def _load_mlflow(uri: str, params, root: Path | None, device: str) -> Embedder:
     return emb
 
 
+def embed_prepared(embedder: Embedder, folder: Path, params, split: str, batch_size: int, workers: int):
+    """(embeddings, names, class ids, root) of one split of a prepared dataset, in index order."""
+    from xbmcore.data import open_splits
+    from xbmcore.data.index import ARRAY_FILE, read_index, read_meta
+    from xbmcore.evaluate import compute_embeddings
+
+    meta = read_meta(folder)
+    card = embedder.card
+    p = params.data.model_copy(update={"name": meta["dataset"], "test_resize": card.test_resize,
+                                       "test_size": card.test_size})
+    ds = getattr(open_splits(folder, p), split, None)
+    if ds is None:
+        raise ValueError(f"--split {split}: {folder} has no such split")
+    index = read_index(folder, meta["storage"] == "array")
+    items = index.items[index.splits == split]
+    if len(items) != len(ds):
+        raise ValueError(f"{folder}: the {split} split has {len(ds)} images but the index lists {len(items)}")
+    emb, _ = compute_embeddings(embedder.model, ds, batch_size, embedder.device, workers)
+    if meta["storage"] == "array":  # rows of the image array
+        return emb, [f"{ARRAY_FILE}:{int(i)}" for i in items], ds.class_ids, folder.resolve()
+    return emb, [str(i) for i in items], ds.class_ids, (folder / meta["image_root"]).resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.embed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="decoding processes: decoding, not the network, bounds CPU throughput (default: %(default)s)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: the GPU when torch sees one (default: %(default)s)")
+    ap.add_argument("--split", choices=("train", "val", "test", "query", "gallery"), default="test",
+                    help="a prepared dataset's split to embed (default: %(default)s, the classes never trained on)")
     ap.add_argument("--strict", action="store_true", help="an image that cannot be decoded is an error "
                                                           "(default: named, skipped and counted)")
     add_params_arguments(ap)
@@ -108,18 +137,23 @@ def main(argv: list[str] | None = None) -> int:
 
         device = str(resolve_device(args.device))
         embedder = load_embedder(args.model, params, root, device)
-        coll = read_collection(args.images)
-        emb, kept, skipped = embedder.embed_files(coll.paths, batch_size=args.batch_size, num_workers=args.workers,
-                                                  strict=args.strict, names=coll.names)
+        if (args.images / "meta.json").is_file() and (args.images / "index.csv").is_file():
+            emb, names, labels, folder = embed_prepared(embedder, args.images, params, args.split, args.batch_size,
+                                                        args.workers)
+            total, classes, skipped = len(names), None, []
+        else:
+            coll = read_collection(args.images)
+            emb, kept, skipped = embedder.embed_files(coll.paths, batch_size=args.batch_size,
+                                                      num_workers=args.workers, strict=args.strict, names=coll.names)
+            names, labels = [coll.names[i] for i in kept], None if coll.labels is None else coll.labels[kept]
+            total, classes, folder = len(coll), coll.classes, coll.root.resolve()
     except ValueError as err:
         print(f"embed failed: {err}", file=sys.stderr)
         return 1
-    store = EmbeddingStore(emb.astype(args.dtype), [coll.names[i] for i in kept],
-                           None if coll.labels is None else coll.labels[kept], coll.classes, embedder.card,
-                           root=str(coll.root.resolve()), index_kind=INDEX_CHOICES[args.index],
-                           skipped=[list(s) for s in skipped])
+    store = EmbeddingStore(emb.astype(args.dtype), names, labels, classes, embedder.card, root=str(folder),
+                           index_kind=INDEX_CHOICES[args.index], skipped=[list(s) for s in skipped])
     store.save(args.out)
-    msg = f"embedded {len(store)} of {len(coll)} images into {args.out} ({emb.shape[1]}-d, {args.dtype}, " \
+    msg = f"embedded {len(store)} of {total} images into {args.out} ({emb.shape[1]}-d, {args.dtype}, " \
           f"{args.index} index)"
     if skipped:
         msg += f"; {len(skipped)} skipped (cannot decode), listed in meta.json"

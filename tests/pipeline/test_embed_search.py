@@ -250,3 +250,28 @@ def test_csv_layout_with_labels(project, tmp_path):
     assert store.classes == sorted(CLASSES) and store.labels.tolist() == [0, 1, 2]
     np.testing.assert_allclose(store.embeddings, reference_embeddings(
         model, [root / f"images/{c}/0.png" for c in CLASSES]), atol=1e-5)
+
+
+def test_a_prepared_dataset_split_through_its_own_storage(project, tmp_path):
+    """--images data/prepared/<name>: the embedded set's test split, each image against a one-image forward."""
+    from tiny_project import tiny_params
+    from xbmcore.config import validate_params
+    from xbmcore.data import prepare_dataset
+    from xbmcore.data.index import read_index
+    from xbmcore.data.transforms import BatchTransform
+
+    root, params, model = project
+    p = validate_params(tiny_params())
+    prepared = prepare_dataset(p.data, tmp_path, progress=False)
+    assert embed.main(["--model", str(root / "model.pt"), "--images", str(prepared), "--out", str(tmp_path / "out"),
+                       "--params", str(params), "--workers", "0", "--split", "test"]) == 0
+    store = EmbeddingStore.load(tmp_path / "out")
+    index = read_index(prepared, array_backed=True)
+    test = index.splits == "test"
+    assert store.names == [f"images.npy:{i}" for i in index.items[test]]
+    assert store.labels.tolist() == index.labels[test].tolist()
+    images = np.load(prepared / "images.npy")
+    tf = BatchTransform(DataParams(test_resize=16, test_size=16), train=False)
+    with torch.no_grad():
+        ref = np.stack([model(tf(torch.from_numpy(images[i:i + 1])))[0].numpy() for i in index.items[test]])
+    np.testing.assert_allclose(store.embeddings, ref, atol=1e-5)
