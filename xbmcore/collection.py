@@ -130,7 +130,7 @@ class ImageFiles(torch.utils.data.Dataset):
             return f"{type(err).__name__}: {err}", i
 
 
-def _collate(batch):
+def _split_failures(batch):
     ok = [(x, i) for x, i in batch if isinstance(x, torch.Tensor)]
     bad = [(msg, i) for msg, i in batch if not isinstance(msg, torch.Tensor)]
     imgs = torch.stack([x for x, _ in ok]) if ok else None
@@ -149,7 +149,7 @@ def embed_files(model: torch.nn.Module, paths: list[Path], transform: Callable, 
     names = names or [str(p) for p in paths]
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+                                         collate_fn=_split_failures, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     feats, kept, skipped = [], [], []
