@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                          "queries/s on 1M x 128, see bench.search) for larger collections")
     ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=2,
-                    help="decoding processes: decoding, not the network, bounds CPU throughput (default: %(default)s)")
+                    help="processes that decode and resize images while the network runs; 0 decodes in this "
+                         "process (default: %(default)s)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: the GPU when torch sees one (default: %(default)s)")
     ap.add_argument("--split", choices=("train", "val", "test", "query", "gallery"), default="test",

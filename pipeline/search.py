@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="a query image that cannot be decoded is an error")
     ap.add_argument("--dedup", action="store_true", help="write the groups of near-duplicates instead")
     ap.add_argument("--threshold", type=float, default=0.92,
-                    help="--dedup: cosine similarity above which two images count as duplicates; 0.92 keeps "
-                         "re-encoded, resized and slightly cropped copies of one photo and few distinct photos "
-                         "of one object; check a sample of the groups for your model (default: %(default)s)")
+                    help="--dedup: cosine similarity above which two images count as duplicates. A starting "
+                         "point: raise it to keep only near-identical copies, lower it to group look-alikes; "
+                         "inspect a sample of the groups for your model (default: %(default)s)")
     ap.add_argument("--out", type=Path, help="--dedup: the CSV (default: <index>/duplicates.csv)")
     add_params_arguments(ap)
     args = ap.parse_args(argv)
