@@ -88,7 +88,8 @@ def main() -> None:
                       "bytes_per_vector": 4 * D + 8 * es.HNSW_M,
                       "search": sweep(hnsw, "ef_search", [16, 32, 48, 64, 96, 128, 256],
                                       lambda v: setattr(hnsw.hnsw, "efSearch", v))}
-    del store, hnsw
+    hnsw.reset()  # frees the graph and vectors before the IVF-PQ index is built
+    del store
     if not args.skip_ivfpq:
         # IVF-PQ (32 bytes of codes per vector), alone and re-ranked on the raw vectors (IndexRefineFlat:
         # k_factor x k PQ candidates re-scored exactly, which keeps the raw vectors too).

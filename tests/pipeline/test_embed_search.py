@@ -13,9 +13,8 @@ from pipeline import embed, search
 from tiny_project import write_params
 from xbmcore.checkpoint import save_checkpoint
 from xbmcore.collection import load_rgb
-from xbmcore.config import ModelParams
+from xbmcore.config import DataParams, ModelParams
 from xbmcore.data.transforms import pil_transform
-from xbmcore.config import DataParams
 from xbmcore.embedding_store import EmbeddingStore
 from xbmcore.models import build_model
 

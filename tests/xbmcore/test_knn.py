@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import xbmcore.knn as knn
 from xbmcore.blas import cpu_flags, core_for, generic_blas
 from xbmcore.knn import exact_knn, iter_exact_knn
 
