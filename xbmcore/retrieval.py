@@ -6,10 +6,10 @@ excluded, by id), or separate query and gallery sets. Embeddings are L2-normalis
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 from xbmcore.evaluate import _as_embeddings, _without_self
+from xbmcore.knn import exact_knn
 
 # Rows of one similarity block in first_relevant_rank: 1,024 x 60,000 float32 is 240 MB.
 _RANK_ROWS = 1024
@@ -33,7 +33,7 @@ def nearest(query: np.ndarray, gallery: np.ndarray, k: int,
 
     exclude[i]: query i's own row in the gallery, left out of its neighbours (the query = gallery protocol:
     np.arange(n)), or -1 for a query from elsewhere (a dropped image file). k is capped at the number of
-    candidates. Exact search through faiss' IndexFlatIP: the one place to switch to another exact kNN.
+    candidates. Exact search: the library's one exact kNN (xbmcore.knn).
     """
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
@@ -48,9 +48,7 @@ def nearest(query: np.ndarray, gallery: np.ndarray, k: int,
                              f"{exclude.tolist() if exclude.size <= 8 else exclude.shape}")
         extra = 1
     k = min(int(k), len(g) - int(exclude is not None and (exclude >= 0).any()))
-    index = faiss.IndexFlatIP(g.shape[1])
-    index.add(g)
-    sims, ids = index.search(q, k + extra)
+    sims, ids = exact_knn(q, g, k + extra)
     if extra:  # by id: duplicates may tie with the query's own copy; where it is absent the extra one goes
         keep = _without_self(ids, exclude)
         sims, ids = sims[keep].reshape(len(q), k), ids[keep].reshape(len(q), k)
