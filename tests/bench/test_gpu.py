@@ -134,12 +134,13 @@ def test_device_recall_equals_float64(dtype):
     y[:7] = np.arange(10_000, 10_007)  # singletons: no positive, a miss at every K
     ks = (1, 2, 5, 50, 1499, 5000)  # K up to and past the gallery size
     xt = torch.from_numpy(x)
-    recall, again, widest = gpu.device_recall(xt, gpu.positives_table(torch.from_numpy(y)), ks, dtype, chunk=256)
+    pos = gpu.positives_table(torch.from_numpy(y))
+    recall, rescored, widest = gpu.device_recall(xt, pos, ks, dtype, chunk=256)
     assert recall == recall_float64(x, y, ks)
     if dtype == torch.float32:
-        assert again == 0 and widest == 0
+        assert rescored == {"queries": 0, "pairs": 0} and widest == 0
     else:
-        assert again > 0 and 0 < widest < 0.02
+        assert rescored["queries"] > 0 and rescored["pairs"] >= rescored["queries"] and 0 < widest < 0.02
 
 
 def test_rounding_margin_bounds_bfloat16_products():
