@@ -1,11 +1,11 @@
 """The GPU benchmark: one command that measures what XBM costs on a GPU, and proves the CUDA path runs.
 
-    python -m bench.gpu --out gpu.json            # the full measurement (a GPU; about 4 min on an H200)
+    python -m bench.gpu --out gpu.json            # the full measurement (a GPU; about 5 min on an H200)
     python -m bench.gpu --quick --out quick.json  # small sizes, any device (the test suite runs it on the CPU)
 
 On a machine without a package registry whose Python lacks pydantic and faiss (the lent H200 has torch,
 torchvision, numpy, pillow, scikit-learn, pyyaml and tqdm), `bash bench/gpu_wheels.sh` downloads, here, the
-wheels that xbmcore needs into .whl/ (about 37 MiB); the one command there, from the repository root, is
+wheels that xbmcore needs into .whl/ (20.7 MiB); the one command there, from the repository root, is
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m bench.gpu --out $OUT/gpu.json
@@ -18,7 +18,7 @@ the seconds each is expected to take on an H200 (a section that would end past -
                          64 / 128 / 256, float32 and bfloat16 autocast, no memory and XBM at K = 59,551 (SOP's
                          train set) stored in float32 and in bfloat16: images/s, XBM's share of the step, peak
                          GPU memory with and without the memory
-    data_cache    (0 s)  the decoded-image cache path: skipped with its reason until the library has one
+    data_cache    (0 s)  the decoded-image cache path: skipped, with the reason in the JSON
     knn          (40 s)  Recall@{1,10,100,1000} of 60,502 x 512 (SOP's test set): chunked torch matmul on the
                          device in float32 and bfloat16 against faiss on the CPU (the library's evaluation), both
                          timed, results compared, and the time against the N^2 D products at the measured rates

@@ -135,6 +135,8 @@ def test_device_recall_equals_float64(dtype):
     ks = (1, 2, 5, 50, 1499, 5000)  # K up to and past the gallery size
     xt = torch.from_numpy(x)
     pos = gpu.positives_table(torch.from_numpy(y))
+    # No decision within 1e-5 of flipping, so float32 rounding in any summation order cannot change one.
+    assert gpu.near_ties(xt, pos, ks, 1e-5, chunk=256) == {f"recall@{k}": 0 for k in ks}
     recall, rescored, widest = gpu.device_recall(xt, pos, ks, dtype, chunk=256)
     assert recall == recall_float64(x, y, ks)
     if dtype == torch.float32:
