@@ -2,11 +2,12 @@
 
     python -m bench.evaluate [--threads 2] [--nmi]
 
-Prints one JSON object: the time of `retrieval_metrics` (faiss IndexFlatIP, nmi off; MAP@R comes from the same
-neighbours at no extra search), the floor (2 N^2 D flops: the same N x N float32 GEMM timed with torch in this run), their ratio, the
-metrics, and whether Recall@K equals a brute-force reference (chunked torch matmul + topk). Two float32 BLAS
-libraries may order near-equal similarities differently: the reference counts those near-ties per K, and the
-benchmark fails unless every differing query is accounted for by one.
+Prints one JSON object: the time of `retrieval_metrics` (xbmcore.knn's faiss IndexFlatIP path, nmi off; MAP@R
+comes from the same neighbours at no extra search), the floor (2 N^2 D flops: the same N x N float32 GEMM timed
+with torch in this run), their ratio, the metrics, the BLAS libraries and the kernels they run (threadpoolctl;
+the benchmark fails on a generic fallback), and whether Recall@K equals a brute-force reference (chunked torch
+matmul + topk). Two float32 BLAS libraries may order near-equal similarities differently: the reference counts
+those near-ties per K, and the benchmark fails unless every differing query is accounted for by one.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import json
 import os
 import time
 
+import xbmcore  # noqa: F401  (first: sets faiss's BLAS core from the CPU's features, xbmcore/blas.py)
 import faiss
 import numpy as np
 import torch
+from threadpoolctl import threadpool_info
 
+from xbmcore.blas import generic_blas
 from xbmcore.evaluate import nmi_score, retrieval_metrics
 
 N, D, C = 60_502, 512, 11_316  # SOP test set: 60,502 images of 11,316 products
@@ -108,6 +112,11 @@ def main() -> None:
     agrees = all(round(diffs[k] * N) <= near_ties[k] for k in ref)
     result = {
         "n": N, "d": D, "classes": C, "threads": faiss.omp_get_max_threads(),
+        # Which BLAS kernels ran (threadpoolctl): a generic core here would make the search several times slower.
+        "blas": [{"library": os.path.basename(lib["filepath"]), "version": lib.get("version"),
+                  "architecture": lib.get("architecture")} for lib in threadpool_info()
+                 if lib.get("user_api") == "blas"],
+        "blas_generic_fallback": bool(generic_blas()),
         "load_average_1min_before_after": [round(load_before, 2), round(load_after, 2)],
         "seconds": round(seconds, 3),
         "floor_seconds": round(floor, 3),
@@ -131,6 +140,7 @@ def main() -> None:
         result["nmi_seconds"] = round(time.perf_counter() - t, 3)
     print(json.dumps(result, indent=1))
     assert agrees, (diffs, near_ties)
+    assert not result["blas_generic_fallback"], result["blas"]
 
 
 if __name__ == "__main__":

@@ -223,22 +223,23 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
 
 
 def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path) -> None:
-    """mlflow.pytorch in its default pt2 format: a torch.export graph traced from one example image, which loads
-    without this project's code."""
+    """An mlflow.pyfunc model that embeds encoded images (pipeline/pyfunc_model.py): the weights, the test
+    transform and the code they need, so `mlflow models serve` answers an image with its embedding."""
     import mlflow
-    import mlflow.pytorch
     import torchvision
 
+    from pipeline.pyfunc_model import log_embedding_model
     from pipeline.tracking import tracking_uri
+    from xbmcore.embedding_store import Embedder
 
-    model = model.cpu().eval()
-    size = params.data.test_size
-    example = torch.zeros(2, 3, size, size).numpy()  # batch 2: a batch of 1 would fix B; the signature (B x 3 x H x W -> B x D) comes from it
+    embedder = Embedder(model.cpu().eval(), params.model.model_dump(), params.data.test_resize,
+                        params.data.test_size, source=str(stage_dir(root, "train_xbm") / "model.pt"))
     mlflow.set_tracking_uri(tracking_uri(params, root))
     # Explicit requirements: MLflow's inference would import-scan the environment (slow, and noisy).
-    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            "pillow", "pydantic", "pandas"]
     with mlflow.start_run(run_id=run.mlflow.run_id, nested=mlflow.active_run() is not None):
-        mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=reqs)
+        log_embedding_model(embedder, name="model", pip_requirements=reqs)
 
 
 # ---- entry point ----

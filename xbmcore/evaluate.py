@@ -1,13 +1,13 @@
 """Retrieval evaluation: Recall@K, MAP@R, R-precision (Musgrave et al., "A Metric Learning Reality Check",
-ECCV 2020) and NMI, on L2-normalised embeddings searched exactly with faiss (inner product = cosine).
+ECCV 2020) and NMI, on L2-normalised embeddings searched exactly by inner product = cosine (xbmcore.knn: faiss on
+the CPU, torch on a GPU).
 
 Two protocols: query = gallery with the query itself excluded (SOP, CUB, Cars: `gallery=None`), and separate
 query and gallery sets (In-Shop, VehicleID).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Literal, Sequence
 
 import faiss
 import numpy as np
@@ -16,14 +16,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-# Result buffers of one search call (distances float32 + ids int64 per neighbour) stay under this many bytes,
-# so 100k x 512 queries with k ~ 1000 neighbours fit in a few GB.
-_SEARCH_BYTES = 256 << 20
-# faiss splits each search into blocks of 4096 queries x 1024 gallery items for its BLAS calls; chunks are
-# multiples of the query block. A gallery block of 4096 amortises faiss's per-block top-k bookkeeping, which
-# matters at k ~ 1000: 1.10x against 1.28x the CPU time of the bare GEMM with 1024 (8,192 of 60,502 x 512, k 1001).
-_FAISS_QUERY_BLOCK = 4096
-_FAISS_GALLERY_BLOCK = 4096
+from xbmcore.knn import iter_exact_knn
+
 NMI_SEED = 0
 NMI_NITER = 20
 
@@ -84,17 +78,6 @@ def _as_embeddings(name: str, x, labels) -> tuple[np.ndarray, np.ndarray]:
     return x, labels.astype(np.int64, copy=False)
 
 
-@contextmanager
-def _faiss_gallery_block(size: int) -> Iterator[None]:
-    # A process-wide faiss setting: set for our searches only, then put back.
-    before = faiss.cvar.distance_compute_blas_database_bs
-    faiss.cvar.distance_compute_blas_database_bs = size
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_database_bs = before
-
-
 def _without_self(ids: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
     """Mask (n x (k+1) -> True = keep) removing each query's own id from its k+1 neighbours: by id, not position,
     since exact duplicates may tie with it; where it is absent (more than k duplicates) the last one goes."""
@@ -107,7 +90,7 @@ def _without_self(ids: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
 
 def retrieval_metrics(
     query, query_labels, gallery=None, gallery_labels=None, recall_at: Sequence[int] = (1, 10, 100),
-    nmi: bool = True,
+    nmi: bool = True, device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Recall@K for each K, MAP@R, R-precision and (when `nmi`) NMI of the query embeddings.
 
@@ -145,16 +128,10 @@ def retrieval_metrics(
     # Exact: k covers the largest K and the largest R, so MAP@R never truncates a class.
     k = min(max(max(ks), r_max), n_gallery)
 
-    index = faiss.IndexFlatIP(q.shape[1])
-    index.add(g)
-    chunk = max(_FAISS_QUERY_BLOCK, _SEARCH_BYTES // (12 * (k + 1)) // _FAISS_QUERY_BLOCK * _FAISS_QUERY_BLOCK)
     first_hit = np.empty(len(q), dtype=np.int64)  # rank of the first relevant neighbour, k if none in the top k
     ap = np.zeros(len(q))
     rp = np.zeros(len(q))
-    for s in range(0, len(q), chunk):
-        e = min(s + chunk, len(q))
-        with _faiss_gallery_block(_FAISS_GALLERY_BLOCK):
-            _, ids = index.search(q[s:e], k + self_excluded)  # ids: n x k(+1), best first
+    for s, e, _, ids in iter_exact_knn(q, g, k + self_excluded, device):  # ids: n x k(+1), best first
         rel = gl[ids] == ql[s:e, None]  # n x k(+1): same label
         if self_excluded:
             rel = rel[_without_self(ids, np.arange(s, e))].reshape(e - s, k)  # n x k
@@ -208,6 +185,6 @@ def evaluate_model(
         raise ValueError(f"which: expected 'val' or 'test', got {which!r}")
     q, ql = compute_embeddings(model, pairs[0], batch_size, device, num_workers)
     if pairs[1] is None:
-        return retrieval_metrics(q, ql, recall_at=recall_at, nmi=nmi)
+        return retrieval_metrics(q, ql, recall_at=recall_at, nmi=nmi, device=device)
     g, gl = compute_embeddings(model, pairs[1], batch_size, device, num_workers)
-    return retrieval_metrics(q, ql, g, gl, recall_at=recall_at, nmi=nmi)
+    return retrieval_metrics(q, ql, g, gl, recall_at=recall_at, nmi=nmi, device=device)

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from pipeline import stages
 from pipeline.tracking import run_key, tracking_uri
 from tiny_project import tiny_params
 from xbmcore.checkpoint import load_checkpoint
 from xbmcore.config import validate_params
+from xbmcore.embedding_store import Embedder
 from xbmcore.events import read_events
 
 torch.set_num_threads(1)
@@ -84,12 +89,17 @@ def test_one_finished_mlflow_run_with_continuous_curves_and_the_model(project):
     assert run.data.metrics["test/map_at_r"] == pytest.approx(metrics["map@r"])
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     assert [m.source_run_id for m in models] == [run.info.run_id]
-    loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    # The logged model embeds encoded images as the library does (pipeline/pyfunc_model.py).
+    loaded = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
     model, _ = stages.load_model(p, root)
-    x = torch.randn(3, 3, 16, 16)
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    images = [np.random.default_rng(i).integers(0, 256, (20, 18, 3), dtype=np.uint8) for i in range(3)]
+    pngs = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    want = Embedder(model, p.model.model_dump(), p.data.test_resize, p.data.test_size).embed_images(pngs)
+    np.testing.assert_allclose(loaded.predict(pd.DataFrame({"image": pngs})), want, atol=1e-5)
 
 
 def test_study_layout_baseline_from_the_shared_warmup(project):

@@ -7,6 +7,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 import xbmcore.evaluate as ev
+import xbmcore.knn as knn
 from xbmcore.evaluate import compute_embeddings, evaluate_model, retrieval_metrics
 
 torch.set_num_threads(1)
@@ -91,9 +92,19 @@ def test_chunked_search_gives_the_same_result(monkeypatch):
     rng = np.random.default_rng(3)
     x, y = random_set(rng, 50, classes=5)
     want = retrieval_metrics(x, y, recall_at=KS, nmi=False)
-    monkeypatch.setattr(ev, "_FAISS_QUERY_BLOCK", 7)
-    monkeypatch.setattr(ev, "_SEARCH_BYTES", 1)  # chunks of 7 queries: offsets of the self ids matter
+    monkeypatch.setattr(knn, "FAISS_QUERY_BLOCK", 7)
+    monkeypatch.setattr(knn, "RESULT_BYTES", 1)  # chunks of 7 queries: offsets of the self ids matter
     assert retrieval_metrics(x, y, recall_at=KS, nmi=False) == want
+
+
+def test_torch_search_gives_the_same_result(monkeypatch):
+    """The GPU path (torch matmul + topk), run on the CPU in chunks of 7 queries."""
+    rng = np.random.default_rng(4)
+    x, y = random_set(rng, 60, classes=6)
+    want = retrieval_metrics(x, y, recall_at=KS, nmi=False)
+    monkeypatch.setattr(knn, "TORCH_SIM_BYTES", 7 * 60 * 4)
+    monkeypatch.setattr(knn, "_faiss", lambda: None)  # as where faiss is not installed
+    assert retrieval_metrics(x, y, recall_at=KS, nmi=False) == pytest.approx(want, abs=1e-12)
 
 
 def test_self_is_dropped_by_index_not_position():
