@@ -77,7 +77,7 @@ def test_quick_train_step(quick):
         for dtype in gpu.MEMORY_DTYPES:
             m = c[f"memory_{dtype}"]
             assert m["memory_K"] == K
-            # The memory at K = 32,768 is large next to the tiny CNN: its share is clearly positive.
+            # The memory at K = 65,536 is large next to the tiny CNN: its share is clearly positive.
             assert 0 <= m["xbm_share_of_step"] < 1
             assert m["xbm_share_of_step"] == pytest.approx(m["cost_vs_none"] / (1 + m["cost_vs_none"]), abs=2e-4)
         # Storage: K x D features (4 or 2 bytes) plus the same int64 labels, indices, steps and slot map.
