@@ -4,8 +4,8 @@
     python -m bench.gpu --quick --out quick.json  # small sizes, any device (the test suite runs it on the CPU)
 
 On a machine without a package registry whose Python lacks pydantic and faiss (the lent H200 has torch,
-torchvision, numpy, pillow, scikit-learn, pyyaml and tqdm), `bash bench/gpu_wheels.sh` downloads, here, the
-wheels that xbmcore needs into .whl/ (20.7 MiB); the one command there, from the repository root, is
+torchvision, numpy, pillow, scikit-learn, pyyaml, tqdm and threadpoolctl), `bash bench/gpu_wheels.sh`
+downloads, here, the wheels it needs into .whl/ (20.7 MiB); the one command there, from the repository root, is
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m bench.gpu --out $OUT/gpu.json

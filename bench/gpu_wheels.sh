@@ -5,10 +5,10 @@
 #     bash bench/gpu_wheels.sh
 #
 # The machine (Python 3.12, x86-64 Linux) already has torch, torchvision, numpy, pillow, scikit-learn, pyyaml,
-# tqdm and packaging; it lacks pydantic (the params schema) and faiss (the evaluation). The pins are the versions
-# the test suite runs with; pydantic 2.14 needs typing-extensions >= 4.16, newer than such an image may hold, so
-# it travels too (a newer typing-extensions is a drop-in for an older one). mlflow, dvc and optuna are not
-# needed: the benchmark trains through the library, not the pipeline's stages.
+# tqdm, threadpoolctl and packaging; it lacks pydantic (the params schema) and faiss (the CPU evaluation). The
+# pins are the versions the test suite runs with; pydantic 2.14 needs typing-extensions >= 4.16, newer than such
+# an image may hold, so it travels too (a newer typing-extensions is a drop-in for an older one). mlflow, dvc and
+# optuna are not needed: the benchmark trains through the library, not the pipeline's stages.
 #
 # Then, on that machine, from the repository root (with .whl carried along):
 #
