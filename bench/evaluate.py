@@ -32,16 +32,18 @@ RECALL_AT = (1, 10, 100, 1000)
 TIE_TOL = 1e-5
 
 
-def make_embeddings(seed: int = 0, noise: float = 2.2) -> tuple[np.ndarray, np.ndarray]:
-    """Class centres on the sphere plus isotropic noise (norm ~ `noise`), re-normalised: N x D float32, ~5.3 items
-    per class. noise 2.2 gives Recall@1 ~ 0.78, close to published SOP results."""
+def make_embeddings(seed: int = 0, noise: float = 2.2, n: int = N, d: int = D,
+                    classes: int = C) -> tuple[np.ndarray, np.ndarray]:
+    """Class centres on the sphere plus isotropic noise (norm ~ `noise`), re-normalised: n x d float32, n / classes
+    items per class (SOP's sizes by default: ~5.3). noise 2.2 gives Recall@1 ~ 0.78 there, close to published
+    SOP results."""
     rng = np.random.default_rng(seed)
-    sizes = np.full(C, N // C)
-    sizes[rng.choice(C, N - sizes.sum(), replace=False)] += 1
-    labels = rng.permutation(np.repeat(np.arange(C), sizes))
-    centres = rng.standard_normal((C, D), dtype=np.float32)
+    sizes = np.full(classes, n // classes)
+    sizes[rng.choice(classes, n - sizes.sum(), replace=False)] += 1
+    labels = rng.permutation(np.repeat(np.arange(classes), sizes))
+    centres = rng.standard_normal((classes, d), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    x = centres[labels] + noise / np.sqrt(D) * rng.standard_normal((N, D), dtype=np.float32)
+    x = centres[labels] + noise / np.sqrt(d) * rng.standard_normal((n, d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x, dtype=np.float32), labels.astype(np.int64)
 
