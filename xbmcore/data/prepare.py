@@ -43,7 +43,7 @@ class Splits:
 def _recipe(p: DataParams, annotations: list[Path] | None = None, image_root: Path | None = None) -> dict:
     r: dict[str, Any] = {"format_version": FORMAT_VERSION, "name": p.name, "val_fraction": p.val_fraction}
     if p.name == "synthetic":
-        r["synthetic"] = p.synthetic.model_dump()
+        r["synthetic"] = {**p.synthetic.model_dump(), "generator": synthetic.GENERATOR_VERSION}
     else:
         r["skip_corrupt"] = p.skip_corrupt
         r["image_root"] = str(image_root)
