@@ -10,6 +10,8 @@ Kinds and their fields (all events also carry `kind`, `time` (unix seconds) and 
               memory_fill (0..1), memory_size (entries stored), drift (mean ||new-old||^2 of this step or null),
               drift_age (mean age in steps of the replaced embeddings, or null), lr, images_per_s
   eval        phase, split, metrics ({"recall@1": ..., "map@r": ...})
+  drift       phase, D ({"10": D(t; 10), "100": ..., ...}: the drift probe's mean ||f_t(x) - f_{t-dt}(x)||^2,
+              for the dts whose earlier snapshot exists; xbmcore.drift)
   checkpoint  path
   end         status ("finished" | "failed" | "stopped"), message
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
-KINDS = ("start", "phase", "step", "eval", "checkpoint", "end")
+KINDS = ("start", "phase", "step", "eval", "drift", "checkpoint", "end")
 PHASES = ("warmup", "memory_init", "xbm", "baseline", "evaluate")
 
 # Fields every `step` event carries; sinks and readers rely on this list instead of guessing.

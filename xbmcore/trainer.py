@@ -35,6 +35,7 @@ from xbmcore.checkpoint import (
     set_rng_state,
 )
 from xbmcore.config import Params
+from xbmcore.drift import DriftMonitor, DriftProbe
 from xbmcore.evaluate import compute_embeddings, evaluate_model
 from xbmcore.events import make_event
 from xbmcore.losses import XBMObjective, build_loss
@@ -43,7 +44,7 @@ from xbmcore.sampler import PKSampler
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the warm-up's end step and the drift probe
 # Curves kept in the training state (and hence in checkpoints): the DVC plots are written from them, so a
 # resumed run's curves are continuous without re-reading any log.
 HISTORY_FIELDS = ("step", "phase", "loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs",
@@ -53,6 +54,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 STEP_SCALARS = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs")
 # Train params that change how a run is operated, not what it computes (evaluation runs on a forked RNG).
 _OPERATIONAL = ("checkpoint_every", "eval_every", "num_threads", "device", "precision")
+# The drift probe's and the auto warm-up's: they decide what is computed only when the warm-up ends on drift.
+_DRIFT = ("drift_probe", "drift_every", "drift_dts", "warmup_drift", "warmup_drift_dt", "warmup_min_steps",
+          "warmup_max_steps")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -123,7 +127,8 @@ def training_digest(params: Params, phase: str) -> str:
     keeps a warm-up checkpoint valid.
     """
     d = params.model_dump(mode="json")
-    train = {k: v for k, v in d["train"].items() if k not in _OPERATIONAL}
+    skip = _OPERATIONAL + (() if d["train"]["warmup_steps"] == "auto" else _DRIFT)
+    train = {k: v for k, v in d["train"].items() if k not in skip}
     keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train, "code": code_fingerprint()}
     if phase == "warmup":
         for k in ("xbm_steps", "lr", "lr_schedule"):  # the XBM phase's
@@ -215,6 +220,8 @@ class Trainer:
         # channels_last lets cuDNN use its NHWC tensor-core kernels; a no-op choice on the CPU.
         self._mem_format = torch.channels_last if self.cuda else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self._mem_format)
+        # The step the warm-up ended at (None until it has): the XBM phase's cosine schedule counts from it.
+        self.warmup_end: int | None = None
         self.objective = XBMObjective(build_loss(params.loss), params.memory.weight).to(self.device)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -226,6 +233,20 @@ class Trainer:
         self.evals: list[dict[str, Any]] = []  # {"step", "phase", "split", metric: value, ...}
         self._stop_signal: int | None = None
         self._last_checkpoint: Path | None = None
+        self.phase: str | None = None
+        self._end_now = False
+        self.probe = None if not t.drift_probe else DriftProbe(
+            splits.train, t.drift_probe, t.drift_every, t.drift_dts, seed=t.seed, batch_size=params.eval.batch_size,
+            device=self.device, num_workers=params.data.num_workers, autocast=self._autocast)
+        # Hooks of the loop: on_phase_start(trainer) once the phase (re)starts, on_step(trainer) after each step.
+        self.hooks = [] if self.probe is None else [DriftMonitor(self.probe, t)]
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.sink.emit(event)
+
+    def end_phase(self) -> None:
+        """Called by a hook: the phase ends after this step (with a checkpoint), before its planned length."""
+        self._end_now = True
 
     # ---- construction helpers ----
 
@@ -243,9 +264,10 @@ class Trainer:
         # Constant through the warm-up; `cosine` decays to 0 over the XBM phase only, so the warm-up (and its
         # cached output) does not depend on how long the XBM phase is. Multiplies the phase's lr (set_lr).
         t = self.params.train
-        if t.lr_schedule == "constant" or step < t.warmup_steps:
+        start = self.warmup_end if self.warmup_end is not None else t.warmup_budget
+        if t.lr_schedule == "constant" or step < start:
             return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / t.xbm_steps)
+        progress = min(1.0, (step - start) / t.xbm_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def set_lr(self, lr: float, weight_decay: float | None = None) -> None:
@@ -278,6 +300,8 @@ class Trainer:
             "memory": None if memory is None else memory.state_dict(),
             "history": self.history,
             "evals": self.evals,
+            "warmup_end": self.warmup_end,
+            "drift_probe": None if self.probe is None else self.probe.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], memory: CrossBatchMemory | None = None) -> None:
@@ -293,6 +317,9 @@ class Trainer:
         self.step = int(state["step"])
         self.history = {k: list(state["history"][k]) for k in HISTORY_FIELDS}
         self.evals = list(state["evals"])
+        self.warmup_end = state["warmup_end"]
+        if self.probe is not None:
+            self.probe.load_state_dict(state["drift_probe"])
         if memory is not None:
             if state["memory"] is None:
                 raise ValueError("the checkpoint holds no memory, but a memory was given to restore")
@@ -450,6 +477,8 @@ class Trainer:
         end = start + steps
         self.set_lr(t.warmup_lr if phase == "warmup" else t.lr, t.weight_decay)
         resumed = folder is not None and self._resume(folder, phase, start, end, memory)
+        if phase == "warmup" and self.warmup_end is not None:
+            end = self.step  # resumed after the auto warm-up had ended: nothing left to train
         if memory is not None and self.params.loss.reduction == "sum_over_batch":
             # Not an error (it is the official code's reduction), but the usual cause of a silent collapse.
             log.warning("loss.reduction sum_over_batch: the memory term sums ~K/B = %.0f times as many pairs as "
@@ -458,6 +487,9 @@ class Trainer:
         self.model.train()
         self.sink.emit(make_event("phase", self.step, phase=phase, total_steps=steps, start_step=start,
                                   resumed=resumed))
+        self.phase, self._end_now = phase, False
+        for h in self.hooks:
+            h.on_phase_start(self)
 
         def checkpoint() -> None:
             if folder is not None:
@@ -478,7 +510,9 @@ class Trainer:
                     self.step += 1
                     now = time.perf_counter()
                     last = self._record(phase, out, memory, B / max(now - tick, 1e-9))
-                    tick = now
+                    for h in self.hooks:
+                        h.on_step(self)
+                    tick = time.perf_counter()  # images/s measures training, not the hooks
                     if t.eval_every and self.step % t.eval_every == 0:
                         metrics = self.evaluate("val")
                         self.evals.append({"step": self.step, "phase": phase, "split": "val", **metrics})
@@ -491,6 +525,10 @@ class Trainer:
                                 raise _CallerError(err) from err
                         tick = time.perf_counter()  # images/s measures training, not evaluation
                     stop = self._stop_signal is not None
+                    if self._end_now:
+                        end = self.step
+                        if phase == "warmup":  # before the checkpoint: a resumed run must not train on
+                            self.warmup_end = self.step
                     if stop or self.step % t.checkpoint_every == 0 or self.step == end:
                         checkpoint()
                         tick = time.perf_counter()
@@ -501,6 +539,8 @@ class Trainer:
                                f"stopped by {name} after step {self.step} ({phase} phase); no checkpoint folder")
                         self.sink.emit(make_event("end", self.step, status="stopped", message=msg))
                         raise TrainingStopped(self._stop_signal, msg)
+                if phase == "warmup":
+                    self.warmup_end = self.step
             except _CallerError as wrapped:
                 raise wrapped.__cause__  # the caller's own exception (e.g. a pruned trial): not a failure here
             except Exception as err:
