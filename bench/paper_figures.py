@@ -88,11 +88,14 @@ def _key(p) -> str:
 
 
 def groups(args) -> list[dict[str, Any]]:
-    """Runs sharing one warm-up: {"name", "figure", "warm": overrides, "runs": [(figure, overrides, row)]}."""
-    out = []
+    """Runs sharing one warm-up: {"name", "warm": overrides, "runs": [(figure, overrides, row)]}, in the order
+    they run: the first seed of fig1a/b, then the drift runs, then the other seeds, then auto (a study cut short
+    still has every figure)."""
     W, X, b0 = args.warmup_steps, args.xbm_steps, min(args.batches)
     steps = [f"train.warmup_steps={W}", f"train.xbm_steps={X}", "train.drift_probe=0"]
+    per_seed: list[list[dict[str, Any]]] = []
     for seed in args.seeds:
+        mine = []
         for norm in ("batch", "group"):
             for b in (args.batches if norm == "batch" else [b0]):
                 warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", f"model.norm={norm}"]
@@ -107,18 +110,17 @@ def groups(args) -> list[dict[str, Any]]:
                             runs.append(("fig1b", [*warm, "memory.enabled=true", f"memory.ratio={r}"],
                                          dict(batch=b, memory=True, ratio=r)))
                 if runs:
-                    out.append({"name": f"{norm}-b{b}-seed{seed}", "warm": warm, "runs": runs})
-    if "drift" in args.only:
-        for seed in args.drift_seeds:
-            warm = [f"train.seed={seed}"]
-            out.append({"name": f"drift-seed{seed}", "warm": warm, "drift": True, "runs": [
-                ("drift", [*warm, f"memory.enabled={str(e).lower()}"], dict(memory=e)) for e in (False, True)]})
-    if "auto" in args.only:
-        for seed in args.seeds_auto:
-            warm = [f"train.seed={seed}", "train.warmup_steps=auto"]
-            out.append({"name": f"auto-seed{seed}", "warm": warm, "drift": True,
-                        "runs": [("auto", [*warm, "memory.enabled=true"], dict(memory=True))]})
-    return out
+                    mine.append({"name": f"{norm}-b{b}-seed{seed}", "warm": warm, "runs": runs})
+        per_seed.append(mine)
+    drift = [] if "drift" not in args.only else [
+        {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}"], "drift": True,
+         "runs": [("drift", [f"train.seed={seed}", f"memory.enabled={str(e).lower()}"], dict(memory=e))
+                  for e in (False, True)]} for seed in args.drift_seeds]
+    auto = [] if "auto" not in args.only else [
+        {"name": f"auto-seed{seed}", "warm": [f"train.seed={seed}", "train.warmup_steps=auto"], "drift": True,
+         "runs": [("auto", [f"train.seed={seed}", "train.warmup_steps=auto", "memory.enabled=true"],
+                   dict(memory=True))]} for seed in args.seeds_auto]
+    return [*(per_seed[0] if per_seed else []), *drift, *(g for s in per_seed[1:] for g in s), *auto]
 
 
 def _done(csv_path: Path) -> dict[str, dict[str, str]]:
