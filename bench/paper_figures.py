@@ -197,14 +197,14 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _write_drift(path: Path, history: list[dict], dts: list[int]) -> None:
+    from xbmcore.data.index import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", *(f"D_{dt}" for dt in dts)])
         for h in history:
             w.writerow([h["step"], *(h["D"].get(dt, "") for dt in dts)])
-    tmp.replace(path)
 
 
 # ---- summary and figures ----
