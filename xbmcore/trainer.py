@@ -35,7 +35,7 @@ from xbmcore.checkpoint import (
     set_rng_state,
 )
 from xbmcore.config import Params
-from xbmcore.drift import DriftMonitor, DriftProbe
+from xbmcore.drift import DriftMonitor, DriftProbe, clean_view
 from xbmcore.evaluate import compute_embeddings, evaluate_model
 from xbmcore.events import make_event
 from xbmcore.losses import XBMObjective, build_loss
@@ -578,7 +578,7 @@ class Trainer:
         g = torch.Generator().manual_seed(self.params.train.seed)
         pick = torch.randperm(N, generator=g)[:n]  # n dataset indices
         # The images as the test transform shows them (when the dataset offers it): one clean view per image.
-        clean = train.without_augmentation() if hasattr(train, "without_augmentation") else train
+        clean = clean_view(train)
         with preserved_rng(), self._autocast():
             feats, labels = compute_embeddings(self.model, Subset(clean, pick.tolist()),
                                                self.params.eval.batch_size, self.device,
