@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     splits = open_splits(prepare_dataset(p.data, data_root, progress=False), p.data)
     torch.manual_seed(0)
     trainer = Trainer(p, build_model(p.model), splits, _NullSink())
-    monitor = trainer.hooks[0]
+    monitor = trainer.hooks[-1]
     probe = trainer.probe
     embeds = [0]
     embed = probe.embed
-    probe.embed = lambda model: (embeds.__setitem__(0, embeds[0] + 1), embed(model))[1]
+    probe.embed = lambda: (embeds.__setitem__(0, embeds[0] + 1), embed())[1]
     memory = trainer.init_memory()
     per_interval = len({0, *((-dt) % t.drift_every for dt in t.drift_dts)})
 

@@ -168,7 +168,7 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
             seed_everything(base.train.seed)
             trainer = Trainer(base, build_model(base.model), splits, _NullSink())
             trainer.train_phase("warmup", base.train.warmup_budget)
-            save_checkpoint(trainer.state_dict("warmup", 0, None), warm_path)
+            save_checkpoint(trainer.state_dict(), warm_path)
     warm = load_checkpoint(warm_path)
     rows = []
     for fig, ov, extra in todo:

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from xbmcore.events import STEP_FIELDS
+from xbmcore.events import NUMERIC_FIELDS
 
-# Numeric step fields that become curves (phase is a label, not a curve).
-CURVES = tuple(f for f in STEP_FIELDS if f != "phase")
+# The step event's numeric fields become curves (phase is a label).
+CURVES = NUMERIC_FIELDS
 
 
 class Series:
@@ -87,6 +87,8 @@ class EventBatch:
     phase_changes: list[tuple[int, str]]   # (step, phase) where the phase differs from the event before
     others: list[dict[str, Any]]           # start / phase / eval / checkpoint / end events
     last_phase: str | None = None
+    # for each of `others`, how many step events came before it in the batch (so that add() keeps the order)
+    others_at: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.steps) + len(self.others)
@@ -96,6 +98,7 @@ class EventBatch:
         step_events = []
         others = []
         changes: list[tuple[int, str]] = []
+        others_at: list[int] = []
         phase = prev_phase
         for ev in events:
             kind = ev["kind"]
@@ -103,6 +106,7 @@ class EventBatch:
                 step_events.append(ev)
             else:
                 others.append(ev)
+                others_at.append(len(step_events))
             p = ev.get("phase") if kind in ("step", "phase") else None
             if p is not None and p != phase:
                 changes.append((int(ev["step"]), p))
@@ -116,6 +120,7 @@ class EventBatch:
             phase_changes=changes,
             others=others,
             last_phase=phase,
+            others_at=others_at,
         )
 
 
@@ -141,31 +146,35 @@ class RunData:
         return self.phases[-1][1] if self.phases else None
 
     def add(self, batch: EventBatch) -> None:
+        """Append a batch, in event order. A training phase event's `resume_from` says from which step the run
+        continues: the points after it (written by an earlier execution into the same file, or before a kill
+        since the last checkpoint) are dropped, so the curves never step back."""
         self.events += len(batch)
-        steps = batch.steps
-        if len(steps):
-            # A resumed run restarts from its last checkpoint, so steps can go back: the curves then show the
-            # resumed history, not both. Cut the batch where that happens and rewind before each part.
-            prev = np.concatenate(([np.inf if self.last_step is None else self.last_step], steps[:-1]))
-            cuts = np.flatnonzero(steps <= prev)
-            if self.last_step is None:
-                cuts = cuts[1:]
-            bounds = [0, *cuts.tolist(), len(steps)]
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                if a == b:
-                    continue
-                if self.last_step is not None and steps[a] <= self.last_step:
-                    self._rewind(steps[a])
-                for f, s in self.curves.items():
-                    s.extend(steps[a:b], batch.columns[f][a:b])
-                self.step_times.extend(steps[a:b], batch.times[a:b])
-                self.last_step = int(steps[b - 1])
-            self.status = None  # steps after an `end` event: the run was resumed
+        a = 0
+        for ev, at in zip(batch.others, batch.others_at):
+            self._extend(batch, a, at)
+            a = at
+            if ev["kind"] == "phase" and ev.get("resume_from") is not None:
+                self._rewind(int(ev["resume_from"]) + 1)
+                self.last_step = min(self.last_step, int(ev["resume_from"])) if self.last_step is not None else None
+                self.status = None
+            self._other(ev)
+        self._extend(batch, a, len(batch.steps))
         for step, phase in batch.phase_changes:
             if not self.phases or self.phases[-1][1] != phase:
                 self.phases.append((step, phase))
-        for ev in batch.others:
-            self._other(ev)
+
+    def _extend(self, batch: EventBatch, a: int, b: int) -> None:
+        if a == b:
+            return
+        steps = batch.steps
+        if self.last_step is not None and steps[a] <= self.last_step:  # an events file without resume_from
+            self._rewind(steps[a])
+        for f, s in self.curves.items():
+            s.extend(steps[a:b], batch.columns[f][a:b])
+        self.step_times.extend(steps[a:b], batch.times[a:b])
+        self.last_step = int(steps[b - 1])
+        self.status = None  # steps after an `end` event: the run was resumed
 
     def _rewind(self, x0: float) -> None:
         for s in (*self.curves.values(), self.step_times, *self.evals.values()):

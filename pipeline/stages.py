@@ -4,7 +4,7 @@
     download -> warmup -> memory_init -> train_xbm -> evaluate
 
 Files (DVC outs), with `art` = <root>/artifacts unless a stage is given `artifacts=`:
-    art/warmup/state.pt          full training state after the warm-up (model, optimiser, sampler, RNG, curves)
+    art/warmup/state.pt          full training state after the warm-up (model, optimiser, step, RNG states, curves)
     art/warmup/checkpoints/      periodic checkpoints of the warm-up (persist: a killed stage resumes)
     art/memory_init/memory.pt    the initialised memory (or a marker that the memory is off: the baseline)
     art/train_xbm/model.pt       the trained embedding model (weights + its `model` params)
@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -36,12 +37,13 @@ from xbmcore.data import open_splits, prepare_dataset
 from xbmcore.events import make_event
 from xbmcore.evaluate import evaluate_model
 from xbmcore.models import build_model
+from xbmcore.events import HISTORY_FIELDS
 from xbmcore.trainer import (
-    HISTORY_FIELDS, NonFiniteLossError, OutOfMemory, Trainer, TrainingStopped, build_memory, resolve_device,
-    resumable_checkpoint,
+    NonFiniteLossError, OutOfMemory, Trainer, TrainingStopped, build_memory, resolve_device, resumable_checkpoint,
 )
 from pipeline.cli import add_params_arguments, load_cli_params
-from pipeline.tracking import StageRun, configure_logging
+from pipeline.tracking import MODEL_TAG, StageRun, configure_logging, file_sha256, is_main_process, stage_run
+from xbmcore.distributed import init_process_group, launched_by_torchrun
 
 log = logging.getLogger(__name__)
 STAGES = ("download", "warmup", "memory_init", "train_xbm", "evaluate")
@@ -122,8 +124,9 @@ def run_warmup(params: Params, root: Path, artifacts: Path | None = None) -> Pat
     splits = _splits(params, root)
     model = build_model(params.model)
     found = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_budget)
-    with StageRun(params, root, "warmup", total_steps=t.warmup_budget + t.xbm_steps,
-                  fresh_start=None if found else 1) as run:
+    path = out / "state.pt"
+    with stage_run(params, root, "warmup", total_steps=t.warmup_budget + t.xbm_steps,
+                   fresh_start=None if found else 1) as run:
         if found:  # points computed before a kill but not yet sent to MLflow
             run.backfill(found[1]["history"], found[1]["evals"], _drift_of(found[1]))
         trainer = Trainer(params, model, splits, run.sink)
@@ -131,7 +134,9 @@ def run_warmup(params: Params, root: Path, artifacts: Path | None = None) -> Pat
         if t.warmup_steps == "auto":
             log.info("auto warm-up: %d steps (bounds %d..%d)", trainer.step, t.warmup_min_steps, t.warmup_max_steps)
             run.set_tags({"warmup_end": trainer.step})
-        path = save_checkpoint(trainer.state_dict("warmup", 0, None), out / "state.pt")
+        state = trainer.state_dict()  # every rank: their RNG states are gathered into it
+        if trainer.dist.is_main:
+            save_checkpoint(state, path)
     return path
 
 
@@ -160,7 +165,7 @@ def run_memory_init(params: Params, root: Path, artifacts: Path | None = None,
                     warmup: Path | None = None) -> Path:
     """Fill the memory with the warmed-up model's embeddings of a random memory.ratio of the train set."""
     path = stage_dir(root, "memory_init", artifacts) / "memory.pt"
-    with StageRun(params, root, "memory_init") as run:
+    with stage_run(params, root, "memory_init") as run:
         trainer = _trainer_after_warmup(params, root, warmup, run.sink)
         state: dict[str, Any] = {"enabled": params.memory.enabled, "step": trainer.step, "memory": None}
         if params.memory.enabled:
@@ -171,7 +176,8 @@ def run_memory_init(params: Params, root: Path, artifacts: Path | None = None,
             if run.mlflow:
                 run.safe("logging the memory size", run.mlflow.log_metrics,
                          {"memory_fill": memory.fill_level}, trainer.step)
-        save_checkpoint(state, path)
+        if trainer.dist.is_main:
+            save_checkpoint(state, path)
     return path
 
 
@@ -195,34 +201,45 @@ def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], Non
         raise ValueError(f"the warm-up state is at step {start}, expected train.warmup_steps = {t.warmup_steps}: "
                          f"run the pipeline again")
     found = resumable_checkpoint(folder, params, phase, start, start + t.xbm_steps)
-    with StageRun(params, root, "train_xbm", total_steps=start + t.xbm_steps,
-                  fresh_start=None if found else start + 1) as run:
+    # The run ends here (FINISHED) unless the study owns it (XBM_MLFLOW_RUN_ID): DVC skips the evaluate stage when
+    # a resumed training wrote the same model bytes, and the run must not stay RUNNING then.
+    with stage_run(params, root, "train_xbm", total_steps=start + t.xbm_steps,
+                   fresh_start=None if found else start + 1, finish=not os.environ.get("XBM_MLFLOW_RUN_ID")) as run:
         trainer = _trainer_after_warmup(params, root, warmup, run.sink, warm)
         if mem_state["step"] != start:
             raise ValueError(f"the warm-up state is at step {start} and the memory at step {mem_state['step']}: "
                              f"run the pipeline again")
         # Curves this MLflow run may lack: a cached warm-up's, and those computed before a kill up to the
         # checkpoint (the sink had not sent them yet).
-        done = found[1] if found else trainer.state_dict("warmup", 0, None)
+        done = found[1] if found else trainer.state_dict()
         run.backfill(done["history"], done["evals"], _drift_of(done))
         memory = None
         if enabled:
             memory = build_memory(params, len(trainer.splits.train), trainer.model.embedding_dim, trainer.device)
             memory.load_state_dict(mem_state["memory"])
         trainer.train_phase(phase, t.xbm_steps, memory, checkpoint_dir=folder, on_eval=on_eval)
-        path = save_checkpoint({"model": trainer.model.state_dict(), "model_params": params.model.model_dump(),
-                                "step": trainer.step, "phase": phase}, out / "model.pt")
+        path = out / "model.pt"
+        if not trainer.dist.is_main:
+            return path
+        save_checkpoint({"model": trainer.model.state_dict(), "model_params": _model_params(params),
+                         "step": trainer.step, "phase": phase}, path)
         write_plots(trainer.history, trainer.evals, _outputs_dir(root, artifacts) / "plots",
                     trainer.probe.history if trainer.probe else [], t.drift_dts if trainer.probe else [])
+        run.set_tags({MODEL_TAG: file_sha256(path)})  # the evaluate stage finds this run by its model
     return path
+
+
+def _model_params(params: Params) -> dict[str, Any]:
+    """The `model` params that describe the saved model (sync_bn is how it was trained: it holds plain BN)."""
+    return params.model.model_dump(exclude={"sync_bn"})
 
 
 def load_model(params: Params, root: Path, artifacts: Path | None = None) -> tuple[torch.nn.Module, int]:
     """The trained model of train_xbm and its global step."""
     state = load_checkpoint(stage_dir(root, "train_xbm", artifacts) / "model.pt")
-    if state["model_params"] != params.model.model_dump():
+    if state["model_params"] != _model_params(params):
         raise ValueError(f"the trained model was built with model = {state['model_params']}, the params say "
-                         f"{params.model.model_dump()}: run the train_xbm stage again")
+                         f"{_model_params(params)}: run the train_xbm stage again")
     model = build_model(params.model)
     model.load_state_dict(state["model"])
     return model, int(state["step"])
@@ -238,7 +255,8 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
     model, step = load_model(params, root, artifacts)
     model.to(device)
     final = split == "test"
-    with StageRun(params, root, "evaluate", finish=final) as run:
+    sha = file_sha256(stage_dir(root, "train_xbm", artifacts) / "model.pt")
+    with StageRun(params, root, "evaluate", finish=final, model_sha256=sha) as run:
         run.sink.emit(make_event("phase", step, phase="evaluate", total_steps=0, split=split))
         e = params.eval
         metrics = evaluate_model(model, _splits(params, root), split, e.recall_at, e.batch_size, device,
@@ -272,16 +290,54 @@ def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path
 
 # ---- entry point ----
 
+TRAINING_STAGES = ("warmup", "memory_init", "train_xbm")
+
+
+def _torchrun(stage: str, argv: list[str], nproc: int) -> int:
+    """Run the stage as `nproc` processes on this node (torchrun --standalone); SIGTERM/SIGINT are passed on, so
+    every rank stops after the same step with a checkpoint. On several nodes, start torchrun yourself (README)."""
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", f"pipeline.{stage}", *argv]
+    child = subprocess.Popen(cmd)
+    previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def main(stage: str, argv: list[str] | None = None) -> int:
     """`python -m pipeline.<stage> [--params params.yaml] [-S key=value ...]`: run one stage, exit non-zero on
-    failure (2: bad params, 1: an error, 128 + signal number: stopped by SIGTERM/SIGINT with a checkpoint)."""
+    failure (2: bad params, 1: an error, 128 + signal number: stopped by SIGTERM/SIGINT with a checkpoint).
+
+    A training stage with train.nproc > 1 starts itself again under torchrun, one process per rank; started by
+    torchrun, it is one rank of the job."""
     ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}")
     add_params_arguments(ap)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     configure_logging()
     if (loaded := load_cli_params(args)) is None:
         return 2
     params, root = loaded
+    if stage in TRAINING_STAGES:
+        if params.train.nproc > 1 and not launched_by_torchrun():
+            return _torchrun(stage, argv, params.train.nproc)
+        if launched_by_torchrun():
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", params.train.nproc))
+            if per_node != params.train.nproc:
+                print(f"{stage} failed: train.nproc is {params.train.nproc}, but torchrun started {per_node} "
+                      f"processes per node: make them agree (--nproc-per-node or -S train.nproc)", file=sys.stderr)
+                return 2
+            init_process_group(resolve_device(params.train.device))
+    if not is_main_process():
+        logging.getLogger("pipeline").setLevel(logging.WARNING)  # one rank speaks
+        logging.getLogger("xbmcore").setLevel(logging.WARNING)
     fn = {"download": run_download, "warmup": run_warmup, "memory_init": run_memory_init,
           "train_xbm": run_train_xbm, "evaluate": run_evaluate}[stage]
     try:

@@ -1,9 +1,12 @@
 """Tracking glue: the run's event file and its MLflow run, attached to by every stage of one pipeline execution.
 
 Run identity. A run is keyed by a hash of the params sections that define its result (`xbm.run_key` tag). A stage
-attaches to the newest not-yet-finished MLflow run with its key (created if there is none), so the five stages
-of one execution, and a stage started again after a kill, log into one run with continuous curves. The evaluate
-stage marks the run FINISHED; the next execution with the same key gets a new run. `XBM_MLFLOW_RUN_ID` names the
+attaches to the newest not-yet-finished MLflow run with its key (created if there is none), so the stages of one
+execution, and a stage started again after a kill, log into one run with continuous curves. The train_xbm stage
+marks the run FINISHED when the model is written, and tags it with the model's sha256 (`xbm.model_sha256`): the
+evaluate stage attaches to the run that trained its model, logs the test metrics and marks it FINISHED again. So
+a run ends FINISHED whether or not DVC reruns the evaluate stage (it skips it when a resumed training wrote the
+same model bytes), and the next execution with the same key gets a new run. `XBM_MLFLOW_RUN_ID` names the
 run outright; `XBM_MLFLOW_PARENT_RUN_ID` nests it under a parent (the Optuna study: one child per trial).
 
 Nothing here may stall or kill training: metrics go through `MLflowSink`'s background thread, and a store that
@@ -25,17 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from xbmcore.config import Params
-from xbmcore.events import JsonlSink, MultiSink, ProgressSink, make_event
+from xbmcore.events import METRIC_FIELDS, JsonlSink, MultiSink, NullSink, ProgressSink, make_event
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "xbm.run_key"
+MODEL_TAG = "xbm.model_sha256"
 PARENT_TAG = "mlflow.parentRunId"
 # The sections that define a run's result: same values, same run (tracking and tune do not change a result).
 RESULT_SECTIONS = ("data", "model", "loss", "memory", "train", "eval")
-# Step-event fields logged as MLflow metrics (memory_size is memory_fill times K, phase is not a number).
-STEP_METRICS = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs",
-                "memory_fill", "drift", "drift_age", "lr", "images_per_s")
+# Step-event fields logged as MLflow metrics: those StepRecord marks as metrics.
+STEP_METRICS = METRIC_FIELDS
 EVENTS_FILE = "events.jsonl"
 LATEST_FILE = "LATEST"
 
@@ -139,11 +142,14 @@ class TrackedRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None = None) -> TrackedRun:
+def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None = None,
+               model_sha256: str | None = None) -> TrackedRun:
     """The MLflow run of this pipeline execution (see the module docstring); logs params and tags on it.
 
     fresh_start: the first step a stage that does NOT resume a checkpoint will log. A candidate run that already
     holds a later step belongs to an abandoned execution, and a new run is started instead of mixing the two.
+    model_sha256: the model this stage reads; the newest run with that MODEL_TAG (the run that trained it, in any
+    status) is the one to attach to.
     """
     import mlflow
     from mlflow.entities import Param, RunStatus, RunTag
@@ -163,6 +169,10 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
     run = None
     if os.environ.get("XBM_MLFLOW_RUN_ID"):
         run = client.get_run(os.environ["XBM_MLFLOW_RUN_ID"])
+    elif model_sha256 and (found := client.search_runs(
+            [exp_id], f"tags.`{RUN_KEY_TAG}` = '{key}' and tags.`{MODEL_TAG}` = '{model_sha256}'",
+            order_by=["attributes.start_time DESC"], max_results=1)):
+        run = found[0]
     else:
         filt = f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'"
         if parent:
@@ -320,12 +330,13 @@ class StageRun:
     """Context manager for one stage: the events file (+ LATEST), the MLflow run and the sink to train into.
 
     On exit the MLflow run's status tells where the execution stands: KILLED after a SIGTERM/SIGINT stop, FAILED
-    after an error, FINISHED when `finish` (the evaluate stage) completed, else still RUNNING (the next stage
+    after an error, FINISHED when `finish` (train_xbm, evaluate) completed, else still RUNNING (the next stage
     attaches to it).
     """
 
     def __init__(self, params: Params, root: Path, stage: str, total_steps: int | None = None,
-                 fresh_start: int | None = None, finish: bool = False, progress: bool | None = None):
+                 fresh_start: int | None = None, finish: bool = False, progress: bool | None = None,
+                 model_sha256: str | None = None):
         self.params, self.root, self.stage, self.finish = params, Path(root), stage, finish
         self.key = run_key(params)
         self.events_path = events_path(params, self.root, self.key)
@@ -333,7 +344,7 @@ class StageRun:
         _write_atomic(project_home(self.root) / params.tracking.runs_dir / LATEST_FILE, self.key + "\n")
         self.mlflow: TrackedRun | None = None
         try:
-            self.mlflow = attach_run(params, self.root, stage, fresh_start)
+            self.mlflow = attach_run(params, self.root, stage, fresh_start, model_sha256)
         except Exception as err:  # the store is down or locked: train anyway, the event file has everything
             log.warning("MLflow: cannot attach to %s (%s: %s); this stage logs to %s only",
                         tracking_uri(params, self.root), type(err).__name__, err, self.events_path)
@@ -404,6 +415,40 @@ class StageRun:
             status = "FAILED"
         if status is not None and self.mlflow is not None:
             self.safe("setting the run status", self.mlflow.terminate, status)
+
+
+class WorkerRun:
+    """StageRun's stand-in on the ranks other than 0 of a torchrun job: they train, rank 0 alone writes events
+    and MLflow."""
+
+    mlflow = None
+    run_id = None
+
+    def __init__(self) -> None:
+        self.sink = NullSink()
+
+    def backfill(self, history: dict[str, list], evals: list[dict[str, Any]],
+                 drift: list[dict[str, Any]] = ()) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def __enter__(self) -> "WorkerRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process outside one (torchrun sets RANK before the stage starts)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def stage_run(params: Params, root: Path, stage: str, **kwargs) -> "StageRun | WorkerRun":
+    """The stage's run: a StageRun on rank 0 (or without torchrun), a WorkerRun on the other ranks."""
+    return StageRun(params, root, stage, **kwargs) if is_main_process() else WorkerRun()
 
 
 def configure_logging() -> None:

@@ -74,6 +74,9 @@ class ModelParams(_Section):
     # smallcnn's normalisation: batch statistics (BatchNorm) or per-image channel groups (GroupNorm), which does
     # not depend on what else is in the batch and so trains the same at any batch size.
     norm: Literal["batch", "group"] = "batch"
+    # With several processes, BatchNorm over the whole global batch (SyncBatchNorm) instead of each rank's part:
+    # what one process with the global batch computes. A training choice: the saved model has plain BatchNorm.
+    sync_bn: bool = False
 
 
 class LossParams(_Section):
@@ -127,6 +130,11 @@ class TrainParams(_Section):
     # auto: bfloat16 autocast on a GPU that has it (tensor cores, float32's range so no loss scaling), float32 on
     # the CPU. float16 (GPUs without bfloat16) trains with a GradScaler.
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Steps between reads of the step's scalars from the device (events, MLflow, the NaN check): every read is a
+    # host-device sync that stalls a GPU's queue.
+    log_every: int = Field(1, ge=1)
+    # Processes per node (torchrun); batch_size is per process, so the global batch is nproc x batch_size.
+    nproc: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _pk(self) -> "TrainParams":

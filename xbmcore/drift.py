@@ -5,25 +5,22 @@
 f_t is the model after step t, and x a fixed set of `train.drift_probe` training images seen through the test
 transform (one clean view each, so D is the model's change alone; the per-step drift of re-entering memory entries
 also mixes two augmentations). The paper's argument for the memory is that D(t; dt) becomes small after a short
-warm-up; `train.warmup_steps: auto` ends the warm-up when it has (DriftMonitor, a hook of the training loop).
+warm-up; `train.warmup_steps: auto` ends the warm-up when it has (xbmcore.trainer.DriftMonitor, the probe's hook
+of the training loop).
 
 Cost: D(t; dt) is reported at the probe steps t = 0, every, 2 every, ...; it needs the embeddings at t and at t - dt
 for each dt, so the probe embeds its images at those steps only (t and t - 10 for every = 100 and dts 10, 100,
 1000: twice per 100 steps) and keeps a snapshot only while a later probe step still needs it (about
-max(dts) / every + len(dts) snapshots of probe x D floats). Embedding runs in eval mode without gradients on a
-preserved RNG, so a run trains bit-identically with the probe on or off.
+max(dts) / every + len(dts) snapshots of probe x D floats). The trainer's embedding function runs in eval mode
+without gradients on a preserved RNG, so a run trains bit-identically with the probe on or off.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import Subset
-
-from xbmcore.checkpoint import rng_state, set_rng_state
-from xbmcore.evaluate import compute_embeddings
-from xbmcore.events import make_event
+from torch.utils.data import Dataset, Subset
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +33,15 @@ def clean_view(dataset):
 class DriftProbe:
     """Embeds a fixed seeded subset of `dataset` at the steps D(t; dt) needs and computes D in float64.
 
-    observe(step, model) is called after every optimiser step (and at the first step of a run); it returns the
-    `{dt: D(step; dt)}` of a probe step (the dts whose earlier snapshot exists), else None. `history` holds every
-    probe step's values; state_dict / load_state_dict carry snapshots and history through checkpoints.
+    `embed(dataset)` returns the current model's N x D embeddings of a dataset (the trainer's, which leaves the
+    model's mode and the RNG streams as they were). observe(step) is called after every optimiser step (and at
+    the first step of a phase); it returns the `{dt: D(step; dt)}` of a probe step (the dts whose earlier snapshot
+    exists), else None. `history` holds every probe step's values; state_dict / load_state_dict carry snapshots
+    and history through checkpoints.
     """
 
-    def __init__(self, dataset, size: int, every: int, dts: Sequence[int], seed: int, batch_size: int = 256,
-                 device: str | torch.device = "cpu", num_workers: int = 0, autocast=None):
+    def __init__(self, dataset, size: int, every: int, dts: Sequence[int], seed: int,
+                 embed: Callable[[Dataset], torch.Tensor]):
         if size < 1 or every < 1 or not dts or min(dts) < 1:
             raise ValueError(f"DriftProbe: expected size >= 1, every >= 1 and dts >= 1, got {size}, {every}, "
                              f"{list(dts)}")
@@ -51,8 +50,7 @@ class DriftProbe:
         self.items = torch.randperm(len(dataset), generator=g)[:n].sort().values  # n dataset indices
         self.every, self.dts = int(every), tuple(sorted({int(d) for d in dts}))
         self._subset = Subset(clean_view(dataset), self.items.tolist())
-        self._batch_size, self._device, self._num_workers = batch_size, device, num_workers
-        self._autocast = autocast
+        self._embed = embed
         self.snapshots: dict[int, torch.Tensor] = {}  # step -> n x D float32 (CPU)
         self.history: list[dict[str, Any]] = []  # {"step": t, "D": {dt: value}}
         self.last = -1  # the last step observed: a phase that starts where the previous one ended skips it
@@ -71,23 +69,15 @@ class DriftProbe:
 
     # ---- measuring ----
 
-    def embed(self, model: torch.nn.Module) -> torch.Tensor:
-        """f(x) of the probe images: n x D float32 on the CPU; the model's mode and the RNG streams unchanged."""
-        state = rng_state()
-        try:
-            ctx = self._autocast() if self._autocast is not None else torch.autocast("cpu", enabled=False)
-            with ctx:
-                feats, _ = compute_embeddings(model, self._subset, self._batch_size, self._device,
-                                              num_workers=self._num_workers)
-        finally:
-            set_rng_state(state)
-        return torch.from_numpy(feats)
+    def embed(self) -> torch.Tensor:
+        """f(x) of the probe images: n x D float32 on the CPU."""
+        return self._embed(self._subset).detach().float().cpu()
 
-    def observe(self, step: int, model: torch.nn.Module) -> dict[int, float] | None:
+    def observe(self, step: int) -> dict[int, float] | None:
         if step <= self.last or not self.wanted(step):
             return None
         self.last = step
-        self.snapshots[step] = self.embed(model)
+        self.snapshots[step] = self.embed()
         out = None
         if self.is_probe_step(step):
             now = self.snapshots[step].double()
@@ -135,30 +125,3 @@ class DriftProbe:
                         for h in state["history"]]
         return True
 
-
-class DriftMonitor:
-    """The probe as a hook of the training loop: observes the model at the phase's first step and after every
-    step, emits a `drift` event per probe step, and ends an auto warm-up (`train.warmup_steps: auto`) at the
-    first probe step t >= warmup_min_steps with D(t; warmup_drift_dt) < warmup_drift (the phase's own length,
-    warmup_max_steps, bounds it from above)."""
-
-    def __init__(self, probe: DriftProbe, train_params):
-        self.probe, self.t = probe, train_params
-
-    def on_phase_start(self, trainer) -> None:
-        self._observe(trainer)
-
-    def on_step(self, trainer) -> None:
-        D = self._observe(trainer)
-        t = self.t
-        if D is not None and trainer.phase == "warmup" and t.warmup_steps == "auto" \
-                and trainer.step >= t.warmup_min_steps and D.get(t.warmup_drift_dt, float("inf")) < t.warmup_drift:
-            log.info("warm-up ends at step %d: D(t; %d) = %.4g < train.warmup_drift = %g", trainer.step,
-                     t.warmup_drift_dt, D[t.warmup_drift_dt], t.warmup_drift)
-            trainer.end_phase()
-
-    def _observe(self, trainer) -> dict[int, float] | None:
-        D = self.probe.observe(trainer.step, trainer.model)
-        if D:
-            trainer.emit(make_event("drift", trainer.step, phase=trainer.phase, D={str(k): v for k, v in D.items()}))
-        return D

@@ -5,10 +5,11 @@ the file readable after a crash (at worst the last line is partial, and readers 
 
 Kinds and their fields (all events also carry `kind`, `time` (unix seconds) and `step` (global optimiser step)):
   start       run_id, params (flat dict), total_steps
-  phase       phase ("warmup" | "memory_init" | "xbm" | "baseline" | "evaluate"), total_steps
-  step        phase, loss, loss_batch, loss_memory, pos_pairs, neg_pairs, mem_pos_pairs, mem_neg_pairs,
-              memory_fill (0..1), memory_size (entries stored), drift (mean ||new-old||^2 of this step or null),
-              drift_age (mean age in steps of the replaced embeddings, or null), lr, images_per_s
+  phase       phase ("warmup" | "memory_init" | "xbm" | "baseline" | "evaluate"), total_steps; for a training
+              phase also start_step, resumed and resume_from: the step it continues from (start_step when it
+              starts afresh, the checkpoint's step when it resumes). Steps after resume_from that an earlier
+              execution wrote to the same file are superseded: readers drop their points with step > resume_from.
+  step        the fields of `StepRecord` (STEP_FIELDS), typed as it declares them
   eval        phase, split, metrics ({"recall@1": ..., "map@r": ...})
   drift       phase, D ({"10": D(t; 10), "100": ..., ...}: the drift probe's mean ||f_t(x) - f_{t-dt}(x)||^2,
               for the dts whose earlier snapshot exists; xbmcore.drift)
@@ -22,18 +23,59 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Optional, Protocol
 
 KINDS = ("start", "phase", "step", "eval", "drift", "checkpoint", "end")
 PHASES = ("warmup", "memory_init", "xbm", "baseline", "evaluate")
 
-# Fields every `step` event carries; sinks and readers rely on this list instead of guessing.
-STEP_FIELDS = (
-    "phase", "loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs",
-    "memory_fill", "memory_size", "drift", "drift_age", "lr", "images_per_s",
-)
+
+def _f(curve: bool = True, metric: bool = True):
+    # curve: a column of the training curves (checkpointed history, plots/train.csv); metric: an MLflow metric.
+    return field(metadata={"curve": curve, "metric": metric})
+
+
+@dataclass
+class StepRecord:
+    """One optimiser step, the one list of its fields: the `step` event's schema, the history columns (and the
+    plots header), and the MLflow metric names are all derived from it."""
+
+    step: int = _f(metric=False)  # global optimiser step, 1-based
+    phase: str = _f(metric=False)
+    loss: Optional[float] = _f()  # None (JSON null) when not finite
+    loss_batch: Optional[float] = _f()
+    loss_memory: Optional[float] = _f()
+    pos_pairs: int = _f()  # active pairs of the batch term
+    neg_pairs: int = _f()
+    mem_pos_pairs: int = _f()  # active pairs of the memory term
+    mem_neg_pairs: int = _f()
+    memory_fill: float = _f()  # 0..1
+    memory_size: int = _f(curve=False, metric=False)  # entries stored (memory_fill x K)
+    drift: Optional[float] = _f()  # mean ||new - old||^2 of the re-entering images, None when none re-entered
+    drift_age: Optional[float] = _f()  # mean age in steps of the replaced embeddings
+    lr: float = _f()
+    images_per_s: float = _f(curve=False)  # a timing: kept out of the curves, which are reproducible
+
+    @classmethod
+    def of(cls, **values: Any) -> "StepRecord":
+        """A record with each value converted to its declared type (counts to int, the rest to float or str)."""
+        return cls(**{f.name: None if values[f.name] is None else _CONVERT[f.type](values[f.name])
+                      for f in _RECORD})
+
+    def event(self) -> dict[str, Any]:
+        fields_ = asdict(self)
+        return make_event("step", fields_.pop("step"), **fields_)
+
+
+_RECORD = fields(StepRecord)
+_CONVERT = {"int": int, "float": float, "Optional[float]": float, "str": str}
+# The `step` event's fields besides kind/time/step, the history columns, the MLflow metrics.
+STEP_FIELDS = tuple(f.name for f in _RECORD if f.name != "step")
+HISTORY_FIELDS = tuple(f.name for f in _RECORD if f.metadata["curve"])
+METRIC_FIELDS = tuple(f.name for f in _RECORD if f.metadata["metric"])
+# Numeric fields (curves a reader may draw); phase is a label.
+NUMERIC_FIELDS = tuple(f.name for f in _RECORD if f.name not in ("step", "phase"))
 
 
 def _clean(v: Any) -> Any:
@@ -58,6 +100,16 @@ def make_event(kind: str, step: int, **fields: Any) -> dict[str, Any]:
 class Sink(Protocol):
     def emit(self, event: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
+
+
+class NullSink:
+    """Drops every event: a rank other than 0, a benchmark."""
+
+    def emit(self, event: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class JsonlSink:
@@ -95,7 +147,8 @@ class ProgressSink:
         if event["kind"] == "phase":
             if self._bar is not None:
                 self._bar.close()
-            self._bar = tqdm(total=event.get("total_steps"), desc=event["phase"], initial=0, dynamic_ncols=True)
+            done = event.get("resume_from", 0) - event.get("start_step", 0)  # a resumed phase's steps so far
+            self._bar = tqdm(total=event.get("total_steps"), desc=event["phase"], initial=done, dynamic_ncols=True)
         elif event["kind"] == "step" and self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{event['loss']:.4f}" if event["loss"] is not None else "nan",

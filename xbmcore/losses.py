@@ -20,7 +20,7 @@ Reductions:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,9 @@ class PairLoss(nn.Module, ABC):
       indices[i] == ref_indices[j] is excluded, so an anchor is never paired with its own stored copy.
     - A ref_emb in another dtype (a bfloat16 memory) is cast to emb's dtype, unless autocast is on, in which
       case the matmul runs in the autocast dtype without the copy.
+    - count: when the anchors are one rank's part of a global batch, the sum over ranks of a local count
+      (an all_reduce); the reduction then divides by the global number of terms (or anchors), so the ranks'
+      losses add up to the loss of the whole batch in one process.
     """
 
     def __init__(self, reduction: str = "mean_active") -> None:
@@ -83,6 +86,7 @@ class PairLoss(nn.Module, ABC):
         ref_labels: Tensor | None = None,
         indices: Tensor | None = None,
         ref_indices: Tensor | None = None,
+        count: Callable[[Tensor], Tensor] | None = None,
     ) -> LossOutput:
         ref_emb, pos, neg = _pairs(emb, labels, ref_emb, ref_labels, indices, ref_indices)
         if ref_emb.dtype != emb.dtype and not torch.is_autocast_enabled(emb.device.type):
@@ -96,9 +100,11 @@ class PairLoss(nn.Module, ABC):
             return LossOutput(sim.sum(), zero, zero)
         terms = self.pair_terms(sim, pos, neg)
         if self.reduction == "mean_active":
-            loss = terms.total / terms.num_terms.clamp(min=1)
+            n = terms.num_terms if count is None else count(terms.num_terms)
+            loss = terms.total / n.clamp(min=1)
         else:
-            loss = terms.total / sim.shape[0]
+            loss = terms.total / (sim.shape[0] if count is None else
+                                  count(torch.tensor(sim.shape[0], device=emb.device)))
         return LossOutput(loss, terms.pos_pairs, terms.neg_pairs)
 
     def extra_repr(self) -> str:
@@ -227,6 +233,8 @@ class XBMObjective(nn.Module):
 
     The memory part pairs each anchor with every stored entry except its own stored copies (matched by
     dataset index). It does not enqueue: the trainer enqueues after the loss, as in the paper.
+    With several ranks, `emb` holds this rank's anchors, `batch` the (ref_emb, ref_labels, ref_indices) of the
+    whole global batch (gathered in rank order) and `count` sums a count over ranks (see PairLoss).
     """
 
     def __init__(self, loss: PairLoss, weight: float = 1.0) -> None:
@@ -236,15 +244,20 @@ class XBMObjective(nn.Module):
         self.loss, self.weight = loss, float(weight)
 
     def forward(
-        self, emb: Tensor, labels: Tensor, indices: Tensor, memory: "CrossBatchMemory | None" = None
+        self, emb: Tensor, labels: Tensor, indices: Tensor, memory: "CrossBatchMemory | None" = None,
+        batch: tuple[Tensor, Tensor, Tensor] | None = None, count: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        batch = self.loss(emb, labels, indices=indices)
+        if batch is None:
+            batch = self.loss(emb, labels, indices=indices, count=count)
+        else:
+            ref_emb, ref_labels, ref_indices = batch
+            batch = self.loss(emb, labels, ref_emb, ref_labels, indices, ref_indices, count=count)
         if memory is None or len(memory) == 0:
             zero = torch.zeros((), dtype=torch.int64, device=emb.device)
             mem = LossOutput(torch.zeros((), dtype=batch.loss.dtype, device=emb.device), zero, zero)
         else:
             feats, mem_labels, mem_indices = memory.get()
-            mem = self.loss(emb, labels, feats, mem_labels, indices, mem_indices)
+            mem = self.loss(emb, labels, feats, mem_labels, indices, mem_indices, count=count)
         return {
             "loss": batch.loss + self.weight * mem.loss,
             "loss_batch": batch.loss,

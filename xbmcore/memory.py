@@ -164,14 +164,16 @@ class CrossBatchMemory(nn.Module):
         self._fill = self._ptr = self._seq = 0
 
     @torch.no_grad()
-    def enqueue(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int) -> None:
+    def enqueue(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int, check_range: bool = True) -> None:
         """Store a batch (feats B x D, labels B, indices B) written at training `step`; detaches.
 
         Duplicate indices in one batch: the last occurrence wins (it is the one used for drift and, in index
-        mode, the one stored). Queue mode runs without any host-device sync unless num_items is set (one sync
-        to validate the index range); index mode needs one more to count the new images.
+        mode, the one stored). With num_items set, the index range is validated (one host-device sync: an
+        out-of-range index would corrupt slot_of); `check_range=False` skips that for a caller whose indices
+        are valid by construction (the trainer's, drawn by its sampler). Queue mode then runs without any
+        sync; index mode needs one to count the new images.
         """
-        feats, labels, indices = self._check(feats, labels, indices, step)
+        feats, labels, indices = self._check(feats, labels, indices, step, check_range)
         B = feats.shape[0]
         if B == 0:
             return
@@ -246,7 +248,8 @@ class CrossBatchMemory(nn.Module):
         self.drift_last.copy_(torch.stack([*sums, stored.sum().double()]))
         self.drift_total.add_(self.drift_last)
 
-    def _check(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _check(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int,
+               check_range: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         for name, t in (("feats", feats), ("labels", labels), ("indices", indices)):
             if not isinstance(t, Tensor):
                 raise ValueError(f"enqueue {name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -264,7 +267,7 @@ class CrossBatchMemory(nn.Module):
                 raise ValueError(f"enqueue {name}: expected an integer tensor, got {t.dtype}")
         if not _is_int(step):
             raise ValueError(f"enqueue step: expected an int, got {type(step).__name__}")
-        if self.num_items is not None and B > 0:
+        if check_range and self.num_items is not None and B > 0:
             lo, hi = torch.aminmax(indices)
             lo, hi = int(lo), int(hi)  # one sync: an out-of-range index would corrupt slot_of
             if lo < 0 or hi >= self.num_items:

@@ -3,6 +3,10 @@
 The stream is a pure function of (seed, epoch, batch): an epoch is one pass over a seeded permutation of the
 classes in chunks of P, and the M images of a class in a batch are drawn from a generator seeded by
 (seed, epoch, batch). Resuming therefore needs only the position, not a pickled RNG.
+
+With several ranks each one draws the same global batch and keeps its own contiguous part (rank r: rows
+r * B / world to (r + 1) * B / world, whole classes when B / world is a multiple of M), so gathered in rank order
+the parts are exactly the batch one process with the global batch size and seed would draw.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
     the training step.
     """
 
-    def __init__(self, labels: Sequence[int] | np.ndarray, batch_size: int, images_per_class: int, seed: int = 0):
+    def __init__(self, labels: Sequence[int] | np.ndarray, batch_size: int, images_per_class: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError(f"labels: expected a non-empty 1-D sequence of integers, got shape {labels.shape}")
@@ -46,6 +51,9 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(
                 f"batch_size ({batch_size}) must be a multiple of images_per_class ({images_per_class})"
             )
+        if not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"rank {rank} of world {world}: expected 0 <= rank < world and the global batch_size "
+                             f"({batch_size}) a multiple of world")
         classes, inverse = np.unique(labels, return_inverse=True)
         P = batch_size // images_per_class
         if P > len(classes):
@@ -57,6 +65,7 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
         self.P = P
         self.M = int(images_per_class)
         self.seed = int(seed)
+        self.rank, self.world = int(rank), int(world)
         self.num_classes = len(classes)
         # _items[c]: dataset indices of class c (c = position of the label in the sorted unique labels).
         order = np.argsort(inverse, kind="stable")
@@ -99,7 +108,8 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
             b = self._batch
             batch = self._batch_indices(epoch, b, rows[b])
             self._epoch, self._batch = (epoch, b + 1) if b + 1 < self.len_epoch else (epoch + 1, 0)
-            yield batch
+            part = self.batch_size // self.world
+            yield batch[self.rank * part:(self.rank + 1) * part]
 
     def state_after(self, num_batches: int) -> dict[str, int]:
         """Position after `num_batches` batches from the start of the stream."""

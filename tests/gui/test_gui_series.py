@@ -135,6 +135,34 @@ def test_speed_and_eta_from_step_times():
     assert run.status == "stopped" and run.eta_s() is None
 
 
+def _execution(first, last, resume_from, evals, tag, phase_start=10):
+    """One stage execution's events: start, the phase (continuing from resume_from), steps, evals."""
+    evs = [make_event("start", 0, run_id="r", params={}, total_steps=40),
+           make_event("phase", resume_from, phase="xbm", total_steps=30, start_step=phase_start,
+                      resumed=resume_from != phase_start, resume_from=resume_from)]
+    for s in range(first, last + 1):
+        evs.append(_step(s, "xbm", loss=tag + s / 1000))
+        if s in evals:
+            evs.append(make_event("eval", s, phase="xbm", split="val", metrics={"recall@1": tag + s / 1000}))
+    return evs
+
+
+@pytest.mark.parametrize("chunk", [10_000, 7, 1])
+def test_a_rerun_killed_and_resumed_in_one_file_draws_one_forward_curve(chunk):
+    # A full run to 40; a forced rerun of the phase (from its start, 10) killed after 25; resumed from 20.
+    events = (_execution(11, 40, 10, (20, 30, 40), 1) + _execution(11, 25, 10, (20,), 2)
+              + _execution(21, 40, 20, (30, 40), 3))
+    run = RunData()
+    for i in range(0, len(events), chunk):
+        run.add(EventBatch.from_events(events[i:i + chunk]))
+    x = run.curves["loss"].x
+    assert x.tolist() == list(range(11, 41))  # never back, each step once
+    loss = dict(zip(x.tolist(), run.curves["loss"].y.tolist()))
+    assert loss[15] == pytest.approx(2.015) and loss[30] == pytest.approx(3.030)  # the newest execution's
+    ev = run.evals["val/recall@1"]
+    assert ev.x.tolist() == [20, 30, 40] and ev.y.tolist() == pytest.approx([2.020, 3.030, 3.040])
+
+
 def test_drift_probe_events_become_one_curve_per_dt(qtbot):
     from gui.monitor import MonitorPanel
 

@@ -27,8 +27,8 @@ def git(root, *args) -> None:
                    check=True, capture_output=True)
 
 
-def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
-    root = tmp_path
+def project(root):
+    """A git + DVC project with the tiny params, committed."""
     copy_project(root)
     write_params(root)
     (root / ".gitignore").write_text(GITIGNORE)
@@ -36,6 +36,11 @@ def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
     dvc(root, "init", "-q")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project")
+    return root
+
+
+def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
+    root = project(tmp_path)
 
     out = dvc(root, "repro")
     for stage in ("download", "warmup", "memory_init", "train_xbm", "evaluate"):
@@ -70,3 +75,20 @@ def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
     write_params(root, memory={"ratio": 0.3}, loss={"margin": 0.4}, train={"xbm_steps": 10})
     changed = json.loads(dvc(root, "status", "--json").stdout)
     assert set(changed) == {"memory_init", "train_xbm"}  # evaluate follows once model.pt changes
+
+
+def test_dvc_exp_run_with_two_processes_logs_one_mlflow_run(tmp_path):
+    root = project(tmp_path)
+    out = dvc(root, "exp", "run", "-S", "train.nproc=2")
+    for stage in ("warmup", "memory_init", "train_xbm", "evaluate"):
+        assert f"Running stage '{stage}'" in out.stdout
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("xbm").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # rank 0 alone tracks
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["train.nproc"] == "2"
+    total = 6 + 8  # tiny_project's warm-up and XBM steps
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, total + 1))
+    assert "test/recall_at_1" in run.data.metrics

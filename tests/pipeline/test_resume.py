@@ -14,6 +14,7 @@ import mlflow
 import pytest
 import torch
 
+from gui.series import EventBatch, RunData
 from pipeline import stages
 from pipeline.tracking import run_key, tracking_uri
 from tiny_project import stage_env, write_params
@@ -98,8 +99,17 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_result(warm, tmp_pa
     assert list_checkpoints(folder)[-1][0] == stopped["step"] < W + X
     resumed = [e for e in read_events(cut / "runs" / run_key(p) / "events.jsonl") if e["kind"] == "phase"]
     assert resumed[-1]["resumed"] is True and resumed[-1]["step"] == killed_after
-    # 3. To the end.
+    # 3. To the end. The run ends FINISHED with the training: DVC may skip the evaluate stage (same model bytes).
     assert stages.main("train_xbm", ["--params", str(cut / "params.yaml")]) == 0
+    client = mlflow.MlflowClient(tracking_uri(p, cut))
+    assert [r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name(p.tracking.experiment).experiment_id])] == ["FINISHED"]
+    # The monitor draws the killed, stopped and resumed phase as one forward curve, each step once.
+    monitor = RunData()
+    monitor.add(EventBatch.from_events(read_events(cut / "runs" / run_key(p) / "events.jsonl")))
+    assert monitor.curves["loss"].x.tolist() == list(range(W + 1, W + X + 1))  # this copy's file: XBM phase
+    assert monitor.evals["val/recall@1"].x.tolist() == [
+        s for s in range(p.train.eval_every, W + X + 1, p.train.eval_every) if s > W]
     # The uninterrupted run, same setup.
     assert stages.main("train_xbm", ["--params", str(ref / "params.yaml")]) == 0
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.tracking import (
-    MLflowSink, StageRun, attach_run, events_path, metric_name, project_home, run_key, tracking_uri,
+    MODEL_TAG, MLflowSink, StageRun, attach_run, events_path, metric_name, project_home, run_key, tracking_uri,
 )
 from xbmcore.config import Params
 from xbmcore.events import make_event
@@ -209,3 +209,21 @@ def test_an_unreachable_store_leaves_the_stage_running(tmp_path, monkeypatch, ca
     assert run.mlflow is None
     assert any("cannot attach" in r.message for r in caplog.records)
     assert (tmp_path / "runs" / run_key(Params()) / "events.jsonl").read_text().count('"kind":"step"') == 1
+
+
+def test_evaluate_attaches_to_the_finished_run_that_trained_its_model(store, request):
+    p = params(request)
+    with StageRun(p, store, "train_xbm", finish=True, progress=False) as a:
+        a.sink.emit(step_event(1))
+        a.set_tags({MODEL_TAG: "sha-of-model"})
+    client = a.mlflow.client
+    assert client.get_run(a.run_id).info.status == "FINISHED"  # whether or not evaluate runs after it
+    with StageRun(p, store, "evaluate", finish=True, model_sha256="sha-of-model", progress=False) as b:
+        b.sink.emit(make_event("eval", 1, phase="evaluate", split="test", metrics={"recall@1": 0.5}))
+    assert b.run_id == a.run_id
+    run = client.get_run(a.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["test/recall_at_1"] == 0.5
+    # A model no run trained here (another copy's): the usual rule, here a new run.
+    with StageRun(p, store, "evaluate", finish=True, model_sha256="other", progress=False) as c:
+        pass
+    assert c.run_id != a.run_id

@@ -11,11 +11,12 @@ from xbmcore.checkpoint import list_checkpoints
 from xbmcore.config import Params
 from xbmcore.drift import DriftProbe
 from xbmcore.events import make_event
+from xbmcore.trainer import Hook
 
 PROBE = dict(drift_probe=20, drift_every=2, drift_dts=[2, 4])
 
 
-class Recorder:
+class Recorder(Hook):
     """A hook that embeds the probe images itself after every step (float64 forward of a model copy)."""
 
     def __init__(self, probe: DriftProbe, dataset):
@@ -37,8 +38,7 @@ def test_drift_equals_a_float64_recomputation_from_saved_embeddings():
     rec = Recorder(trainer.probe, trainer.splits.train)
     trainer.hooks.append(rec)
     held = []
-    trainer.hooks.append(type("Count", (), {"on_phase_start": lambda s, t: None,
-                                            "on_step": lambda s, t: held.append(len(trainer.probe.snapshots))})())
+    trainer.hooks.append(type("Count", (Hook,), {"on_step": lambda s, t: held.append(len(t.probe.snapshots))})())
     trainer.train_phase("warmup", 12)
     want = {}
     for t in range(0, 13, 2):
@@ -71,7 +71,7 @@ def test_sparse_probe_embeds_only_the_steps_it_needs():
     trainer, _ = make(params(warmup_steps=30, drift_probe=10, drift_every=10, drift_dts=[3, 20]))
     calls = []
     embed = trainer.probe.embed
-    trainer.probe.embed = lambda model: (calls.append(trainer.step), embed(model))[1]
+    trainer.probe.embed = lambda: (calls.append(trainer.step), embed())[1]
     trainer.train_phase("warmup", 30)
     # Probe steps 0, 10, 20, 30 and t - 3 of each later one; never more.
     assert calls == [0, 7, 10, 17, 20, 27, 30]

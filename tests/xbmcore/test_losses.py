@@ -370,3 +370,39 @@ def test_bad_inputs_raise_value_errors():
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
+
+
+@pytest.mark.parametrize("name", ["contrastive", "multi_similarity", "triplet"])
+@pytest.mark.parametrize("reduction", ["mean_active", "sum_over_batch"])
+def test_ranks_partial_losses_add_up_to_the_whole_batch(name, reduction):
+    # Two "ranks" of 6 anchors each, paired with the whole batch of 12 and with a memory, their counts summed
+    # (what the trainer's all_reduce does): the two losses add up to one process's loss, gradients included
+    # (the gradient reaches each row both as an anchor and as a reference, as through the trainer's gather).
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(12, 8, generator=g, dtype=torch.float64), dim=1)
+    labels, idx = torch.arange(12) // 3, torch.arange(12)
+    memory = CrossBatchMemory(20, 8, num_items=40)
+    memory.enqueue(torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=1),
+                   torch.randint(0, 4, (20,), generator=g), torch.arange(12, 32), step=0)
+    objective = XBMObjective(build_loss(LossParams(name=name, reduction=reduction)), 1.0)
+    whole_emb = emb.clone().requires_grad_()
+    whole = objective(whole_emb, labels, idx, memory)["loss"]
+    whole.backward()
+    halves = (slice(0, 6), slice(6, 12))
+
+    def local_counts(h):
+        seen = []
+        objective(emb[h], labels[h], idx[h], memory, batch=(emb, labels, idx), count=lambda x: seen.append(x) or x)
+        return seen
+
+    counts = [a + b for a, b in zip(*(local_counts(h) for h in halves))]  # one per count call: batch, memory
+    parts = emb.clone().requires_grad_()
+    total = 0
+    for h in halves:
+        it = iter(counts)
+        total = total + objective(parts[h], labels[h], idx[h], memory, batch=(parts, labels, idx),
+                                  count=lambda x: next(it))["loss"]
+    total.backward()
+    assert whole.item() > 0
+    torch.testing.assert_close(total, whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(parts.grad, whole_emb.grad, rtol=0, atol=1e-12)

@@ -110,3 +110,14 @@ def test_bad_state_raises(labels):
         s.load_state_dict({"epoch": 0})
     with pytest.raises(ValueError, match="batch < len_epoch"):
         s.load_state_dict({"epoch": 0, "batch": 4, "seed": 0})
+
+
+def test_ranks_deal_one_global_batch_in_rank_order():
+    labels = np.repeat(np.arange(13), 5)
+    whole = PKSampler(labels, 16, 2, seed=3)
+    parts = [PKSampler(labels, 16, 2, seed=3, rank=r, world=2) for r in (0, 1)]
+    for _, batch, a, b in zip(range(20), whole, *parts):  # past an epoch (7 batches): same global stream
+        assert len(a) == len(b) == 8 and a + b == batch
+        assert len({labels[i] for i in a} & {labels[i] for i in b}) == 0  # whole classes per rank
+    with pytest.raises(ValueError, match="rank 2 of world 2"):
+        PKSampler(labels, 16, 2, rank=2, world=2)

@@ -199,18 +199,22 @@ def test_evaluation_does_not_change_training(tmp_path):
         assert torch.equal(x, y)
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    p = params()
-    trainer, sink = make(p)
+def poison(trainer, at_step: int) -> None:
+    """Make the loss of one step NaN."""
     objective = trainer.objective
 
     def poisoned(emb, labels, indices, mem=None):
         out = objective(emb, labels, indices, mem)
-        if trainer.step + 1 == 8:
+        if trainer.step + 1 == at_step:
             out["loss"] = out["loss"] * float("nan")
         return out
 
     trainer.objective = poisoned
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer, sink = make(params())
+    poison(trainer, at_step=8)
     with pytest.raises(NonFiniteLossError) as err:
         trainer.train_phase("warmup", 10, checkpoint_dir=tmp_path)
     msg = str(err.value)
@@ -308,3 +312,123 @@ def test_phase_arguments_are_checked():
         trainer.train_phase("xbm", 1)
     with pytest.raises(ValueError, match="takes no memory"):
         trainer.train_phase("baseline", 1, build_memory(params(), 72, 16, torch.device("cpu")))
+
+
+def test_resumed_phase_says_from_which_step_it_continues(tmp_path):
+    _run_xbm(tmp_path / "cut", stop_at=12, eval_every=2)  # checkpoints at 10 and 12
+    trainer, sink = make(params(), seed=5)
+    trainer.train_phase("warmup", 6)
+    fresh = sink.of("phase")[-1]
+    assert (fresh["resumed"], fresh["start_step"], fresh["resume_from"]) == (False, 0, 0)
+    trainer.train_phase("xbm", 10, trainer.init_memory(), checkpoint_dir=tmp_path / "cut")
+    resumed = sink.of("phase")[-1]
+    assert (resumed["resumed"], resumed["start_step"], resumed["resume_from"]) == (True, 6, 12)
+
+
+class Recorder(trainer_module.Hook):
+    """A caller's hook: what it saw, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_phase_start(self, trainer):
+        self.calls.append(("start", trainer.step))
+
+    def on_step(self, trainer):
+        trainer.flush()
+        self.calls.append(("step", trainer.step, trainer.history["step"][-1]))
+
+    def on_phase_end(self, trainer, error):
+        self.calls.append(("end", trainer.step, type(error).__name__ if error else None))
+
+
+def test_hooks_see_every_step_and_the_phase_end():
+    trainer, _ = make(params())
+    rec = Recorder()
+    trainer.hooks.append(rec)
+    trainer.train_phase("warmup", 3)
+    assert rec.calls == [("start", 0), ("step", 1, 1), ("step", 2, 2), ("step", 3, 3), ("end", 3, None)]
+    objective = trainer.objective
+
+    def fails(emb, labels, indices, mem=None):
+        raise ZeroDivisionError("in the loss")
+
+    trainer.objective = fails
+    with pytest.raises(ZeroDivisionError):
+        trainer.train_phase("warmup", 2)
+    assert rec.calls[-2:] == [("start", 3), ("end", 3, "ZeroDivisionError")]
+    trainer.objective = objective
+
+
+def _strip_timing(events):
+    return [{k: v for k, v in e.items() if k not in ("time", "images_per_s", "path")} for e in events]
+
+
+def test_log_every_reads_in_blocks_and_changes_nothing_else(tmp_path):
+    a, a_mem, a_sink = _run_xbm(tmp_path / "a")
+    p = params(log_every=4)
+    b, b_sink = make(p)
+    b.train_phase("warmup", 6)
+    b_mem = b.init_memory()
+    b.train_phase("xbm", 10, b_mem, checkpoint_dir=tmp_path / "b")
+    for x, y in zip(_params_of(a.model), _params_of(b.model)):
+        assert torch.equal(x, y)
+    assert a.history == b.history
+    assert _strip_timing(a_sink.events) == _strip_timing(b_sink.events)
+
+
+def test_nan_with_deferred_reads_stops_at_the_read_without_a_checkpoint_of_it(tmp_path):
+    trainer, sink = make(params(log_every=4, checkpoint_every=4))
+    poison(trainer, at_step=6)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 6"):
+        trainer.train_phase("warmup", 10, checkpoint_dir=tmp_path)
+    # Read at step 8 (steps 5..8), before step 8's optimiser step: 2 steps ran past the NaN, none is saved.
+    assert trainer.step == 7 and [s for s, _ in list_checkpoints(tmp_path)] == [4]
+    assert [e["step"] for e in sink.of("step")] == [1, 2, 3, 4, 5]
+
+
+def test_a_batch_with_no_active_pair_takes_no_optimiser_step():
+    trainer, _ = make(params())
+    objective = trainer.objective
+
+    def nothing_active(emb, labels, indices, mem=None):
+        out = objective(emb, labels, indices, mem)
+        zero = out["pos_pairs"] * 0
+        return {**out, "loss": out["loss"] * 0, "pos_pairs": zero, "neg_pairs": zero}
+
+    trainer.train_phase("warmup", 1)
+    before = _params_of(trainer.model)
+    trainer.objective = nothing_active
+    trainer.train_phase("warmup", 2)
+    assert trainer.step == 3
+    for x, y in zip(before, _params_of(trainer.model)):
+        assert torch.equal(x, y)  # Adam's weight decay would have moved them
+    assert trainer.optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_the_step_record_is_the_one_list_of_fields():
+    from pipeline.stages import write_plots
+    from pipeline.tracking import STEP_METRICS
+    from xbmcore.events import HISTORY_FIELDS, STEP_FIELDS, StepRecord
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(StepRecord)]
+    assert list(STEP_FIELDS) == names[1:]
+    assert set(HISTORY_FIELDS) == set(names) - {"memory_size", "images_per_s"}  # a size and a timing
+    assert set(STEP_METRICS) == set(names) - {"step", "phase", "memory_size"}
+    trainer, sink = make(params())
+    trainer.train_phase("warmup", 2)
+    assert set(sink.of("step")[0]) == {"kind", "time", "step", *STEP_FIELDS}
+    assert isinstance(sink.of("step")[0]["pos_pairs"], int)
+    assert trainer.history.keys() == set(HISTORY_FIELDS)
+
+
+def test_a_checkpoint_of_another_nproc_is_refused_with_what_to_do(tmp_path):
+    trainer, _ = make(params())
+    trainer.train_phase("warmup", 5, checkpoint_dir=tmp_path)
+    state = load_checkpoint(tmp_path / "step_00000005.pt")
+    state["nproc"] = 2
+    torch.save(state, tmp_path / "step_00000005.pt")
+    other, _ = make(params())
+    with pytest.raises(ValueError, match=r"of 2 process\(es\), this run has 1.*-S train.nproc=2.*delete"):
+        other.train_phase("warmup", 5, checkpoint_dir=tmp_path)

@@ -1,0 +1,93 @@
+"""Data-parallel training on 2 gloo processes (torchrun, 127.0.0.1) against one process with the global batch."""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_setup import TOTAL, WARMUP, XBM, Net, blob_splits, ddp_params
+from xbmcore.checkpoint import list_checkpoints
+from xbmcore.events import NullSink
+from xbmcore.trainer import Trainer
+
+HERE = Path(__file__).resolve().parent
+torch.set_num_threads(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out: Path, folder: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "--monitor-interval=0.2", str(HERE / "ddp_worker.py"), str(out),
+           str(folder), *([str(kill_at)] if kill_at else [])]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def memory_hash(state: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode() + state[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """An uninterrupted 2-rank run (batch 8 each): both ranks' results."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = torchrun(root / "out", root / "ckpt")
+    assert out.returncode == 0, out.stdout + out.stderr
+    return root, [torch.load(root / "out" / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_two_ranks_reproduce_one_process_with_the_global_batch(two_ranks):
+    _, (r0, r1) = two_ranks
+    torch.manual_seed(0)
+    one = Trainer(ddp_params(batch_size=16, nproc=1), Net(), blob_splits(), NullSink())
+    one.train_phase("warmup", WARMUP)
+    memory = one.init_memory()
+    one.train_phase("xbm", XBM, memory)
+    # Losses per step (the global loss: the ranks' partial sums added), weights after 20 XBM steps.
+    assert len(r0["history"]["loss"]) == TOTAL
+    torch.testing.assert_close(torch.tensor(r0["history"]["loss"]), torch.tensor(one.history["loss"]),
+                               rtol=0, atol=1e-6)
+    for k in ("pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs"):
+        assert r0["history"][k] == one.history[k], k
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(r0["model"][k], v, rtol=0, atol=1e-5, msg=k)
+    # The memory: same entries in the same slots as one process, after the ring wrapped many times.
+    mem = memory.state_dict()
+    assert int(mem["fill"]) == memory.K == 18 and int(r0["memory"]["ptr"]) == int(mem["ptr"])
+    for k in ("labels", "indices", "steps", "slot_of"):
+        assert torch.equal(r0["memory"][k], mem[k]), k
+    torch.testing.assert_close(r0["memory"]["feats"], mem["feats"], rtol=0, atol=1e-5)
+    # ... and bit-identical on both ranks, as are the weights.
+    assert memory_hash(r0["memory"]) == memory_hash(r1["memory"])
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    assert r0["evals"] == r1["evals"] and len(r0["evals"]) == 2  # sharded evaluation, one search
+
+
+def test_a_killed_rank_resumes_to_the_uninterrupted_result(two_ranks, tmp_path):
+    _, (ref, _) = two_ranks
+    killed = torchrun(tmp_path / "out", tmp_path / "ckpt", kill_at=WARMUP + 13)  # XBM checkpoint at step 15
+    assert killed.returncode != 0 and not (tmp_path / "out").exists()
+    assert [s for s, _ in list_checkpoints(tmp_path / "ckpt" / "xbm")][-1] == 15
+    again = torchrun(tmp_path / "out", tmp_path / "ckpt")
+    assert again.returncode == 0, again.stdout + again.stderr
+    r0, r1 = (torch.load(tmp_path / "out" / f"rank{r}.pt") for r in (0, 1))
+    assert memory_hash(r0["memory"]) == memory_hash(r1["memory"]) == memory_hash(ref["memory"])
+    for k in ref["model"]:
+        assert torch.equal(r0["model"][k], ref["model"][k]) and torch.equal(r1["model"][k], ref["model"][k]), k
+    assert r0["history"] == ref["history"]
