@@ -114,7 +114,7 @@ class TrainParams(_Section):
     # A number of steps, or "auto": end the warm-up at the first drift probe (from warmup_min_steps on) where
     # D(t; warmup_drift_dt) < warmup_drift, at warmup_max_steps at the latest. The memory's premise is slow drift.
     warmup_steps: int | Literal["auto"] = 300
-    warmup_drift: float = Field(0.05, gt=0.0)
+    warmup_drift: float = Field(0.35, gt=0.0)
     warmup_drift_dt: int = Field(100, ge=1)
     warmup_min_steps: int = Field(200, ge=0)
     warmup_max_steps: int = Field(3000, ge=1)
