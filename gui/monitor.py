@@ -249,6 +249,8 @@ class MonitorPanel(QWidget):
             window = int(self.smoothing.currentData())
             for p in (self.loss, self.fill, self.drift, self.speed, self.pairs):
                 for key, curve in p.curves.items():
+                    if key not in d.curves:  # the drift probe's curves, drawn below
+                        continue
                     s = d.curves[key]
                     y = s.y * 100 if key == "memory_fill" else s.y
                     x = s.x
@@ -267,6 +269,12 @@ class MonitorPanel(QWidget):
                 s = d.evals.get(key)
                 if s is not None:
                     curve.setData(s.x, s.y * 100)
+            probe = sorted((k for k in d.evals if k.startswith("drift/D_")), key=lambda k: int(k[8:]))
+            for i, key in enumerate(probe):  # D(t; dt) of the drift probe, one curve per dt as they appear
+                if key not in self.drift.curves:
+                    colour = theme.OVERLAY[(i + 2) % len(theme.OVERLAY)]
+                    self.drift.add(key, make_curve(f"D(t; {key[8:]})", colour, 2.0, symbol="o"))
+                self.drift.curves[key].setData(d.evals[key].x, d.evals[key].y)
             self._draw_phase_markers()
             # Space redraws by their cost: 10 Hz while cheap, slower for huge runs, so the window never takes
             # more than a small share of a core from the training it watches.

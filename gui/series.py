@@ -192,6 +192,9 @@ class RunData:
             for name, value in (ev.get("metrics") or {}).items():
                 key = f"{ev.get('split', 'val')}/{name}"
                 self.evals.setdefault(key, Series(64)).append(ev["step"], np.nan if value is None else value)
+        elif kind == "drift":  # the drift probe's D(t; dt), one sparse series per dt, kept with the evaluations
+            for dt, value in (ev.get("D") or {}).items():
+                self.evals.setdefault(f"drift/D_{dt}", Series(64)).append(ev["step"], np.nan if value is None else value)
         elif kind == "checkpoint":
             self.checkpoint = ev.get("path")
         elif kind == "end":

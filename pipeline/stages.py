@@ -11,6 +11,7 @@ Files (DVC outs), with `art` = <root>/artifacts unless a stage is given `artifac
     art/train_xbm/checkpoints/   periodic checkpoints of the XBM / baseline phase
     plots/train.csv, plots/val.csv   curves against the global step (under `artifacts` when it is given)
     plots/retrieval.png          the evaluate stage's retrieval figure of the test split (idem)
+    plots/drift.csv              the drift probe's D(t; dt), one column per dt (only a header when it is off)
     metrics.json                 the evaluate stage's metrics (under `artifacts` when it is given)
 The study passes `artifacts=<trial folder>` to memory_init / train_xbm / evaluate; they read the warm-up from
 `warmup=` (default <root>/artifacts/warmup), so every trial starts from the same warm-up.
@@ -77,8 +78,10 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def write_plots(history: dict[str, list], evals: list[dict[str, Any]], folder: Path) -> None:
-    """plots/train.csv (one row per step) and plots/val.csv (one row per evaluation), for `dvc plots`."""
+def write_plots(history: dict[str, list], evals: list[dict[str, Any]], folder: Path,
+                drift: list[dict[str, Any]] = (), dts: list[int] = ()) -> None:
+    """plots/train.csv (one row per step), plots/val.csv (one row per evaluation) and plots/drift.csv (one row
+    per drift probe step), for `dvc plots`."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(HISTORY_FIELDS)
@@ -92,6 +95,12 @@ def write_plots(history: dict[str, list], evals: list[dict[str, Any]], folder: P
     for e in evals:
         w.writerow([e["step"], e["phase"], *(f"{e[k]:.6g}" if e.get(k) is not None else "" for k in metric_keys)])
     _write_text(folder / "val.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["step", *(f"D_{dt}" for dt in dts)])
+    for h in drift:
+        w.writerow([h["step"], *(f"{h['D'][dt]:.6g}" if dt in h["D"] else "" for dt in dts)])
+    _write_text(folder / "drift.csv", buf.getvalue())
 
 
 # ---- stages ----
@@ -116,24 +125,39 @@ def run_warmup(params: Params, root: Path, artifacts: Path | None = None) -> Pat
     seed_everything(t.seed)
     splits = _splits(params, root)
     model = build_model(params.model)
-    found = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_steps)
+    found = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_budget)
     path = out / "state.pt"
-    with stage_run(params, root, "warmup", total_steps=t.warmup_steps + t.xbm_steps,
+    with stage_run(params, root, "warmup", total_steps=t.warmup_budget + t.xbm_steps,
                    fresh_start=None if found else 1) as run:
         if found:  # points computed before a kill but not yet sent to MLflow
-            run.backfill(found[1]["history"], found[1]["evals"])
+            run.backfill(found[1]["history"], found[1]["evals"], _drift_of(found[1]))
         trainer = Trainer(params, model, splits, run.sink)
-        trainer.train_phase("warmup", t.warmup_steps, checkpoint_dir=folder)
+        trainer.train_phase("warmup", t.warmup_budget, checkpoint_dir=folder)
+        if t.warmup_steps == "auto":
+            log.info("auto warm-up: %d steps (bounds %d..%d)", trainer.step, t.warmup_min_steps, t.warmup_max_steps)
+            run.set_tags({"warmup_end": trainer.step})
         state = trainer.state_dict()  # every rank: their RNG states are gathered into it
         if trainer.dist.is_main:
             save_checkpoint(state, path)
     return path
 
 
-def _trainer_after_warmup(params: Params, root: Path, warmup: Path | None, sink) -> Trainer:
-    state = load_checkpoint(Path(warmup or stage_dir(root, "warmup")) / "state.pt")
+def _drift_of(state: dict[str, Any]) -> list[dict[str, Any]]:
+    probe = state.get("drift_probe")
+    return [] if probe is None else [{"step": h["step"], "D": h["D"]} for h in probe["history"]]
+
+
+def _warmup_state(root: Path, warmup: Path | None) -> dict[str, Any]:
+    path = Path(warmup or stage_dir(root, "warmup")) / "state.pt"
+    state = load_checkpoint(path)
     if state.get("phase") != "warmup":
-        raise ValueError(f"{warmup}/state.pt: expected the warm-up's final state, got phase {state.get('phase')!r}")
+        raise ValueError(f"{path}: expected the warm-up's final state, got phase {state.get('phase')!r}")
+    return state
+
+
+def _trainer_after_warmup(params: Params, root: Path, warmup: Path | None, sink,
+                          state: dict[str, Any] | None = None) -> Trainer:
+    state = state or _warmup_state(root, warmup)
     trainer = Trainer(params, build_model(params.model), _splits(params, root), sink)
     trainer.load_state_dict(state)  # the XBM phase then sets its own lr (train.lr), whatever the warm-up's was
     return trainer
@@ -173,20 +197,24 @@ def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], Non
     if mem_state["enabled"] != enabled:
         raise ValueError(f"memory.enabled is {enabled}, but memory_init ran with {mem_state['enabled']}: "
                          f"run the memory_init stage again")
-    start = t.warmup_steps
+    warm = _warmup_state(root, warmup)
+    start = int(warm["step"])  # train.warmup_steps, or where the auto warm-up ended
+    if t.warmup_steps != "auto" and start != t.warmup_steps:
+        raise ValueError(f"the warm-up state is at step {start}, expected train.warmup_steps = {t.warmup_steps}: "
+                         f"run the pipeline again")
     found = resumable_checkpoint(folder, params, phase, start, start + t.xbm_steps)
     # The run ends here (FINISHED) unless the study owns it (XBM_MLFLOW_RUN_ID): DVC skips the evaluate stage when
     # a resumed training wrote the same model bytes, and the run must not stay RUNNING then.
-    with stage_run(params, root, "train_xbm", total_steps=t.warmup_steps + t.xbm_steps,
+    with stage_run(params, root, "train_xbm", total_steps=start + t.xbm_steps,
                    fresh_start=None if found else start + 1, finish=not os.environ.get("XBM_MLFLOW_RUN_ID")) as run:
-        trainer = _trainer_after_warmup(params, root, warmup, run.sink)
-        if trainer.step != start or mem_state["step"] != start:
-            raise ValueError(f"the warm-up state is at step {trainer.step} and the memory at step "
-                             f"{mem_state['step']}, expected train.warmup_steps = {start}: run the pipeline again")
+        trainer = _trainer_after_warmup(params, root, warmup, run.sink, warm)
+        if mem_state["step"] != start:
+            raise ValueError(f"the warm-up state is at step {start} and the memory at step {mem_state['step']}: "
+                             f"run the pipeline again")
         # Curves this MLflow run may lack: a cached warm-up's, and those computed before a kill up to the
         # checkpoint (the sink had not sent them yet).
-        done = found[1] if found else {"history": trainer.history, "evals": trainer.evals}
-        run.backfill(done["history"], done["evals"])
+        done = found[1] if found else trainer.state_dict()
+        run.backfill(done["history"], done["evals"], _drift_of(done))
         memory = None
         if enabled:
             memory = build_memory(params, len(trainer.splits.train), trainer.model.embedding_dim, trainer.device)
@@ -197,7 +225,8 @@ def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], Non
             return path
         save_checkpoint({"model": trainer.model.state_dict(), "model_params": _model_params(params),
                          "step": trainer.step, "phase": phase}, path)
-        write_plots(trainer.history, trainer.evals, _outputs_dir(root, artifacts) / "plots")
+        write_plots(trainer.history, trainer.evals, _outputs_dir(root, artifacts) / "plots",
+                    trainer.probe.history if trainer.probe else [], t.drift_dts if trainer.probe else [])
         run.set_tags({MODEL_TAG: file_sha256(path)})  # the evaluate stage finds this run by its model
     return path
 

@@ -251,6 +251,8 @@ class MLflowSink:
         if event["kind"] == "eval":
             split = event.get("split", "val")
             return {metric_name(f"{split}/{k}"): v for k, v in event["metrics"].items() if v is not None}
+        if event["kind"] == "drift":  # the drift probe's D(t; dt) as drift_probe/dt_<dt>
+            return {f"drift_probe/dt_{dt}": v for dt, v in event["D"].items() if v is not None}
         return {}
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -359,7 +361,8 @@ class StageRun:
     def run_id(self) -> str | None:
         return None if self.mlflow is None else self.mlflow.run_id
 
-    def backfill(self, history: dict[str, list], evals: list[dict[str, Any]]) -> None:
+    def backfill(self, history: dict[str, list], evals: list[dict[str, Any]],
+                 drift: list[dict[str, Any]] = ()) -> None:
         """Log curves computed by an earlier stage (a cached warm-up) that this MLflow run does not hold yet."""
         if self._mlflow_sink is None:
             return
@@ -372,6 +375,9 @@ class StageRun:
             metrics = {k: v for k, v in e.items() if k not in ("step", "phase", "split")}
             self._mlflow_sink.emit({"kind": "eval", "step": e["step"], "time": now, "split": e["split"],
                                     "metrics": metrics})
+        for h in drift:
+            self._mlflow_sink.emit({"kind": "drift", "step": h["step"], "time": now,
+                                    "D": {str(k): v for k, v in h["D"].items()}})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.mlflow is not None:
@@ -421,7 +427,8 @@ class WorkerRun:
     def __init__(self) -> None:
         self.sink = NullSink()
 
-    def backfill(self, history: dict[str, list], evals: list[dict[str, Any]]) -> None:
+    def backfill(self, history: dict[str, list], evals: list[dict[str, Any]],
+                 drift: list[dict[str, Any]] = ()) -> None:
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:

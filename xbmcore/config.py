@@ -81,6 +81,9 @@ class ModelParams(_Section):
     embedding_dim: int = Field(128, ge=2)
     pretrained: Literal["none", "imagenet"] = "none"
     freeze_bn: bool = False
+    # smallcnn's normalisation: batch statistics (BatchNorm) or per-image channel groups (GroupNorm), which does
+    # not depend on what else is in the batch and so trains the same at any batch size.
+    norm: Literal["batch", "group"] = "batch"
     # With several processes, BatchNorm over the whole global batch (SyncBatchNorm) instead of each rank's part:
     # what one process with the global batch computes. A training choice: the saved model has plain BatchNorm.
     sync_bn: bool = False
@@ -118,7 +121,18 @@ class TrainParams(_Section):
     warmup_lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(300, ge=0)
+    # A number of steps, or "auto": end the warm-up at the first drift probe (from warmup_min_steps on) where
+    # D(t; warmup_drift_dt) < warmup_drift, at warmup_max_steps at the latest. The memory's premise is slow drift.
+    warmup_steps: int | Literal["auto"] = 300
+    warmup_drift: float = Field(0.35, gt=0.0)
+    warmup_drift_dt: int = Field(100, ge=1)
+    warmup_min_steps: int = Field(200, ge=0)
+    warmup_max_steps: int = Field(3000, ge=1)
+    # The drift probe (xbmcore.drift): D(t; dt) of `drift_probe` fixed training images (0: off) every
+    # `drift_every` steps, for each dt in `drift_dts`.
+    drift_probe: int = Field(0, ge=0)
+    drift_every: int = Field(100, ge=1)
+    drift_dts: list[int] = Field(default_factory=lambda: [10, 100, 1000])
     xbm_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     eval_every: int = Field(0, ge=0)
@@ -138,7 +152,26 @@ class TrainParams(_Section):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of images_per_class ({self.images_per_class})"
             )
+        if isinstance(self.warmup_steps, int) and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected a number of steps >= 0 or auto, got {self.warmup_steps}")
+        if not self.drift_dts or min(self.drift_dts) < 1:
+            raise ValueError(f"drift_dts: expected a non-empty list of steps >= 1, got {self.drift_dts}")
+        if self.warmup_steps == "auto":
+            if not self.drift_probe:
+                raise ValueError("warmup_steps: auto ends the warm-up on the drift probe's D(t; dt); set "
+                                 "drift_probe > 0 (e.g. 512)")
+            if self.warmup_drift_dt not in self.drift_dts:
+                raise ValueError(f"warmup_drift_dt ({self.warmup_drift_dt}) must be one of drift_dts "
+                                 f"{self.drift_dts}: the probe measures only those")
+            if self.warmup_min_steps > self.warmup_max_steps:
+                raise ValueError(f"warmup_min_steps ({self.warmup_min_steps}) must be <= warmup_max_steps "
+                                 f"({self.warmup_max_steps})")
         return self
+
+    @property
+    def warmup_budget(self) -> int:
+        """The warm-up's length in steps: warmup_steps, or its upper bound when it is auto."""
+        return self.warmup_max_steps if self.warmup_steps == "auto" else self.warmup_steps
 
 
 class EvalParams(_Section):

@@ -11,6 +11,8 @@ Kinds and their fields (all events also carry `kind`, `time` (unix seconds) and 
               execution wrote to the same file are superseded: readers drop their points with step > resume_from.
   step        the fields of `StepRecord` (STEP_FIELDS), typed as it declares them
   eval        phase, split, metrics ({"recall@1": ..., "map@r": ...})
+  drift       phase, D ({"10": D(t; 10), "100": ..., ...}: the drift probe's mean ||f_t(x) - f_{t-dt}(x)||^2,
+              for the dts whose earlier snapshot exists; xbmcore.drift)
   checkpoint  path
   end         status ("finished" | "failed" | "stopped"), message
 """
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Protocol
 
-KINDS = ("start", "phase", "step", "eval", "checkpoint", "end")
+KINDS = ("start", "phase", "step", "eval", "drift", "checkpoint", "end")
 PHASES = ("warmup", "memory_init", "xbm", "baseline", "evaluate")
 
 

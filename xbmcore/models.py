@@ -24,27 +24,31 @@ _RESNETS = {
 }
 
 
-def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
-    )
+# GroupNorm's groups per layer (Wu & He 2018 use 32 on ResNets of 64-2048 channels; smallcnn starts at 32).
+GROUPS = 8
+
+
+def _conv_bn_relu(c_in: int, c_out: int, norm: str = "batch") -> nn.Sequential:
+    layer = nn.BatchNorm2d(c_out) if norm == "batch" else nn.GroupNorm(GROUPS, c_out)
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), layer, nn.ReLU(inplace=True))
 
 
 class SmallCNN(nn.Sequential):
-    """Four conv-BN-ReLU blocks (32-64-128-256 channels) with 2x2 max-pooling between them: 32 -> 4 px.
+    """Four conv-BN-ReLU blocks (32-64-128-256 channels) with 2x2 max-pooling between them: 32 -> 4 px. `norm`
+    "group" puts GroupNorm where BatchNorm is (for batches too small for batch statistics).
 
     About 15 M multiply-adds per 32 px image (blocks 2-4 4.7 M each; a ResNet-18 needs ~37 M at 32 px, 1.8 G at
     224 px): about 1,500 images/s forward + backward (batch 64, Adam) on 2 CPU cores, so a run of a thousand
     steps takes about a minute of compute.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256)):
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), norm: str = "batch"):
         layers: list[nn.Module] = []
         c_in = 3
         for i, w in enumerate(widths):
             if i:
                 layers.append(nn.MaxPool2d(2))
-            layers.append(_conv_bn_relu(c_in, w))
+            layers.append(_conv_bn_relu(c_in, w, norm))
             c_in = w
         super().__init__(*layers)
         self.out_channels = c_in
@@ -110,9 +114,12 @@ def build_model(p: ModelParams) -> EmbeddingNet:
             raise ValueError(
                 f"model.pretrained: smallcnn has no pretrained weights, expected 'none', got {p.pretrained!r}"
             )
-        backbone: nn.Module = SmallCNN()
+        backbone: nn.Module = SmallCNN(norm=p.norm)
         feat_dim = backbone.out_channels
     elif p.backbone in _RESNETS:
+        if p.norm != "batch":
+            raise ValueError(f"model.norm: {p.norm!r} is for smallcnn; the torchvision ResNets keep their "
+                             f"BatchNorm (use model.freeze_bn with pretrained weights and small batches)")
         builder, weights = _RESNETS[p.backbone]
         net = builder(weights=None)
         if p.pretrained == "imagenet":

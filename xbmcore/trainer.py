@@ -51,6 +51,7 @@ from xbmcore.checkpoint import (
 from xbmcore.config import Params
 from xbmcore.data.batch import collate_for, to_device
 from xbmcore.distributed import Dist, world_size
+from xbmcore.drift import DriftProbe, clean_view
 from xbmcore.evaluate import compute_embeddings, evaluate_model, retrieval_metrics
 from xbmcore.events import HISTORY_FIELDS, StepRecord, make_event
 from xbmcore.losses import XBMObjective, build_loss
@@ -60,7 +61,8 @@ from xbmcore.sampler import PKSampler
 log = logging.getLogger(__name__)
 
 # 2: the sampler position is no longer stored (it follows from the step); RNG states are one per rank.
-CHECKPOINT_FORMAT = 2
+# 3: the warm-up's end step and the drift probe's snapshots and history.
+CHECKPOINT_FORMAT = 3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # XBMObjective's scalars, in the order of the step's device vector.
 _OBJECTIVE = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs")
@@ -68,6 +70,9 @@ _OBJECTIVE = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "me
 # does change it (the global batch) and is checked on its own, so that a resume with another nproc is refused
 # with a message rather than silently started over.
 _OPERATIONAL = ("checkpoint_every", "eval_every", "num_threads", "device", "precision", "log_every", "nproc")
+# The drift probe's and the auto warm-up's: they decide what is computed only when the warm-up ends on drift.
+_DRIFT = ("drift_probe", "drift_every", "drift_dts", "warmup_drift", "warmup_drift_dt", "warmup_min_steps",
+          "warmup_max_steps")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,7 +143,8 @@ def training_digest(params: Params, phase: str) -> str:
     keeps a warm-up checkpoint valid.
     """
     d = params.model_dump(mode="json")
-    train = {k: v for k, v in d["train"].items() if k not in _OPERATIONAL}
+    skip = _OPERATIONAL + (() if d["train"]["warmup_steps"] == "auto" else _DRIFT)
+    train = {k: v for k, v in d["train"].items() if k not in skip}
     keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train, "code": code_fingerprint()}
     if phase == "warmup":
         for k in ("xbm_steps", "lr", "lr_schedule"):  # the XBM phase's
@@ -219,6 +225,9 @@ class TrainState:
         self.digest = ""  # training_digest of the phase: a checkpoint resumes only a run with the same one
         self.history: dict[str, list] = {k: [] for k in HISTORY_FIELDS}
         self.evals: list[dict[str, Any]] = []  # {"step", "phase", "split", metric: value, ...}
+        # The step the warm-up ended at (None until it has): the XBM phase's cosine schedule counts from it.
+        self.warmup_end: int | None = None
+        self.probe: DriftProbe | None = None  # its snapshots and D(t; dt) history
 
     def state_dict(self) -> dict[str, Any]:
         """A plain dict (tensors, numbers, lists) for the safe unpickler. Collective: every rank calls it."""
@@ -229,7 +238,8 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "memory": None if self.memory is None else self.memory.state_dict(),
             "rng": self.dist.objects(rng_state()),  # one per rank: each rank's augmentation stream goes on
-            "history": self.history, "evals": self.evals,
+            "history": self.history, "evals": self.evals, "warmup_end": self.warmup_end,
+            "drift_probe": None if self.probe is None else self.probe.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,6 +258,9 @@ class TrainState:
         self.step, self.phase_start = int(state["step"]), int(state["phase_start"])
         self.history = {k: list(state["history"][k]) for k in HISTORY_FIELDS}
         self.evals = list(state["evals"])
+        self.warmup_end = state["warmup_end"]
+        if self.probe is not None:
+            self.probe.load_state_dict(state["drift_probe"])
         if self.memory is not None:
             if state["memory"] is None:
                 raise ValueError("the checkpoint holds no memory, but this phase trains with one")
@@ -348,6 +361,39 @@ class StopOnSignals(Hook):
         self._previous = {}
 
 
+class DriftMonitor(Hook):
+    """The drift probe (xbmcore.drift) as a hook: it observes the model where a phase (re)starts and after every
+    step, emits a `drift` event per probe step, and ends an auto warm-up (`train.warmup_steps: auto`) at the
+    first probe step t >= warmup_min_steps with D(t; warmup_drift_dt) < warmup_drift; the phase's own length,
+    warmup_max_steps, bounds it from above."""
+
+    def on_phase_start(self, trainer: "Trainer") -> None:
+        self._observe(trainer)
+
+    def on_step(self, trainer: "Trainer") -> None:
+        D, t = self._observe(trainer), trainer.params.train
+        if D is None or trainer.phase != "warmup" or t.warmup_steps != "auto" or trainer.step < t.warmup_min_steps \
+                or not D.get(t.warmup_drift_dt, float("inf")) < t.warmup_drift:
+            return
+        log.info("warm-up ends at step %d: D(t; %d) = %.4g < train.warmup_drift = %g", trainer.step,
+                 t.warmup_drift_dt, D[t.warmup_drift_dt], t.warmup_drift)
+        trainer.state.warmup_end = trainer.step
+        trainer.last_checkpoint = None  # rewrite this step's checkpoint with the end in it: a resume stops here
+        trainer.checkpoint()
+        trainer.end_phase()
+
+    @staticmethod
+    def _observe(trainer: "Trainer") -> dict[int, float] | None:
+        probe = trainer.probe
+        if trainer.step <= probe.last or not probe.wanted(trainer.step):
+            return None
+        trainer.flush()  # the step's event before its drift event
+        D = probe.observe(trainer.step)
+        if D:
+            trainer.emit(make_event("drift", trainer.step, phase=trainer.phase, D={str(k): v for k, v in D.items()}))
+        return D
+
+
 class Trainer:
     """Trains `model` on `splits.train` with P x M batches; emits events to `sink` (rank 0 only).
 
@@ -391,6 +437,11 @@ class Trainer:
         self.sampler = PKSampler(splits.train.labels, t.batch_size * self.dist.world, t.images_per_class,
                                  seed=t.seed, rank=self.dist.rank, world=self.dist.world)
         self.hooks: list[Hook] = []  # the caller's, run in every phase
+        if t.drift_probe:  # D(t; dt) of fixed training images, a hook of every phase
+            self.state.probe = DriftProbe(splits.train, t.drift_probe, t.drift_every, t.drift_dts, seed=t.seed,
+                                          embed=lambda ds: self._embed(ds)[0])
+            self.hooks.append(DriftMonitor())
+        self._end_now = False
         self.folder: Path | None = None  # the current phase's checkpoint folder
         self.last_checkpoint: Path | None = None
         self.stop_signal: int | None = None  # set by StopOnSignals' handler
@@ -405,6 +456,13 @@ class Trainer:
     history = property(lambda self: self.state.history)
     evals = property(lambda self: self.state.evals)
     step = property(lambda self: self.state.step)
+    phase = property(lambda self: self.state.phase)
+    probe = property(lambda self: self.state.probe)
+    warmup_end = property(lambda self: self.state.warmup_end)
+
+    def end_phase(self) -> None:
+        """Called by a hook: the phase ends after this step, before its planned length."""
+        self._end_now = True
 
     def state_dict(self) -> dict[str, Any]:
         return self.state.state_dict()
@@ -432,9 +490,11 @@ class Trainer:
         # Constant through the warm-up; `cosine` decays to 0 over the XBM phase only, so the warm-up (and its
         # cached output) does not depend on how long the XBM phase is. Multiplies the phase's lr (set_lr).
         t = self.params.train
-        if t.lr_schedule == "constant" or step < t.warmup_steps:
+        start = self.state.warmup_end if getattr(self, "state", None) and self.state.warmup_end is not None \
+            else t.warmup_budget
+        if t.lr_schedule == "constant" or step < start:
             return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / t.xbm_steps)
+        progress = min(1.0, (step - start) / t.xbm_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def set_lr(self, lr: float, weight_decay: float | None = None) -> None:
@@ -522,7 +582,8 @@ class Trainer:
                 h.on_phase_start(self)
             batches = self._batches() if s.step < end else None
             self._clock = time.perf_counter()
-            while s.step < end:
+            self._end_now = False
+            while s.step < end and not self._end_now:
                 try:
                     self._train_step(next(batches))
                 except torch.OutOfMemoryError as err:
@@ -532,6 +593,8 @@ class Trainer:
                     h.on_step(self)
                 self._clock += time.perf_counter() - t0  # images/s measures training, not the hooks
             self.flush()
+            if phase == "warmup":
+                s.warmup_end = s.step
         except _CallerError as wrapped:  # the caller's own exception (e.g. a pruned trial): not a failure here
             error = wrapped.__cause__
             raise error from None
@@ -562,7 +625,11 @@ class Trainer:
         s.memory, s.phase, s.phase_start, s.digest = memory, phase, s.step, training_digest(self.params, phase)
         start, end = s.step, s.step + steps
         self.set_lr(t.warmup_lr if phase == "warmup" else t.lr, t.weight_decay)
+        if phase == "warmup":
+            s.warmup_end = None  # set when this warm-up ends (a checkpoint written after an auto end holds it)
         resumed = self.folder is not None and self._resume(end)
+        if phase == "warmup" and s.warmup_end is not None:
+            end = s.step  # resumed after the auto warm-up had ended: nothing left to train
         if memory is not None and self.params.loss.reduction == "sum_over_batch":
             # Not an error (it is the official code's reduction), but the usual cause of a silent collapse.
             log.warning("loss.reduction sum_over_batch: the memory term sums ~K/B = %.0f times as many pairs as "
@@ -691,7 +758,8 @@ class Trainer:
                 return evaluate_model(self.model, self.splits, split, e.recall_at, e.batch_size, self.device,
                                       nmi=False, num_workers=self.params.data.num_workers)
         feats, labels = self._embed(getattr(self.splits, split))
-        metrics = retrieval_metrics(feats.cpu().numpy(), labels.cpu().numpy(), recall_at=e.recall_at, nmi=False) \
+        metrics = retrieval_metrics(feats.cpu().numpy(), labels.cpu().numpy(), recall_at=e.recall_at, nmi=False,
+                                     device=self.device) \
             if self.dist.is_main else None
         return self.dist.broadcast(metrics)
 
@@ -707,7 +775,7 @@ class Trainer:
         g = torch.Generator().manual_seed(self.params.train.seed)
         pick = torch.randperm(N, generator=g)[:n]  # n dataset indices
         # The images as the test transform shows them (when the dataset offers it): one clean view per image.
-        clean = train.without_augmentation() if hasattr(train, "without_augmentation") else train
+        clean = clean_view(train)
         feats, labels = self._embed(Subset(clean, pick.tolist()))
         # Written at the current step, so the ages of the drift measurement count from the end of the warm-up.
         memory.enqueue(feats, labels, pick.to(self.device), step=self.step)

@@ -80,8 +80,9 @@ def trial_params(params: Params, values: dict[str, Any]) -> Params:
 
 
 def memory_on_step(params: Params) -> int:
-    """Global step at which the memory term switches on (steps count on from the warm-up)."""
-    return params.train.warmup_steps
+    """Global step at which the memory term switches on (steps count on from the warm-up); with an auto warm-up
+    its upper bound, so that no trial is judged before its memory is on."""
+    return params.train.warmup_budget
 
 
 def warmup_keys(params: Params, values: dict[str, Any]) -> dict[str, Any]:

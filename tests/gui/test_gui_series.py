@@ -161,3 +161,20 @@ def test_a_rerun_killed_and_resumed_in_one_file_draws_one_forward_curve(chunk):
     assert loss[15] == pytest.approx(2.015) and loss[30] == pytest.approx(3.030)  # the newest execution's
     ev = run.evals["val/recall@1"]
     assert ev.x.tolist() == [20, 30, 40] and ev.y.tolist() == pytest.approx([2.020, 3.030, 3.040])
+
+
+def test_drift_probe_events_become_one_curve_per_dt(qtbot):
+    from gui.monitor import MonitorPanel
+
+    events = [make_event("step", s, **step_fields(s, "warmup", 100, 320)) for s in range(1, 201)]
+    events[99:99] = [make_event("drift", 100, phase="warmup", D={"10": 0.8, "100": 1.5})]
+    events.append(make_event("drift", 200, phase="warmup", D={"10": 0.2, "100": 0.6}))
+    panel = MonitorPanel()
+    qtbot.addWidget(panel)
+    panel.add_batch(EventBatch.from_events(events))
+    panel.redraw()
+    assert panel.data.evals["drift/D_10"].x.tolist() == [100, 200]
+    assert panel.data.evals["drift/D_100"].y.tolist() == [1.5, 0.6]
+    x, y = panel.drift.curves["drift/D_100"].getOriginalDataset()
+    assert x.tolist() == [100, 200] and y.tolist() == [1.5, 0.6]
+    assert len(panel.loss.curves["loss"].getOriginalDataset()[0]) == 200  # the step curves are unaffected

@@ -49,8 +49,12 @@ def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
     test = next(iter(metrics.values()))["data"]["metrics.json"]["data"]["test"]  # the workspace
     assert 0 <= test["recall@1"] <= test["recall@2"] <= 1 and "map@r" in test
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
-    assert set(plots) == {"loss", "memory_fill", "drift", "recall_at_1", "plots/retrieval.png"}
+    assert set(plots) == {"loss", "memory_fill", "drift", "drift_probe", "recall_at_1", "plots/retrieval.png"}
     assert [p["type"] for p in plots["plots/retrieval.png"]] == ["image"]
+    # The probe's D(t; dt) from step 0 through both training stages (its snapshots travel in the warm-up state).
+    rows = (root / "plots" / "drift.csv").read_text().splitlines()
+    assert rows[0] == "step,D_2,D_4" and [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(0, 15, 2)]
+    assert all(r.split(",")[2] for r in rows[3:])  # D(t; 4) from step 4 on
     assert (root / "mlflow.db").is_file()
 
     # Nothing changed: nothing runs again.

@@ -19,7 +19,7 @@ TINY = {
     "model": {"embedding_dim": 16},
     "train": {"batch_size": 8, "images_per_class": 2, "warmup_steps": 6, "xbm_steps": 8, "checkpoint_every": 4,
               "eval_every": 4, "num_threads": 1, "lr": 0.003, "warmup_lr": 0.003,
-              "lr_schedule": "cosine"},
+              "lr_schedule": "cosine", "drift_probe": 8, "drift_every": 2, "drift_dts": [2, 4]},
     "eval": {"recall_at": [1, 2], "batch_size": 64},
 }
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +12,26 @@ import torch
 
 from xbmcore.config import DataParams, SyntheticParams
 from xbmcore.data import open_splits, prepare_dataset
-from xbmcore.data.index import read_index, read_meta
-from xbmcore.data.synthetic import generate, num_images
+from xbmcore.data.index import read_index, read_meta, write_meta
+from xbmcore.data.synthetic import _exp2, _log2, _sincos, _superellipse, generate, num_images
+
+# sha256 of images, labels and super-labels. A change here changes the benchmark: every recorded result (dvc.lock,
+# metrics.json, the README's figures) must be measured again.
+SMALL = dict(num_classes=40, classes_per_superclass=5, image_size=16, seed=7)
+SMALL_SHA = "9cd7d80f4cce49543e73b90b59c5e0de4c2ab2da58a3556f1f58e171e3d8cfe8"
+DEFAULT_SHA = "0c5d9ee1c2d316b8600a97e6834c82c1c4dfc453097d737fe33a6dc154502def"
+# numpy's SIMD levels whose transcendental kernels gave other bytes before the generator avoided them.
+DISPATCH_OFF = ["X86_V4 AVX512_ICL AVX512_SPR", "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"]
+_HASH = """
+import hashlib, sys, numpy as np
+from xbmcore.config import SyntheticParams
+from xbmcore.data.synthetic import generate
+d = generate(SyntheticParams(**eval(sys.argv[1])))
+m = hashlib.sha256()
+for a in (d.images, d.labels, d.super_labels):
+    m.update(np.ascontiguousarray(a).tobytes())
+print(m.hexdigest())
+"""
 
 
 def tiny(tmp_path, **kw) -> DataParams:
@@ -94,6 +115,22 @@ def test_prepare_is_idempotent_and_repairs(tmp_path):
     assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
 
 
+def test_a_folder_from_an_older_generator_is_regenerated(tmp_path, monkeypatch):
+    from xbmcore.data import synthetic
+    p = tiny(tmp_path)
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION - 1)
+    out = prepare_dataset(p, tmp_path, progress=False)
+    np.save(out / "images.npy", np.zeros_like(np.load(out / "images.npy")))  # stands in for the old bytes
+    meta = read_meta(out)
+    meta["sha256"] = digest(out)
+    write_meta(out, meta)
+    assert prepare_dataset(p, tmp_path, progress=False) == out  # same version: verified and kept
+    assert not np.load(out / "images.npy").any()
+    monkeypatch.undo()
+    prepare_dataset(p, tmp_path, progress=False)
+    np.testing.assert_array_equal(np.load(out / "images.npy"), generate(p.synthetic).images)
+
+
 def test_array_batches_through_a_dataloader(tmp_path):
     p = tiny(tmp_path)
     s = open_splits(prepare_dataset(p, tmp_path, progress=False), p)
@@ -123,3 +160,68 @@ def test_augmentation_switch(tmp_path):
     assert all(torch.equal(x[0], y[0]) for x, y in zip(c, d))
     train.train = False  # the attribute alone switches too
     assert all(torch.equal(x[0], y[0]) for x, y in zip(c, train.__getitems__([0, 1, 2])))
+
+
+def set_sha(**kw) -> str:
+    d = generate(SyntheticParams(**kw))
+    m = hashlib.sha256()
+    for a in (d.images, d.labels, d.super_labels):
+        m.update(np.ascontiguousarray(a).tobytes())
+    return m.hexdigest()
+
+
+def test_golden_bytes():
+    assert set_sha(**SMALL) == SMALL_SHA
+    assert set_sha() == DEFAULT_SHA  # the default benchmark (6,698 images, ~5 s)
+
+
+@pytest.mark.parametrize("disabled", DISPATCH_OFF)
+def test_golden_bytes_whatever_simd_numpy_dispatches_to(disabled):
+    # Each setting switches numpy's kernels to a lower SIMD level, as on an older CPU; the bytes must not move.
+    from numpy._core._multiarray_umath import __cpu_features__
+    missing = [f for f in disabled.split() if not __cpu_features__.get(f)]
+    if missing:
+        pytest.skip(f"this CPU lacks {missing}: disabling them would not change numpy's dispatch")
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+    probe = "from numpy._core._multiarray_umath import __cpu_features__ as f; print(any(f[k] for k in %r))"
+    off = subprocess.run([sys.executable, "-c", probe % disabled.split()], env=env, capture_output=True, text=True,
+                         check=True)
+    assert off.stdout.strip() == "False"  # the setting took effect in the child
+    out = subprocess.run([sys.executable, "-c", _HASH, repr(SMALL)], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == SMALL_SHA
+
+
+def test_elementary_functions_match_float64_references():
+    x = np.exp(np.linspace(-40, 40, 20001))
+    np.testing.assert_allclose(_log2(x), np.log2(x), rtol=0, atol=2e-9)
+    np.testing.assert_allclose(_log2(x.astype(np.float32)), np.log2(x), rtol=0, atol=4e-6)
+    assert _log2(np.float32([1.0]))[0] == 0 and _log2(np.float32([8.0]))[0] == 3
+    y = np.linspace(-125, 127, 20001)
+    np.testing.assert_allclose(_exp2(y), np.exp2(y), rtol=1e-8, atol=0)
+    np.testing.assert_allclose(_exp2(y.astype(np.float32)), np.exp2(y.astype(np.float32).astype(np.float64)),
+                               rtol=3e-7, atol=0)
+    assert _exp2(np.float32([-1000.0]))[0] == np.float32(2.0 ** -125)  # clipped, never subnormal
+    t = np.linspace(-100, 100, 200001)
+    s, c = _sincos(t)
+    np.testing.assert_allclose(s, np.sin(t), rtol=0, atol=1e-11)
+    np.testing.assert_allclose(c, np.cos(t), rtol=0, atol=1e-11)
+
+
+def test_superellipse_matches_a_float64_power_reference():
+    rng = np.random.default_rng(0)
+    n, S = 64, 32
+    g = ((np.arange(S) + 0.5) / S) * 2 - 1
+    X, Y = g[None, None, :], g[None, :, None]
+    cx, cy = rng.uniform(-0.3, 0.3, n), rng.uniform(-0.3, 0.3, n)
+    a, b = rng.uniform(0.1, 0.9, n), rng.uniform(0.1, 0.9, n)
+    e, t, px = np.exp(rng.uniform(np.log(0.9), np.log(6.0), n)), rng.uniform(0, np.pi, n), np.full(n, 2 / S)
+    got = _superellipse(X.astype(np.float32), Y.astype(np.float32), cx, cy, a, b, e, t, px)
+    col = lambda v: v[:, None, None]  # noqa: E731
+    dx, dy = X - col(cx), Y - col(cy)
+    u = np.abs(dx * np.cos(col(t)) + dy * np.sin(col(t))) / col(a)
+    v = np.abs(dy * np.cos(col(t)) - dx * np.sin(col(t))) / col(b)
+    r = (u ** col(e) + v ** col(e)) ** (1 / col(e))
+    want = np.clip(0.5 - (r - 1) * col(np.minimum(a, b)) / col(px), 0, 1)
+    assert got.dtype == np.float32 and 0.05 < want.mean() < 0.95  # shapes with edges inside the image
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)

@@ -106,3 +106,17 @@ def test_pretrained_weights_are_loaded(monkeypatch):
 def test_smallcnn_has_no_pretrained_weights():
     with pytest.raises(ValueError, match="smallcnn has no pretrained weights"):
         build_model(ModelParams(backbone="smallcnn", pretrained="imagenet"))
+
+
+def test_group_norm_smallcnn_does_not_depend_on_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    net = build_model(ModelParams(norm="group"))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in net.modules()) == 4
+    x = torch.randn(6, 3, 32, 32)
+    net.train()
+    alone = net(x[:1])
+    with_others = net(x)[:1]  # BatchNorm in train mode would give another embedding here
+    torch.testing.assert_close(alone, with_others, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="model.norm: 'group' is for smallcnn"):
+        build_model(ModelParams(backbone="resnet18", norm="group"))

@@ -55,7 +55,7 @@ def _recipe(p: DataParams, annotations: list[Path] | None = None, image_root: Pa
             items: np.ndarray | None = None) -> dict:
     r: dict[str, Any] = {"format_version": FORMAT_VERSION, "name": p.name, "val_fraction": p.val_fraction}
     if p.name == "synthetic":
-        r["synthetic"] = p.synthetic.model_dump()
+        r["synthetic"] = {**p.synthetic.model_dump(), "generator": synthetic.GENERATOR_VERSION}
     else:
         r["skip_corrupt"] = p.skip_corrupt
         r["cache_size"] = p.cache_size

@@ -13,8 +13,15 @@ reproduces that structure:
 
 So siblings inside a super-class are hard negatives, and classes of different super-classes are easy ones.
 Rendering is vectorised with numpy over chunks of images (anti-aliased signed-distance shapes), float32 until a
-single rounding to uint8. Same seed and parameters give identical bytes (on one platform: numpy's transcendental
-functions may differ in the last bit across CPUs).
+single rounding to uint8.
+
+The same seed and parameters give the same bytes on every machine. numpy dispatches its transcendental ufuncs
+(sin, exp, power, ...) to SIMD kernels chosen by the CPU, and the C library's versions differ between platforms,
+in the last bits; rounded to uint8, a last bit sometimes moves a pixel. So nothing here calls them: the random
+draws are exact (uniform bits, integers), normal variates are sums of uniforms, and sin/cos, log2 and exp2 are
+polynomials below, evaluated with +, -, x, / and exact bit operations (frexp, ldexp, rint) only, which IEEE 754
+rounds identically everywhere. One numpy ufunc is one rounded operation (no fused multiply-add across ufuncs),
+so the order written is the order computed.
 """
 from __future__ import annotations
 
@@ -24,8 +31,87 @@ import numpy as np
 
 from xbmcore.config import SyntheticParams
 
+# Bumped whenever the same parameters render other bytes: a folder prepared by an older generator is regenerated.
+GENERATOR_VERSION = 2
 # Images rendered per numpy pass. Fixed, because the pixel noise is drawn per chunk: changing it changes bytes.
 _CHUNK = 1024
+
+# ---- elementary functions from exactly rounded operations ------------------------------------------------------
+# Accuracy (float64 inputs): sin/cos ~1e-13 for |x| < 100, log2 and exp2 ~1e-8 relative; in float32 a few ulp.
+# Enough: a pixel is one of 256 levels, and what must not change between machines is the bytes, not the last bit.
+
+_LN2 = 0.6931471805599453
+_SQRT_HALF = 0.7071067811865476
+# pi/2 split in two (Cody-Waite): q * _PIO2_HI is exact for |q| < 2^20, so x - q pi/2 loses nothing to rounding.
+_PIO2_HI = 1.57079632673412561417
+_PIO2_LO = 6.07710050650619224932e-11
+
+
+def _log2(x: np.ndarray) -> np.ndarray:
+    """log2(x) for x > 0 (finite, normal), in x's dtype: exponent + atanh series of the mantissa."""
+    x = np.asarray(x)
+    m, e = np.frexp(x)  # x = m 2^e, m in [1/2, 1)
+    low = m < _SQRT_HALF
+    m = np.where(low, m * 2, m)  # m in [sqrt(1/2), sqrt(2))
+    e = (e - low).astype(x.dtype)
+    t = (m - 1) / (m + 1)  # |t| <= 0.172: ln m = 2 atanh t = 2 (t + t^3/3 + t^5/5 + ...)
+    t2 = t * t
+    p = (((t2 * (1 / 9) + 1 / 7) * t2 + 1 / 5) * t2 + 1 / 3) * t2 + 1
+    return e + p * t * (2 / _LN2)
+
+
+def _exp2(y: np.ndarray) -> np.ndarray:
+    """2^y in y's dtype, y clipped to [-125, 127] (no subnormal results): 2^round(y) x Taylor series of the rest."""
+    y = np.clip(np.asarray(y), -125, 127)
+    k = np.rint(y)
+    z = (y - k) * _LN2  # |z| <= ln2 / 2; y - k is exact
+    p = z * (1 / 5040) + 1 / 720
+    for c in (1 / 120, 1 / 24, 1 / 6, 1 / 2, 1, 1):
+        p = p * z + c
+    return np.ldexp(p, k.astype(np.int32))
+
+
+def _sincos(x) -> tuple[np.ndarray, np.ndarray]:
+    """(sin x, cos x) in float64: reduction by multiples of pi/2, Taylor series on [-pi/4, pi/4]."""
+    x = np.asarray(x, np.float64)
+    q = np.rint(x * (2 / np.pi))
+    r = (x - q * _PIO2_HI) - q * _PIO2_LO
+    r2 = r * r
+    s = r2 * (-1 / 39916800) + 1 / 362880
+    for c in (-1 / 5040, 1 / 120, -1 / 6, 1):
+        s = s * r2 + c
+    s = s * r
+    c_ = r2 * (1 / 479001600) - 1 / 3628800
+    for c in (1 / 40320, -1 / 720, 1 / 24, -1 / 2, 1):
+        c_ = c_ * r2 + c
+    n = q.astype(np.int64) & 3  # sin(r + n pi/2), cos(r + n pi/2)
+    quadrant = [n == 0, n == 1, n == 2]
+    return np.select(quadrant, [s, c_, -s], -c_), np.select(quadrant, [c_, -s, -c_], s)
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float, size) -> np.ndarray:
+    # rng.random's doubles are exact (53 random bits x 2^-53); the affine map is done here, two rounded ufuncs,
+    # rather than in the generator's C code, where a compiler may fuse it into one multiply-add on some CPUs.
+    return (lo + (hi - lo) * rng.random(size)).astype(np.float32)
+
+
+def _log_uniform(rng: np.random.Generator, lo: float, hi: float, size) -> np.ndarray:
+    return _exp2(_uniform(rng, float(_log2(lo)), float(_log2(hi)), size).astype(np.float64)).astype(np.float32)
+
+
+def _normal(rng: np.random.Generator, size, dtype=np.float64) -> np.ndarray:
+    """Standard normal variates as a centred sum of four uniforms (Irwin-Hall; variance 4/12, rescaled to 1).
+
+    numpy's own normal sampler calls exp and log from the C library. Four uniforms are bounded at +-3.5 sd and
+    otherwise close to Gaussian, which is all pixel noise and colour perturbations need.
+    """
+    u = [rng.random(size, dtype=dtype) for _ in range(4)]
+    return ((u[0] + u[1]) + (u[2] + u[3]) - 2) * np.sqrt(dtype(3))
+
+
+def _cos_sin32(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s, c = _sincos(t)
+    return c.astype(np.float32), s.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -43,10 +129,6 @@ def images_per_class(p: SyntheticParams, rng: np.random.Generator) -> np.ndarray
     return p.images_per_class_min + np.minimum((span * u * u).astype(np.int64), span - 1)
 
 
-def _uniform(rng: np.random.Generator, lo: float, hi: float, size) -> np.ndarray:
-    return rng.uniform(lo, hi, size).astype(np.float32)
-
-
 def _describe_classes(p: SyntheticParams, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Shape and colour parameters of every class (object units: the object radius is 1)."""
     C = p.num_classes
@@ -57,12 +139,12 @@ def _describe_classes(p: SyntheticParams, rng: np.random.Generator) -> dict[str,
     # Super-class: a body and two parts (centre, half-sizes, exponent, angle) and a palette.
     # Exponent 1 is a diamond, 2 an ellipse, large values a rounded rectangle; log-uniform spreads shapes evenly.
     body = dict(cx=np.zeros(S_n, np.float32), cy=np.zeros(S_n, np.float32), a=u(0.6, 0.95), b=u(0.35, 0.65),
-                e=np.exp(u(np.log(0.9), np.log(6.0))), t=u(0, np.pi))
+                e=_log_uniform(rng, 0.9, 6.0, S_n), t=u(0, np.pi))
     parts = []
     for _ in range(2):
-        ang, rad = u(0, 2 * np.pi), u(0.45, 0.85)
-        parts.append(dict(cx=rad * np.cos(ang), cy=rad * np.sin(ang), a=u(0.18, 0.38), b=u(0.12, 0.3),
-                          e=np.exp(u(np.log(0.9), np.log(6.0))), t=u(0, np.pi)))
+        (ca, sa), rad = _cos_sin32(u(0, 2 * np.pi)), u(0.45, 0.85)
+        parts.append(dict(cx=rad * ca, cy=rad * sa, a=u(0.18, 0.38), b=u(0.12, 0.3),
+                          e=_log_uniform(rng, 0.9, 6.0, S_n), t=u(0, np.pi)))
     palette = u(0.05, 0.95, (S_n, 3, 3))  # body, part 1, part 2 colours
     mark_colours = u(0.0, 1.0, (S_n, 2, 3))  # the two mark colours a class chooses from
     stripe_colour = u(0.0, 1.0, (S_n, 3))
@@ -78,15 +160,16 @@ def _describe_classes(p: SyntheticParams, rng: np.random.Generator) -> dict[str,
     colours = palette[sup].copy()  # C x 3 parts x 3 channels
     which = rng.integers(0, 2, C)  # the part whose colour and size move
     colours[np.arange(C), 1 + which] = np.clip(
-        colours[np.arange(C), 1 + which] + rng.normal(0, 0.22, (C, 3)).astype(np.float32), 0, 1)
+        colours[np.arange(C), 1 + which] + (0.22 * _normal(rng, (C, 3))).astype(np.float32), 0, 1)
     grow = c(0.75, 1.3)
     for i in range(2):
         sel = which == i
         d[f"part{i}_a"][sel] *= grow[sel]
         d[f"part{i}_b"][sel] *= grow[sel]
     d["colours"] = colours
-    r, ang = np.sqrt(c(0, 1)) * 0.55, c(0, 2 * np.pi)  # mark uniform over a disc inside the body
-    d["mark_cx"], d["mark_cy"], d["mark_r"] = r * np.cos(ang), r * np.sin(ang), c(0.16, 0.22)
+    r = np.sqrt(c(0, 1)) * 0.55  # mark uniform over a disc inside the body
+    ca, sa = _cos_sin32(c(0, 2 * np.pi))
+    d["mark_cx"], d["mark_cy"], d["mark_r"] = r * ca, r * sa, c(0.16, 0.22)
     d["mark_colour"] = mark_colours[sup, rng.integers(0, 2, C)]
     d["stripe_t"], d["stripe_off"], d["stripe_w"] = c(0, np.pi), c(-0.35, 0.35), c(0.12, 0.2)
     d["stripe_colour"] = stripe_colour[sup]
@@ -101,7 +184,7 @@ def _describe_images(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         bg=u(0, 1, (n, 3)), grad=u(-0.3, 0.3, (n, 3)), grad_t=u(0, 2 * np.pi),
         tex_amp=u(0, 0.1), tex_fx=u(-9, 9), tex_fy=u(-9, 9), tex_ph=u(0, 2 * np.pi),
         clutter_cx=u(-1, 1, (n, 2)), clutter_cy=u(-1, 1, (n, 2)), clutter_a=u(0.05, 0.16, (n, 2)),
-        clutter_b=u(0.05, 0.16, (n, 2)), clutter_e=np.exp(u(np.log(0.9), np.log(6.0), (n, 2))),
+        clutter_b=u(0.05, 0.16, (n, 2)), clutter_e=_log_uniform(rng, 0.9, 6.0, (n, 2)),
         clutter_t=u(0, np.pi, (n, 2)), clutter_colour=u(0, 1, (n, 2, 3)),
         gain=u(0.75, 1.25), channel_gain=u(0.9, 1.1, (n, 3)), offset=u(-0.06, 0.06, (n, 3)),
         occlude=(rng.random(n) < 0.2), occ_cx=u(-0.9, 0.9), occ_cy=u(-0.9, 0.9), occ_w=u(0.1, 0.28),
@@ -109,20 +192,27 @@ def _describe_images(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     )
 
 
+def _col(v) -> np.ndarray:
+    return np.asarray(v, np.float32)[:, None, None]  # per image (N,) -> N x 1 x 1, broadcast over the pixel grid
+
+
 def _superellipse(x, y, cx, cy, a, b, e, t, px):
     """Anti-aliased coverage (N x S x S, 0..1) of |u/a|^e + |v/b|^e <= 1, (u, v) rotated by t about (cx, cy).
 
     All shape arguments are per image (N,) and broadcast over the pixel grid; px is one pixel in the units of x, y.
     The level-set distance (r - 1) * min(a, b) approximates the signed distance well enough for a one-pixel ramp.
+    r = (u^e + v^e)^(1/e) is computed as max * (1 + (min/max)^e)^(1/e): the power's argument stays in [0, 1] and
+    the root's in [1, 2], where log2 and exp2 are accurate, and u = v = 0 needs no special case.
     """
-    col = lambda v: np.asarray(v, np.float32)[:, None, None]  # noqa: E731
-    dx, dy = x - col(cx), y - col(cy)
-    ct, st = col(np.cos(t)), col(np.sin(t))
-    u = np.abs(dx * ct + dy * st) / col(a)
-    v = np.abs(dy * ct - dx * st) / col(b)
-    ee = col(e)
-    r = (u ** ee + v ** ee) ** (1.0 / ee)
-    return np.clip(0.5 - (r - 1.0) * col(np.minimum(a, b)) / col(px), 0.0, 1.0)
+    dx, dy = x - _col(cx), y - _col(cy)
+    ct, st = (_col(v) for v in _cos_sin32(t))
+    u = np.abs(dx * ct + dy * st) / _col(a)
+    v = np.abs(dy * ct - dx * st) / _col(b)
+    big, small = np.maximum(u, v), np.minimum(u, v)
+    w = small / np.maximum(big, np.float32(1e-30))
+    ee = _col(e)
+    r = big * _exp2(_log2(1 + _exp2(ee * _log2(np.maximum(w, np.float32(2.0 ** -100))))) / ee)
+    return np.clip(0.5 - (r - 1.0) * _col(np.minimum(a, b)) / _col(px), 0.0, 1.0)
 
 
 def _paint(img: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
@@ -139,10 +229,14 @@ def _render(cls: dict[str, np.ndarray], im: dict[str, np.ndarray], size: int, rn
     X, Y = g[None, None, :], g[None, :, None]  # broadcast to N x S x S
     px = np.full(n, 2.0 / size, np.float32)
 
-    # Background: colour + linear gradient + a sinusoidal texture.
-    ramp = X * np.cos(im["grad_t"])[:, None, None] + Y * np.sin(im["grad_t"])[:, None, None]  # N x S x S
-    tex = im["tex_amp"][:, None, None] * np.sin(
-        X * im["tex_fx"][:, None, None] + Y * im["tex_fy"][:, None, None] + im["tex_ph"][:, None, None])
+    # Background: colour + linear gradient + a sinusoidal texture. The texture's phase is linear in x and y, so
+    # sin(fx x + fy y + ph) = sin(fx x) cos(fy y + ph) + cos(fx x) sin(fy y + ph): sines of N x S values, not of
+    # every pixel.
+    cg, sg = _cos_sin32(im["grad_t"])
+    ramp = X * _col(cg) + Y * _col(sg)  # N x S x S
+    sx, cx = (v.astype(np.float32)[:, None, :] for v in _sincos(im["tex_fx"][:, None] * g))  # N x 1 x S
+    sy, cy = (v.astype(np.float32)[:, :, None] for v in _sincos(im["tex_fy"][:, None] * g + im["tex_ph"][:, None]))
+    tex = _col(im["tex_amp"]) * (sx * cy + cx * sy)  # N x S x S
     img = im["bg"][:, :, None, None] + im["grad"][:, :, None, None] * ramp[:, None] * 0.5 + tex[:, None]
     img = img.astype(np.float32)
     for k in range(2):  # clutter behind the object
@@ -151,11 +245,11 @@ def _render(cls: dict[str, np.ndarray], im: dict[str, np.ndarray], size: int, rn
                im["clutter_colour"][:, k])
 
     # Object frame: translate, rotate, scale so the object radius is 1; distances scale by 1 / scale.
-    c, s, sc = np.cos(im["rot"]), np.sin(im["rot"]), im["scale"]
-    dx, dy = X - im["cx"][:, None, None], Y - im["cy"][:, None, None]
-    ox = (dx * c[:, None, None] + dy * s[:, None, None]) / sc[:, None, None]
-    oy = (dy * c[:, None, None] - dx * s[:, None, None]) / sc[:, None, None]
-    opx = px / sc
+    (c, s), sc = (_col(v) for v in _cos_sin32(im["rot"])), _col(im["scale"])
+    dx, dy = X - _col(im["cx"]), Y - _col(im["cy"])
+    ox = (dx * c + dy * s) / sc
+    oy = (dy * c - dx * s) / sc
+    opx = px / im["scale"]
 
     body = _superellipse(ox, oy, cls["body_cx"], cls["body_cy"], cls["body_a"], cls["body_b"], cls["body_e"],
                          cls["body_t"], opx)
@@ -165,9 +259,9 @@ def _render(cls: dict[str, np.ndarray], im: dict[str, np.ndarray], size: int, rn
                                   cls[f"part{i}_b"], cls[f"part{i}_e"], cls[f"part{i}_t"], opx),
                cls["colours"][:, 1 + i])
     # Stripe: a band across the body (clipped to it) at the class's angle and offset.
-    t = cls["stripe_t"][:, None, None]
-    dist = np.abs(ox * np.cos(t) + oy * np.sin(t) - cls["stripe_off"][:, None, None])
-    band = np.clip(0.5 + (cls["stripe_w"][:, None, None] / 2 - dist) / opx[:, None, None], 0.0, 1.0)
+    ct, st = (_col(v) for v in _cos_sin32(cls["stripe_t"]))
+    dist = np.abs(ox * ct + oy * st - _col(cls["stripe_off"]))
+    band = np.clip(0.5 + (_col(cls["stripe_w"]) / 2 - dist) / _col(opx), 0.0, 1.0)
     _paint(img, band * body, cls["stripe_colour"])
     ones = np.ones(n, np.float32)
     _paint(img, _superellipse(ox, oy, cls["mark_cx"], cls["mark_cy"], cls["mark_r"], cls["mark_r"], 2 * ones,
@@ -176,10 +270,10 @@ def _render(cls: dict[str, np.ndarray], im: dict[str, np.ndarray], size: int, rn
     # Photometric jitter, occluder (in front of everything), pixel noise.
     img *= (im["gain"][:, None] * im["channel_gain"])[:, :, None, None]
     img += im["offset"][:, :, None, None]
-    occ = np.clip(0.5 + (im["occ_w"][:, None, None] - np.abs(X - im["occ_cx"][:, None, None])) / px[0], 0, 1) * \
-        np.clip(0.5 + (im["occ_h"][:, None, None] - np.abs(Y - im["occ_cy"][:, None, None])) / px[0], 0, 1)
+    occ = np.clip(0.5 + (_col(im["occ_w"]) - np.abs(X - _col(im["occ_cx"]))) / px[0], 0, 1) * \
+        np.clip(0.5 + (_col(im["occ_h"]) - np.abs(Y - _col(im["occ_cy"]))) / px[0], 0, 1)
     _paint(img, occ * im["occlude"][:, None, None], im["occ_colour"])
-    img += rng.standard_normal(img.shape, dtype=np.float32) * im["noise"][:, None, None, None]
+    img += _normal(rng, img.shape, np.float32) * im["noise"][:, None, None, None]
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 

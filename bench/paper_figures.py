@@ -1,0 +1,369 @@
+"""The XBM paper's figures on the embedded benchmark (Wang et al., CVPR 2020, Fig. 1 and Fig. 3).
+
+    python -m bench.paper_figures                          # all figures, params.yaml as the base
+    python -m bench.paper_figures --only fig1a --seeds 0 1 2 --jobs 2
+    python -m bench.paper_figures --lock /path/heavy.lock  # each training phase under an exclusive file lock
+    python -m bench.paper_figures --plot                   # only redraw the PNGs from the results CSV
+
+Figures:
+  fig1a   test Recall@1 against the batch size (--batches, P x 4 images per class) with and without XBM, the
+          same warm-up and XBM-phase steps at every batch size (--warmup-steps, --xbm-steps), contrastive loss;
+          plus the smallest batch with smallcnn's GroupNorm (model.norm: group), the batch-size-free alternative
+  fig1b   test Recall@1 against memory.ratio (--ratios) at the smallest batch, each seed's warm-up shared with
+          fig1a's (ratio 1.0 and the baseline come from fig1a)
+  drift   the drift probe's D(t; dt) for dt = 10, 100, 1000 through the default schedule of params.yaml with
+          the memory (--drift-baseline: also without it, sharing the warm-up)
+  auto    `train.warmup_steps: auto` against the fixed warm-up of params.yaml, XBM, test Recall@1 per seed
+
+Resumable: every finished run appends one row to <out>/results.csv, keyed by a digest of its parameters; a row
+already there is not run again, so the study can span sessions. Warm-ups are cached in <out>/warm/. Groups of runs
+that share a warm-up go to --jobs worker processes; with --lock each training phase holds the lock, released in
+between. Prints one JSON summary; the PNGs go to --docs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("key", "figure", "loss", "norm", "batch", "memory", "ratio", "seed", "warmup", "warmup_end", "xbm_steps",
+           "recall@1", "recall@10", "map@r", "seconds", "commit")
+
+
+class _NullSink:
+    def emit(self, event) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _locked(path: str | Path | None) -> Iterator[None]:
+    """An exclusive flock on `path` for the block (nothing when None): one heavy job at a time on a shared box."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+# ---- the runs ----
+
+def _run_params(args, overrides: list[str]):
+    from xbmcore.config import load_params
+    return load_params(args.params, [*args.overrides, "train.device=cpu", "train.eval_every=0",
+                                     "train.checkpoint_every=100000", *overrides])
+
+
+def _key(p) -> str:
+    d = p.model_dump(mode="json")
+    keep = {k: d[k] for k in ("data", "model", "loss", "memory", "train")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def groups(args) -> list[dict[str, Any]]:
+    """Runs sharing one warm-up: {"name", "warm": overrides, "runs": [(figure, overrides, row)]}, in the order
+    they run: the first seed of fig1a/b, then the drift runs, then the other seeds, then auto (a study cut short
+    still has every figure)."""
+    W, X, b0 = args.warmup_steps, args.xbm_steps, min(args.batches)
+    steps = [f"train.warmup_steps={W}", f"train.xbm_steps={X}", "train.drift_probe=0"]
+    per_seed: list[list[dict[str, Any]]] = []
+    for seed in args.seeds:
+        mine = []
+        for norm in ("batch", "group"):
+            for b in (args.batches if norm == "batch" else [b0]):
+                warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", f"model.norm={norm}"]
+                runs = []
+                if "fig1a" in args.only:
+                    for enabled in (False, True):
+                        runs.append(("fig1a", [*warm, f"memory.enabled={str(enabled).lower()}", "memory.ratio=1.0"],
+                                     dict(batch=b, memory=enabled, ratio=1.0 if enabled else 0.0)))
+                if "fig1b" in args.only and b == b0 and norm == "batch":
+                    for r in args.ratios:
+                        if r != 1.0:
+                            runs.append(("fig1b", [*warm, "memory.enabled=true", f"memory.ratio={r}"],
+                                         dict(batch=b, memory=True, ratio=r)))
+                if runs:
+                    mine.append({"name": f"{norm}-b{b}-seed{seed}", "warm": warm, "runs": runs})
+        per_seed.append(mine)
+    drift = [] if "drift" not in args.only else [
+        {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}"], "drift": True,
+         "runs": [("drift", [f"train.seed={seed}", f"memory.enabled={str(e).lower()}"], dict(memory=e))
+                  for e in ((False, True) if args.drift_baseline else (True,))]} for seed in args.drift_seeds]
+    auto = [] if "auto" not in args.only else [
+        {"name": f"auto-seed{seed}", "warm": [f"train.seed={seed}", "train.warmup_steps=auto"], "drift": True,
+         "runs": [("auto", [f"train.seed={seed}", "train.warmup_steps=auto", "memory.enabled=true"],
+                   dict(memory=True))]} for seed in args.seeds_auto]
+    return [*(per_seed[0] if per_seed else []), *drift, *(g for s in per_seed[1:] for g in s), *auto]
+
+
+def _done(csv_path: Path) -> dict[str, dict[str, str]]:
+    if not csv_path.is_file():
+        return {}
+    with open(csv_path, newline="") as f:
+        return {r["key"]: r for r in csv.DictReader(f)}
+
+
+def _append(csv_path: Path, row: dict[str, Any]) -> None:
+    with open(csv_path.with_suffix(".lock"), "a") as lock:  # workers append one whole row at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        new = not csv_path.is_file()
+        with open(csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
+    """The warm-up (cached) and every run of the group not yet in the CSV; returns the rows written."""
+    import torch
+
+    from pipeline.stages import seed_everything
+    from xbmcore.checkpoint import load_checkpoint, save_checkpoint
+    from xbmcore.data import open_splits, prepare_dataset
+    from xbmcore.models import build_model
+    from xbmcore.trainer import Trainer, training_digest
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    csv_path = out / "results.csv"
+    done = _done(csv_path)
+    todo = [(fig, ov, row) for fig, ov, row in group["runs"] if _key(_run_params(args, ov)) not in done]
+    if not todo:
+        return []
+    base = _run_params(args, group["warm"])
+    splits = open_splits(prepare_dataset(base.data, out, progress=False), base.data)
+    warm_path = out / "warm" / f"{training_digest(base, 'warmup')}.pt"
+    if not warm_path.is_file():
+        with _locked(args.lock):
+            seed_everything(base.train.seed)
+            trainer = Trainer(base, build_model(base.model), splits, _NullSink())
+            trainer.train_phase("warmup", base.train.warmup_budget)
+            save_checkpoint(trainer.state_dict(), warm_path)
+    warm = load_checkpoint(warm_path)
+    rows = []
+    for fig, ov, extra in todo:
+        p = _run_params(args, ov)
+        with _locked(args.lock):
+            t0 = time.time()
+            seed_everything(p.train.seed)
+            trainer = Trainer(p, build_model(p.model), splits, _NullSink())
+            trainer.load_state_dict(warm)
+            memory = trainer.init_memory() if p.memory.enabled else None
+            trainer.train_phase("xbm" if memory is not None else "baseline", p.train.xbm_steps, memory)
+            m = trainer.evaluate("test")
+        row = {"key": _key(p), "figure": fig, "loss": p.loss.name, "norm": p.model.norm,
+               "batch": p.train.batch_size, "memory": p.memory.enabled,
+               "ratio": p.memory.ratio if p.memory.enabled else 0.0, "seed": p.train.seed,
+               "warmup": p.train.warmup_steps, "warmup_end": int(warm["step"]), "xbm_steps": p.train.xbm_steps,
+               "recall@1": round(m["recall@1"], 4), "recall@10": round(m["recall@10"], 4),
+               "map@r": round(m["map@r"], 4), "seconds": round(time.time() - t0, 1), "commit": _commit(), **extra}
+        if group.get("drift") and trainer.probe is not None:
+            _write_drift(out / "drift" / f"{row['key']}.csv", trainer.probe.history, p.train.drift_dts)
+        _append(csv_path, row)
+        print(json.dumps({k: row[k] for k in ("figure", "norm", "batch", "memory", "ratio", "seed", "warmup_end",
+                                              "recall@1", "seconds")}), file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _write_drift(path: Path, history: list[dict], dts: list[int]) -> None:
+    from xbmcore.data.index import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", *(f"D_{dt}" for dt in dts)])
+        for h in history:
+            w.writerow([h["step"], *(h["D"].get(dt, "") for dt in dts)])
+
+
+# ---- summary and figures ----
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "runs": [round(v, 4) for v in values]}
+
+
+def summarise(rows: list[dict[str, str]]) -> dict[str, Any]:
+    by: dict[tuple, list[tuple[int, float]]] = {}
+    for r in rows:
+        k = (r["figure"], r["norm"], int(r["batch"] or 0), r["memory"] == "True", float(r["ratio"] or 0),
+             r["warmup"])
+        by.setdefault(k, []).append((int(r["seed"]), float(r["recall@1"])))
+    table = []
+    for (fig, norm, b, mem, ratio, warmup), runs in sorted(by.items()):
+        runs.sort()
+        table.append({"figure": fig, "norm": norm, "batch": b, "memory": mem, "ratio": ratio, "warmup": warmup,
+                      "seeds": [s for s, _ in runs], "recall@1": _stats([v for _, v in runs])})
+    return {"table": table}
+
+
+def _series(rows, **match) -> dict[Any, list[float]]:
+    out: dict[Any, list[float]] = {}
+    for r in rows:
+        if all(str(r[k]) == str(v) for k, v in match.items() if k != "x"):
+            out.setdefault(float(r[match["x"]]), []).append(float(r["recall@1"]))
+    return dict(sorted(out.items()))
+
+
+def plot(args, rows: list[dict[str, str]]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def errorbars(ax, series, label, **kw):
+        xs = list(series)
+        means = [statistics.fmean(v) for v in series.values()]
+        lo = [m - min(v) for m, v in zip(means, series.values())]
+        hi = [max(v) - m for m, v in zip(means, series.values())]
+        ax.errorbar(xs, means, yerr=[lo, hi], capsize=3, marker="o", label=label, **kw)
+
+    fig1 = [r for r in rows if r["figure"] == "fig1a"]
+    if fig1:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for mem, name in (("False", "without XBM"), ("True", "with XBM (memory = train set)")):
+            errorbars(ax, _series(fig1, x="batch", memory=mem, norm="batch"), name)
+        for mem, name in (("False", "GroupNorm, without XBM"), ("True", "GroupNorm, with XBM")):
+            s = _series(fig1, x="batch", memory=mem, norm="group")
+            if s:
+                errorbars(ax, s, name, linestyle="none", alpha=0.7)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (4 images per class)")
+        ax.set_ylabel("test Recall@1")
+        ax.set_title("Fig. 1a: Recall@1 vs batch size, contrastive loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / "paper_fig1a_batch.png", dpi=120)
+        plt.close(fig)
+        written.append("paper_fig1a_batch.png")
+    b0 = min(args.batches)
+    small = [r for r in rows if r["figure"] in ("fig1a", "fig1b") and r["norm"] == "batch" and int(r["batch"]) == b0]
+    if any(r["figure"] == "fig1b" for r in small):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        errorbars(ax, _series(small, x="ratio", memory="True"), f"with XBM, batch {b0}")
+        base = _series(small, x="ratio", memory="False").get(0.0)
+        if base:
+            ax.axhline(statistics.fmean(base), color="gray", linestyle="--", label=f"without XBM, batch {b0}")
+        big = _series(fig1, x="batch", memory="False", norm="batch")
+        if big:
+            bmax = max(big)
+            ax.axhline(statistics.fmean(big[bmax]), color="black", linestyle=":",
+                       label=f"without XBM, batch {int(bmax)}")
+        ax.set_xscale("log")
+        ax.set_xlabel("memory ratio (K / train-set size)")
+        ax.set_ylabel("test Recall@1")
+        ax.set_title(f"Fig. 1b: Recall@1 vs memory ratio, batch {b0}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / "paper_fig1b_ratio.png", dpi=120)
+        plt.close(fig)
+        written.append("paper_fig1b_ratio.png")
+    drift = [r for r in rows if r["figure"] == "drift"]
+    if drift:
+        fig, axes = plt.subplots(1, len(drift), figsize=(5 * len(drift) + 1, 4), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, r in zip(axes, sorted(drift, key=lambda r: r["memory"])):
+            path = Path(args.out) / "drift" / f"{r['key']}.csv"
+            if not path.is_file():
+                continue
+            with open(path, newline="") as f:
+                hist = list(csv.DictReader(f))
+            for col in [c for c in hist[0] if c.startswith("D_")]:
+                pts = [(int(h["step"]), float(h[col])) for h in hist if h[col]]
+                ax.plot([s for s, _ in pts], [v for _, v in pts], label=f"dt = {col[2:]}")
+            ax.axvline(int(r["warmup_end"]), color="gray", linestyle="--", linewidth=1)
+            ax.set_yscale("log")
+            ax.set_xlabel("step (dashed: memory on / warm-up end)")
+            ax.set_title(("with XBM" if r["memory"] == "True" else "without XBM") + f", seed {r['seed']}")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("D(t; dt) = mean ||f_t(x) - f_{t-dt}(x)||^2")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"Feature drift of {_run_params(args, []).train.drift_probe} probe images (test view)")
+        fig.tight_layout()
+        fig.savefig(docs / "paper_drift.png", dpi=120)
+        plt.close(fig)
+        written.append("paper_drift.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.paper_figures", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--only", nargs="+", default=["fig1a", "fig1b", "drift"],
+                    choices=["fig1a", "fig1b", "drift", "auto"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--drift-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--drift-baseline", action="store_true", help="also probe the run without memory")
+    ap.add_argument("--seeds-auto", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
+    # 300 + 400 steps at five batch sizes: ~8 CPU-minutes per seed on this 2-core machine (batch 256 is half).
+    ap.add_argument("--warmup-steps", type=int, default=300, help="fig1a/b warm-up steps at every batch size")
+    ap.add_argument("--xbm-steps", type=int, default=400, help="fig1a/b steps after the warm-up")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (groups sharing a warm-up run in one)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--lock", default=None, help="file to flock around each training phase")
+    ap.add_argument("--out", default=str(ROOT / "artifacts" / "paper_figures"))
+    ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--plot", action="store_true", help="only draw the figures from the results CSV")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if not args.plot:
+        todo = groups(args)
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+                for f in [pool.submit(run_group, args, g) for g in todo]:
+                    f.result()
+        else:
+            for g in todo:
+                run_group(args, g)
+    rows = list(_done(out / "results.csv").values())
+    summary = {"results": str(out / "results.csv"), "seconds": round(time.time() - t0),
+               "warmup_steps": args.warmup_steps, "xbm_steps": args.xbm_steps, **summarise(rows),
+               "figures": plot(args, rows)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""bench.paper_figures on a tiny configuration: the runs it plans, one CSV row per run, resumption, figures."""
+from __future__ import annotations
+
+import csv
+
+from bench import paper_figures
+
+TINY = ["-S", "data.synthetic.num_classes=24", "-S", "data.synthetic.image_size=16", "-S", "data.train_size=16",
+        "-S", "data.test_resize=16", "-S", "data.test_size=16", "-S", "data.val_fraction=0.25",
+        "-S", "train.drift_probe=8", "-S", "train.warmup_steps=4", "-S", "train.xbm_steps=4",
+        "-S", "train.drift_every=2", "-S", "train.drift_dts=[2,4]"]
+
+
+def rows(out):
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_runs_rows_resume_and_figures(tmp_path, capsys):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    argv = ["--out", str(out), "--docs", str(docs), "--batches", "8", "--seeds", "0", "--ratios", "0.5", "1.0",
+            "--warmup-steps", "3", "--xbm-steps", "3", "--only", "fig1a", "fig1b", "drift",
+            "--lock", str(tmp_path / "heavy.lock"), *TINY]
+    assert paper_figures.main(argv) == 0
+    got = rows(out)
+    plan = {(r["figure"], r["norm"], r["memory"], r["ratio"]) for r in got}
+    assert plan == {("fig1a", "batch", "False", "0.0"), ("fig1a", "batch", "True", "1.0"),
+                    ("fig1b", "batch", "True", "0.5"), ("fig1a", "group", "False", "0.0"),
+                    ("fig1a", "group", "True", "1.0"), ("drift", "batch", "True", "1.0")}
+    assert len({r["key"] for r in got}) == len(got) == 6
+    assert all(0 <= float(r["recall@1"]) <= 1 for r in got)
+    fig1 = [r for r in got if r["figure"] != "drift"]
+    assert {r["warmup_end"] for r in fig1} == {"3"} and {r["xbm_steps"] for r in fig1} == {"3"}
+    drift = next(r for r in got if r["figure"] == "drift")
+    with open(out / "drift" / f"{drift['key']}.csv", newline="") as f:
+        hist = list(csv.DictReader(f))
+    assert [h["step"] for h in hist] == ["0", "2", "4", "6", "8"] and hist[-1]["D_2"] and hist[-1]["D_4"]
+    assert sorted(p.name for p in docs.iterdir()) == ["paper_drift.png", "paper_fig1a_batch.png",
+                                                       "paper_fig1b_ratio.png"]
+    # Run again: every row is there, so nothing is trained and the CSV is unchanged.
+    before = (out / "results.csv").read_bytes()
+    assert paper_figures.main(argv) == 0
+    assert (out / "results.csv").read_bytes() == before

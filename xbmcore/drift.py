@@ -1,0 +1,127 @@
+"""Feature drift as the XBM paper measures it (Wang et al., CVPR 2020, Sec. 3.2 and Fig. 3):
+
+    D(t; dt) = mean over the probe images x of ||f_t(x) - f_{t-dt}(x)||^2
+
+f_t is the model after step t, and x a fixed set of `train.drift_probe` training images seen through the test
+transform (one clean view each, so D is the model's change alone; the per-step drift of re-entering memory entries
+also mixes two augmentations). The paper's argument for the memory is that D(t; dt) becomes small after a short
+warm-up; `train.warmup_steps: auto` ends the warm-up when it has (xbmcore.trainer.DriftMonitor, the probe's hook
+of the training loop).
+
+Cost: D(t; dt) is reported at the probe steps t = 0, every, 2 every, ...; it needs the embeddings at t and at t - dt
+for each dt, so the probe embeds its images at those steps only (t and t - 10 for every = 100 and dts 10, 100,
+1000: twice per 100 steps) and keeps a snapshot only while a later probe step still needs it (about
+max(dts) / every + len(dts) snapshots of probe x D floats). The trainer's embedding function runs in eval mode
+without gradients on a preserved RNG, so a run trains bit-identically with the probe on or off.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+log = logging.getLogger(__name__)
+
+
+def clean_view(dataset):
+    """The dataset as the test transform shows it (when it offers that): one deterministic view per image."""
+    return dataset.without_augmentation() if hasattr(dataset, "without_augmentation") else dataset
+
+
+class DriftProbe:
+    """Embeds a fixed seeded subset of `dataset` at the steps D(t; dt) needs and computes D in float64.
+
+    `embed(dataset)` returns the current model's N x D embeddings of a dataset (the trainer's, which leaves the
+    model's mode and the RNG streams as they were). observe(step) is called after every optimiser step (and at
+    the first step of a phase); it returns the `{dt: D(step; dt)}` of a probe step (the dts whose earlier snapshot
+    exists), else None. `history` holds every probe step's values; state_dict / load_state_dict carry snapshots
+    and history through checkpoints.
+    """
+
+    def __init__(self, dataset, size: int, every: int, dts: Sequence[int], seed: int,
+                 embed: Callable[[Dataset], torch.Tensor]):
+        if size < 1 or every < 1 or not dts or min(dts) < 1:
+            raise ValueError(f"DriftProbe: expected size >= 1, every >= 1 and dts >= 1, got {size}, {every}, "
+                             f"{list(dts)}")
+        n = min(size, len(dataset))
+        g = torch.Generator().manual_seed(seed)
+        self.items = torch.randperm(len(dataset), generator=g)[:n].sort().values  # n dataset indices
+        self.every, self.dts = int(every), tuple(sorted({int(d) for d in dts}))
+        self._subset = Subset(clean_view(dataset), self.items.tolist())
+        self._embed = embed
+        self.snapshots: dict[int, torch.Tensor] = {}  # step -> n x D float32 (CPU)
+        self.history: list[dict[str, Any]] = []  # {"step": t, "D": {dt: value}}
+        self.last = -1  # the last step observed: a phase that starts where the previous one ended skips it
+
+    # ---- which steps ----
+
+    def is_probe_step(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def wanted(self, step: int) -> bool:
+        """A probe step, or t - dt of a later probe step t."""
+        return self.is_probe_step(step) or any(self.is_probe_step(step + dt) for dt in self.dts)
+
+    def _needed_after(self, s: int, now: int) -> bool:
+        return any(s + dt > now and self.is_probe_step(s + dt) for dt in self.dts)
+
+    # ---- measuring ----
+
+    def embed(self) -> torch.Tensor:
+        """f(x) of the probe images: n x D float32 on the CPU."""
+        return self._embed(self._subset).detach().float().cpu()
+
+    def observe(self, step: int) -> dict[int, float] | None:
+        if step <= self.last or not self.wanted(step):
+            return None
+        self.last = step
+        self.snapshots[step] = self.embed()
+        out = None
+        if self.is_probe_step(step):
+            now = self.snapshots[step].double()
+            out = {dt: float(((now - self.snapshots[step - dt].double()) ** 2).sum(1).mean())
+                   for dt in self.dts if step - dt in self.snapshots}
+            self.history.append({"step": step, "D": out})
+        for s in [s for s in self.snapshots if s != step and not self._needed_after(s, step)]:
+            del self.snapshots[s]
+        if not self._needed_after(step, step):
+            del self.snapshots[step]
+        return out
+
+    def value(self, step: int, dt: int) -> float | None:
+        """D(step; dt) when it was measured."""
+        for h in reversed(self.history):
+            if h["step"] == step:
+                return h["D"].get(dt)
+            if h["step"] < step:
+                break
+        return None
+
+    # ---- state ----
+
+    def _config(self) -> dict[str, Any]:
+        return {"items": self.items.clone(), "every": self.every, "dts": list(self.dts)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._config(), "last": self.last, "snapshots": dict(self.snapshots),
+                "history": [{"step": h["step"], "D": {str(k): v for k, v in h["D"].items()}} for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> bool:
+        """Restore snapshots and history; a state of another probe (images, interval, dts) or none is ignored
+        (the probe starts afresh, with a warning). Returns whether it was restored."""
+        mine = self._config()
+        if state is None or state["every"] != mine["every"] or list(state["dts"]) != mine["dts"] \
+                or not torch.equal(state["items"], mine["items"]):
+            if state is not None:
+                log.warning("the checkpoint's drift probe has other images, interval or dts: its history is "
+                            "dropped and D(t; dt) is measured afresh from here")
+            self.snapshots, self.history, self.last = {}, [], -1
+            return False
+        self.last = int(state["last"])
+        self.snapshots = {int(k): v for k, v in state["snapshots"].items()}
+        self.history = [{"step": int(h["step"]), "D": {int(k): float(v) for k, v in h["D"].items()}}
+                        for h in state["history"]]
+        return True
+
