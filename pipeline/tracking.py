@@ -7,7 +7,8 @@ stage marks the run FINISHED; the next execution with the same key gets a new ru
 run outright; `XBM_MLFLOW_PARENT_RUN_ID` nests it under a parent (the Optuna study: one child per trial).
 
 Nothing here may stall or kill training: metrics go through `MLflowSink`'s background thread, and a store that
-cannot be reached at attach time leaves the stage running with the event file only, with a warning.
+cannot be reached at attach time leaves the stage running with the event file only, with a warning (a tracking
+server is asked once, with a short timeout, before MLflow's own retries would hold the stage for minutes).
 """
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def tracking_uri(params: Params, root: Path) -> str:
         if not path.is_absolute():
             return f"sqlite:///{(home / path).resolve()}"
     return uri
+
+
+def probe(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise OSError if an http(s) tracking server does not answer its health check within `timeout_s`.
+
+    MLflow's client retries a refused connection 7 times with exponential backoff (about 4 minutes) before it
+    fails; a stage, or the desktop app, asks this first to learn in seconds that the server is down. Other URIs
+    (files, databases) pass: their own errors are immediate.
+    """
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
 
 
 def artifact_location(uri: str) -> str | None:
@@ -148,7 +162,9 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
     import mlflow
     from mlflow.entities import Param, RunStatus, RunTag
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params, root))
+    uri = tracking_uri(params, root)
+    probe(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
     name = params.tracking.experiment
     exp = client.get_experiment_by_name(name)
     if exp is None:

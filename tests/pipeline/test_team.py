@@ -109,8 +109,12 @@ def test_two_workers_share_a_postgres_study_and_survive_a_sigkill(tmp_path, post
         victim = None
         while victim is None and time.monotonic() < deadline:
             assert workers[0].poll() is None, "worker 0 ended before it ran a trial"
-            for t in optuna.load_study(study_name="team", storage=storage).get_trials(
-                    deepcopy=False, states=(TrialState.RUNNING,)):
+            try:
+                running = optuna.load_study(study_name="team", storage=storage).get_trials(
+                    deepcopy=False, states=(TrialState.RUNNING,))
+            except KeyError:  # no worker has created the study yet
+                running = []
+            for t in running:
                 if (t.user_attrs.get(WORKER_ATTR) or {}).get("pid") == workers[0].pid:
                     victim = t.number
             time.sleep(0.2)
