@@ -30,6 +30,7 @@ from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 from .series import EventBatch
 
 CHUNK = 2500            # the server's most points per run and request (MAX_RESULTS_PER_RUN)
+STEPS_PER_POLL = 10 * CHUNK  # a long run joined late fills in over a few polls, the first plots within one
 TIMEOUT = (3.0, 15.0)   # connect, read (s): a refused port fails at once, a busy server gets 15 s
 TERMINAL = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "stopped"}
 
@@ -160,7 +161,7 @@ class RemoteRun:
             events.append({"kind": "phase", "step": 0, "time": 0.0, "phase": "warmup"})
 
         # Steps: up to the newest step of loss (the first metric of each step the pipeline logs).
-        top = latest.get("loss", 0)
+        top = min(latest.get("loss", 0), self.frontier + STEPS_PER_POLL)
         if top > self.frontier:
             rows: dict[int, dict[str, Any]] = {}
             for key in STEP_METRICS:

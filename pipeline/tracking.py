@@ -387,6 +387,7 @@ class StageRun:
         if self.mlflow is None:
             return None
         try:
+            probe(self.mlflow.client.tracking_uri)  # a server gone since: seconds, not MLflow's minutes of retries
             return fn(*args, **kwargs)
         except Exception as err:
             log.warning("MLflow: %s failed (%s: %s)", what, type(err).__name__, err)

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -136,3 +137,65 @@ def start_mlflow_server(backend: str, base: Path, port: int | None = None) -> Ml
             stop(proc)
             raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+class Gate:
+    """A TCP port in front of a real server, to play an outage: `down` (connections refused, open ones cut),
+    `slow` (accepted, never answered) or `up` (forwarded)."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.port = free_port()
+        self.mode = "down"
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def set(self, mode: str) -> None:
+        self.mode = mode
+        if mode == "down":
+            self._close_all()
+        elif self._listener is None:
+            self._listener = socket.create_server(("127.0.0.1", self.port))
+            threading.Thread(target=self._serve, args=(self._listener,), daemon=True).start()
+
+    def _serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            if self.mode == "slow":
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self._conns.append(up)
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _close_all(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for s in self._conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self._conns.clear()
+
+    def close(self) -> None:
+        self._close_all()

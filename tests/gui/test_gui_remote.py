@@ -4,12 +4,13 @@ stalls is said in the status bar and retried while the window stays responsive."
 from __future__ import annotations
 
 import socket
-import threading
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from PySide6.QtCore import QTimer
 
+import servers
 from gui.app import MainWindow
 from gui.remote import RemoteRun, RemoteTail, Server
 from gui.runs import RunsPanel
@@ -124,63 +125,10 @@ def test_window_follows_a_run_on_the_server_live(qtbot, project, settings, mlflo
     win.close()
 
 
-class Gate:
-    """A TCP port in front of the real server: closed (down), accepting without answering (slow), or forwarding."""
-
-    def __init__(self, target_port: int):
-        self.target = target_port
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.mode = "down"
-        self._listener: socket.socket | None = None
-        self._stop = threading.Event()
-        self._held: list[socket.socket] = []
-
-    def open(self, mode: str) -> None:
-        self.mode = mode
-        if self._listener is None:
-            self._listener = socket.create_server(("127.0.0.1", self.port))
-            threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            if self.mode == "slow":
-                self._held.append(conn)
-                continue
-            up = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        for s in [self._listener, *self._held]:
-            if s is not None:
-                s.close()
-
-
 def test_a_server_down_or_slow_is_said_and_retried_while_the_window_responds(qtbot, project, settings,
                                                                              mlflow_server):
     port = int(mlflow_server.uri.rsplit(":", 1)[1])
-    gate = Gate(port)
+    gate = servers.Gate(port)
     uri = f"http://127.0.0.1:{gate.port}"
     settings.setValue("remote/uri", uri)
     win = MainWindow(project, settings=settings, retry_s=3600,
@@ -190,7 +138,7 @@ def test_a_server_down_or_slow_is_said_and_retried_while_the_window_responds(qtb
         qtbot.waitUntil(lambda: "does not answer" in win.server_status.text(), timeout=10_000)
         assert "retrying" in win.server_status.text()
 
-        gate.open("slow")  # accepts, never answers: the read timeout says so
+        gate.set("slow")  # accepts, never answers: the read timeout says so
         ticks = []
         tick = QTimer(win)
         tick.timeout.connect(lambda: ticks.append(1))
@@ -198,7 +146,7 @@ def test_a_server_down_or_slow_is_said_and_retried_while_the_window_responds(qtb
         qtbot.waitUntil(lambda: "is slow" in win.server_status.text(), timeout=10_000)
         assert len(ticks) > 10  # the GUI thread kept running its timers while the poller waited
 
-        gate.mode = "up"  # the server is back: the next poll says so
+        gate.set("up")  # the server is back: the next poll says so
         qtbot.waitUntil(lambda: "active run" in win.server_status.text(), timeout=10_000)
         assert not win.server_status.text().startswith("⚠")
         tick.stop()

@@ -5,7 +5,7 @@ The servers are session fixtures (tests/conftest.py): one PostgreSQL and one MLf
 """
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
 import sys
@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from pipeline.study import Worker, resolve_storage
 from pipeline.study.storage import StorageError
 from pipeline.study.workers import WORKER_ATTR
+import servers
 from tiny_project import copy_project, stage_env, tiny_params, write_params
 from xbmcore.config import validate_params
 
@@ -66,7 +67,7 @@ def test_dvc_repro_logs_to_a_tracking_server_on_postgres(tmp_path, mlflow_server
     assert sorted(m.step for m in loss) == list(range(1, p["warmup_steps"] + p["xbm_steps"] + 1))
     assert 0 <= r.data.metrics["test/recall_at_1"] <= 1
     assert r.data.metrics["test/recall_at_1"] == pytest.approx(
-        __import__("json").loads((root / "metrics.json").read_text())["test"]["recall@1"])
+        json.loads((root / "metrics.json").read_text())["test"]["recall@1"])
     # The server keeps what it was sent in PostgreSQL, the artifacts in its own destination folder.
     assert any(mlflow_server.artifacts.rglob("MLmodel"))
 
@@ -186,3 +187,60 @@ def test_a_study_name_reused_with_another_space_is_refused(tmp_path, postgres):
     # The same space again (a bigger budget) resumes the study.
     again = validate_params(tiny_params(tune={"storage": url, "n_trials": 3}), "params")
     assert Worker(again, tmp_path, resolve_storage(url, tmp_path), fake_objective).run() == 1
+
+
+# ---- a tracking server that does not answer ----
+
+def test_training_goes_on_when_the_tracking_server_does_not_answer(tmp_path):
+    root = tmp_path
+    copy_project(root)
+    write_params(root)
+    dead = f"http://127.0.0.1:{servers.free_port()}"
+    for stage in ("download", "warmup"):
+        out = run([sys.executable, "-m", f"pipeline.{stage}"], root, server_env(dead), timeout=300)
+    # Said in the log (once per stage, within the probe's seconds), and the event file has every step.
+    assert f"MLflow: cannot attach to {dead}" in out.stderr and "logs to" in out.stderr
+    events = [json.loads(line) for line in
+              next((root / "runs").glob("*/events.jsonl")).read_text().splitlines()]
+    steps = [e["step"] for e in events if e["kind"] == "step"]
+    assert steps == list(range(1, tiny_params()["train"]["warmup_steps"] + 1))
+
+
+def test_points_logged_during_an_outage_reach_the_server_when_it_is_back(mlflow_server):
+    """Measured: the sink's call in flight rides MLflow's own HTTP retries (refused connections are retried
+    with backoff 0, 4, 8, 16 ... s), so an outage of a few seconds loses nothing; past the sink's retries, or
+    at a stage's end, the points are dropped and their count is said in the log (the event file keeps them)."""
+    from pipeline.tracking import MLflowSink
+    from xbmcore.events import make_event
+
+    port = int(mlflow_server.uri.rsplit(":", 1)[1])
+    gate = servers.Gate(port)
+    gate.set("up")
+    client = MlflowClient(f"http://127.0.0.1:{gate.port}")
+    exp = client.create_experiment("outage")
+    rid = client.create_run(exp).info.run_id
+    sink = MLflowSink(client, rid, flush_s=0.1)
+    try:
+        for step in range(1, 11):
+            sink.emit(make_event("eval", step, split="val", metrics={"recall@1": step / 100}))
+        direct = MlflowClient(mlflow_server.uri)
+        wait(lambda: len(direct.get_metric_history(rid, "val/recall_at_1")) == 10, 30)
+        gate.set("down")
+        for step in range(11, 21):
+            sink.emit(make_event("eval", step, split="val", metrics={"recall@1": step / 100}))
+        time.sleep(5)  # the outage
+        gate.set("up")
+        wait(lambda: len(direct.get_metric_history(rid, "val/recall_at_1")) == 20, 120)
+        got = sorted((m.step, m.value) for m in direct.get_metric_history(rid, "val/recall_at_1"))
+        assert got == [(s, s / 100) for s in range(1, 21)]
+        assert sink.dropped == 0
+    finally:
+        sink.close()
+        gate.close()
+
+
+def wait(cond, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
