@@ -142,6 +142,8 @@ class MainWindow(QMainWindow):
 
         # the event tail (a local run) and the server poller (a remote run): the Live tab shows one of them
         self._source = "local"
+        self._remote_choice: str = ""        # the server run followed ("" = the newest active one)
+        self._server_listed: list = []       # the server's active runs, as last listed
         self.tail = EventTail(parent=self)
         self.tail.switched.connect(lambda path: self._source == "local" and self._switched(path))
         self.tail.batch.connect(lambda b: self._source == "local" and self.monitor.add_batch(b))
@@ -233,8 +235,9 @@ class MainWindow(QMainWindow):
         self.follow_action.blockSignals(True)
         self.follow_action.setChecked(False)
         self.follow_action.blockSignals(False)
-        self._source = "remote"
+        self._source, self._remote_choice = "remote", run_id
         self.remote.follow(run_id)
+        self._set_server_combo(self._server_listed)
         self.tabs.setCurrentWidget(self.monitor)
 
     def _server_run_picked(self, index: int) -> None:
@@ -245,7 +248,7 @@ class MainWindow(QMainWindow):
             self.follow_remote(run_id)
 
     def _set_server_combo(self, runs: list) -> None:
-        current = self.server_runs.currentData() if self._source == "remote" else None
+        current = self._remote_choice if self._source == "remote" else None
         self.server_runs.blockSignals(True)
         self.server_runs.clear()
         self.server_runs.addItem("— local runs (runs/LATEST) —", None)
@@ -262,6 +265,7 @@ class MainWindow(QMainWindow):
         self.server_runs.blockSignals(False)
 
     def _server_runs_listed(self, runs: list) -> None:
+        self._server_listed = runs
         self._set_server_combo(runs)
 
     def _server_health(self, ok: bool, text: str) -> None:

@@ -271,7 +271,8 @@ class _RemoteWorker(QObject):
             if target is not None and (self._run is None or self._run.run_id != target):
                 self._run = RemoteRun(self._server, target)
                 self._phase = None
-                self.switched.emit(f"{self._server.uri} · run {target}")
+                name = next((r.name for r in active if r.run_id == target), None)
+                self.switched.emit(f"{self._server.uri} · " + (f"{name} ({target[:8]})" if name else f"run {target}"))
             if self._want is not None and self._run is not None:
                 events = self._run.poll()
                 for i in range(0, len(events), 20_000):

@@ -109,6 +109,8 @@ def test_window_follows_a_run_on_the_server_live(qtbot, project, settings, mlflo
     assert [p for _, p in d.phases] == ["warmup", "memory_init", "xbm"]
     assert d.evals["val/recall@1"].y.tolist() == [0.4]
     assert "server" in win.server_status.text() and "active run" in win.server_status.text()
+    assert win.server_runs.currentData() == run.run_id and not win.follow_action.isChecked()
+    assert win.monitor.source_label.text().endswith(f"remote-live-run ({run.run_id[:8]})")
 
     # It goes on: new points are added (not a reload), the plots redraw, the ETA is the run's own.
     run.log(range(31, 46))
@@ -122,6 +124,8 @@ def test_window_follows_a_run_on_the_server_live(qtbot, project, settings, mlflo
     qtbot.waitUntil(lambda: d.status == "finished", timeout=20_000)
 
     assert win._tracking()[0] == mlflow_server.uri  # the Runs tab reads the same server
+    win.follow_action.setChecked(True)  # back to the local runs: the server's points no longer reach the plots
+    assert win._source == "local" and win.server_runs.currentData() is None
     win.close()
 
 
