@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent
+from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
+from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices
 from PySide6.QtWidgets import (
     QComboBox, QDockWidget, QFileDialog, QFrame, QInputDialog, QLabel, QLineEdit, QMainWindow, QMessageBox,
     QPlainTextEdit, QScrollArea, QTabWidget, QToolBar, QVBoxLayout, QWidget,
@@ -271,8 +271,6 @@ class MainWindow(QMainWindow):
     def _server_health(self, ok: bool, text: str) -> None:
         self.server_status.setText(text if ok else "⚠ " + text)
         self.server_status.setStyleSheet("" if ok else f"color: {theme.WARN};")
-        if not ok and self._source == "remote":
-            self.monitor.status_label.setText(text)
 
     def _ask_server(self) -> None:
         uri, ok = QInputDialog.getText(self, "Tracking server", "MLflow tracking server (http://host:port); "
@@ -357,7 +355,12 @@ class MainWindow(QMainWindow):
         self.child_status.setText("idle")
 
     def open_mlflow_ui(self) -> None:
-        self.mlflow_ui.open(self._tracking()[0], self.root)
+        uri = self._tracking()[0]
+        if is_server(uri):  # a tracking server serves its own UI
+            QDesktopServices.openUrl(QUrl(uri))
+            self.statusBar().showMessage(f"opened {uri}", 10_000)
+            return
+        self.mlflow_ui.open(uri, self.root)
 
     # --- log ----------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import servers
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """A PostgreSQL server on 127.0.0.1 (password authentication over TCP); stopped after the session."""
+    pytest.importorskip("pgserver", reason="pgserver (dev extra) ships the PostgreSQL binaries; CPython <= 3.12")
     pg, proc = servers.start_postgres(tmp_path_factory.mktemp("postgres"))
     yield pg
     servers.stop(proc)
