@@ -17,8 +17,8 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
-# Key of the PostgreSQL advisory lock that serialises the workers' count-then-ask (any 64-bit number would do;
-# one named after its purpose cannot meet another application's by chance).
+# Key of the PostgreSQL advisory lock that serialises the workers' count-then-ask: any 64-bit number would do,
+# one derived from a name says what holds it (pg_locks shows the number).
 _BUDGET_LOCK_KEY = zlib.crc32(b"xbm.tune.budget")
 
 
