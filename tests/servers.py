@@ -187,6 +187,10 @@ class Gate:
 
     def _close_all(self) -> None:
         if self._listener is not None:
+            try:  # wakes the accept() in flight (close alone leaves it listening until the next connection)
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         for s in self._conns:

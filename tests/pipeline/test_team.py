@@ -212,9 +212,8 @@ def test_training_goes_on_when_the_tracking_server_does_not_answer(tmp_path, mon
 
 
 def test_points_logged_during_an_outage_reach_the_server_when_it_is_back(mlflow_server):
-    """Measured: the sink's call in flight rides MLflow's own HTTP retries (refused connections are retried
-    with backoff 0, 4, 8, 16 ... s), so an outage of a few seconds loses nothing; past the sink's retries, or
-    at a stage's end, the points are dropped and their count is said in the log (the event file keeps them)."""
+    """The sink's call in flight rides MLflow's own HTTP retries (a refused connection is retried after 0, 4,
+    8, 16 ... s), so the points of an outage reach the server when it is back, none dropped."""
     from pipeline.tracking import MLflowSink
     from xbmcore.events import make_event
 
