@@ -232,6 +232,10 @@ class MainWindow(QMainWindow):
 
     def follow_remote(self, run_id: str = "") -> None:
         """Show a run of the tracking server ("" follows the newest active run) instead of a local one."""
+        if self.remote.uri is None:
+            self.statusBar().showMessage("no tracking server: set MLFLOW_TRACKING_URI or use Tracking server…",
+                                         10_000)
+            return
         self.follow_action.blockSignals(True)
         self.follow_action.setChecked(False)
         self.follow_action.blockSignals(False)
@@ -257,7 +261,7 @@ class MainWindow(QMainWindow):
         for r in runs:
             self.server_runs.addItem(r.label(), r.run_id)
         known = [self.server_runs.itemData(i) for i in range(self.server_runs.count())]
-        if current is not None and current not in known:  # the followed run ended: keep it selected
+        if current and current not in known:  # the followed run ended: keep it selected
             self.server_runs.addItem(f"run {current} (not active)", current)
             known.append(current)
         self.server_runs.setCurrentIndex(known.index(current) if current in known else 0)
