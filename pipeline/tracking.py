@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,20 @@ STEP_METRICS = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "
                 "memory_fill", "drift", "drift_age", "lr", "images_per_s")
 EVENTS_FILE = "events.jsonl"
 LATEST_FILE = "LATEST"
+
+
+_USERINFO = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """A URL (or any text holding one) with the password of its user:password@ part shown as ***: what the
+    project prints and logs of a storage or tracking URL (a PostgreSQL study URL carries its password)."""
+    return _USERINFO.sub(r"\1:***@", text)
+
+
+def public_params(params: Params) -> dict[str, Any]:
+    """params.flat() as logged to MLflow and the event file: URLs without their passwords."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in params.flat().items()}
 
 
 def metric_name(name: str) -> str:
@@ -204,7 +219,7 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
     tr = TrackedRun(client, run.info.run_id, exp_id, key, logged)
 
     have = run.data.params
-    flat = {k: str(v)[:6000] for k, v in params.flat().items()}
+    flat = {k: str(v)[:6000] for k, v in public_params(params).items()}
     new = [Param(k, v) for k, v in flat.items() if k not in have]
     changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
     if changed:  # only sections outside the run key can differ (tracking, tune); MLflow params are immutable
@@ -358,7 +373,7 @@ class StageRun:
             sinks.append(self._mlflow_sink)
         self.sink = _RunSink(sinks)
         self.sink.emit(make_event("start", 0, run_id=self.run_id, run_key=self.key, stage=stage,
-                                  params=params.flat(), total_steps=total_steps))
+                                  params=public_params(params), total_steps=total_steps))
 
     @property
     def run_id(self) -> str | None:

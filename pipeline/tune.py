@@ -22,8 +22,7 @@ import optuna
 
 from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.study import StudyTracker, Worker, finalize, resolve_storage
-from pipeline.study.storage import redact
-from pipeline.tracking import configure_logging, tracking_uri
+from pipeline.tracking import configure_logging, redact, tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from xbmcore.config import Params
 from pipeline.study import space
 from pipeline.study.mlflow_runs import RUN_ATTR
 from pipeline.study.runner import Worker, env
-from pipeline.study.storage import redact
+from pipeline.tracking import redact
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 from xbmcore.config import Params
 from pipeline.study import space
 from pipeline.study.mlflow_runs import RUN_ATTR, StudyTracker
-from pipeline.study.storage import StudyStorage, load_or_create, redact
+from pipeline.study.storage import StudyStorage, load_or_create
+from pipeline.tracking import public_params, redact
 from pipeline.study.workers import Heartbeat, fail_stale_trials
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class Worker:
             self.study = load_or_create(self.storage, tune.study_name, pruner=make_pruner(self.params))
             self._check_base()
             if self.tracker is not None:
-                self.tracker.attach_parent(self.study, self.params.flat(), redact(self.storage.url))
+                self.tracker.attach_parent(self.study, public_params(self.params), redact(self.storage.url))
 
     def _check_base(self) -> None:
         """A study is one search space: a reused name with another space is refused (its trials would not be
@@ -168,7 +169,7 @@ class Worker:
         trial_dir.mkdir(parents=True, exist_ok=True)
         run_id = None
         if self.tracker is not None:
-            run_id = self.tracker.start_trial(self.study, trial.number, params.flat(), sampled)
+            run_id = self.tracker.start_trial(self.study, trial.number, public_params(params), sampled)
             trial.set_user_attr(RUN_ATTR, run_id)
         print(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in sampled.items()), flush=True)
 

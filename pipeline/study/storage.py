@@ -17,21 +17,11 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
+from pipeline.tracking import redact
+
 # Key of the PostgreSQL advisory lock that serialises the workers' count-then-ask: any 64-bit number would do,
 # one derived from a name says what holds it (pg_locks shows the number).
 _BUDGET_LOCK_KEY = zlib.crc32(b"xbm.tune.budget")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    if "://" not in url or "@" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: say nothing of its credentials
-        return url.split("://", 1)[0] + "://***@" + url.rsplit("@", 1)[1]
 
 
 class StorageError(ValueError):

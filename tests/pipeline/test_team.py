@@ -145,6 +145,24 @@ def test_two_workers_share_a_postgres_study_and_survive_a_sigkill(tmp_path, post
     pids = {t.number: t.user_attrs[WORKER_ATTR]["pid"] for t in trials}
     assert {n for n, pid in pids.items() if pid == workers[0].pid} == started[0]
     assert (root / "artifacts" / "tune" / "team" / "summary.json").is_file()
+    # The study URL's password is in none of what the workers wrote: MLflow params and tags, summary, events.
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("team-tune").experiment_id], max_results=100)
+    assert len(runs) >= 5 and all(r.data.params.get("tune.storage", "").startswith("postgresql://xbm:***@")
+                                  for r in runs if r.data.tags.get("xbm.role") in ("study", "trial"))
+    written = [str(r.data.params) + str(r.data.tags) for r in runs]
+    written += [p.read_text() for p in root.rglob("*") if p.suffix in (".json", ".jsonl", ".yaml", ".log")
+                and p.name != "params.yaml"]
+    assert servers.PG_PASSWORD not in "".join(written)
+
+
+def test_redact_hides_only_the_password():
+    from pipeline.tracking import redact
+
+    assert redact("postgresql://xbm:s3cr:et@db:5432/optuna") == "postgresql://xbm:***@db:5432/optuna"
+    assert redact("postgresql+psycopg://u:p@h/d?sslmode=require") == "postgresql+psycopg://u:***@h/d?sslmode=require"
+    for kept in ("postgresql://xbm@db/optuna", "sqlite:////a/b.db", "http://127.0.0.1:5000", "artifacts/x.journal"):
+        assert redact(kept) == kept
 
 
 def fake_objective(params, trial_dir, report):
