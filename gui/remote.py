@@ -10,10 +10,11 @@ run with the same code, plots, phase markers and ETA as a local events file:
   test metrics appear; progress out of W + X steps;
 - evaluations: the `val/...` and `test/...` metrics; the end: the run's status.
 
-A step is shown once every metric of it has arrived: the pipeline logs a step's metrics in order in one batch
-at a time, so the step of `loss` (the first) newer than the last fetch is complete up to the previous poll's
-frontier for every metric. The history is read with the server's `get-history-bulk-interval` endpoint in step
-ranges of at most its 2,500 points per request, which is exact (the server samples only past that size).
+Steps are read up to the newest step of `loss`, the first metric of each step the sink sends (in step order,
+in batches of up to 1,000 metrics). A batch can end inside that newest step; its other values then come after
+the step was read and are not read again: a point missing from some curves, at most one step per batch. The
+history is read with the server's `get-history-bulk-interval` endpoint in step ranges of at most its 2,500
+points per request, which is exact (the server samples only past that size).
 
 Plain HTTP with short timeouts (requests), not MlflowClient: MLflow's client retries a refused connection for
 minutes, and the worker must instead say at once that the server is down or slow and try again at the next poll.
