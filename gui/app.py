@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
-from PySide6.QtCore import QSettings, Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent
+from PySide6.QtCore import QSettings, Qt, QTimer, QUrl
+from PySide6.QtGui import QAction, QCloseEvent, QDesktopServices
 from PySide6.QtWidgets import (
-    QDockWidget, QFileDialog, QFrame, QLabel, QMainWindow, QMessageBox, QPlainTextEdit, QScrollArea, QTabWidget,
-    QToolBar, QVBoxLayout, QWidget,
+    QComboBox, QDockWidget, QFileDialog, QFrame, QInputDialog, QLabel, QLineEdit, QMainWindow, QMessageBox,
+    QPlainTextEdit, QScrollArea, QTabWidget, QToolBar, QVBoxLayout, QWidget,
 )
 
 from xbmcore.config import Params
@@ -18,6 +19,7 @@ from . import process, theme
 from .launch import LaunchForm, format_value, load_base
 from .monitor import MonitorPanel
 from .retrieval import RetrievalPanel
+from .remote import RemoteTail, is_server
 from .runs import RunsPanel
 from .stores import tracking_uri
 from .study import StudyPanel
@@ -37,9 +39,11 @@ class MainWindow(QMainWindow):
         grace_s: float = 30.0,
         retry_s: float = 10.0,
         follow: Path | None = None,
+        remote: RemoteTail | None = None,
     ):
         """root: the project folder (holds params.yaml). run_command / tune_command turn the form's overrides
-        into the child's argv (the defaults: `dvc exp run -S ...`, `python -m pipeline.tune -S ...`)."""
+        into the child's argv (the defaults: `dvc exp run -S ...`, `python -m pipeline.tune -S ...`). remote: the
+        tracking-server poller (default: every 2 s)."""
         super().__init__()
         self.root = Path(root).resolve()
         self.settings = settings if settings is not None else QSettings()
@@ -107,11 +111,27 @@ class MainWindow(QMainWindow):
         for a in (self.follow_action, self.open_action):
             tb.addAction(a)
         tb.addSeparator()
+        # A run on another machine, through the tracking server (MLFLOW_TRACKING_URI or "Tracking server…").
+        self.server_runs = QComboBox()
+        self.server_runs.setMinimumContentsLength(36)
+        self.server_runs.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.server_runs.setToolTip("The tracking server's active runs: pick one to follow it live in the Live tab")
+        self.server_runs.activated.connect(self._server_run_picked)
+        self.server_action = QAction("Tracking server…", self)
+        self.server_action.setToolTip("Address of the team's MLflow tracking server (http://host:port), for the "
+                                      "Live and Runs tabs; empty: MLFLOW_TRACKING_URI or the project's store")
+        self.server_action.triggered.connect(self._ask_server)
+        tb.addWidget(QLabel(" Server run "))
+        tb.addWidget(self.server_runs)
+        tb.addAction(self.server_action)
+        tb.addSeparator()
         tb.addAction(self.mlflow_action)
         self.child_status = QLabel("idle")
         self.events_status = QLabel()
         self.bad_status = QLabel("malformed lines: 0")
+        self.server_status = QLabel()
         self.statusBar().addWidget(self.child_status, 1)
+        self.statusBar().addPermanentWidget(self.server_status)
         self.statusBar().addPermanentWidget(self.events_status)
         self.statusBar().addPermanentWidget(self.bad_status)
 
@@ -124,12 +144,23 @@ class MainWindow(QMainWindow):
         self.mlflow_ui = process.MlflowUi(self)
         self.mlflow_ui.message.connect(lambda m: self.statusBar().showMessage(m, 10_000))
 
-        # the event tail
+        # the event tail (a local run) and the server poller (a remote run): the Live tab shows one of them
+        self._source = "local"
+        self._remote_choice: str = ""        # the server run followed ("" = the newest active one)
+        self._server_listed: list = []       # the server's active runs, as last listed
         self.tail = EventTail(parent=self)
-        self.tail.switched.connect(self._switched)
-        self.tail.batch.connect(self.monitor.add_batch)
+        self.tail.switched.connect(lambda path: self._source == "local" and self._switched(path))
+        self.tail.batch.connect(lambda b: self._source == "local" and self.monitor.add_batch(b))
         self.tail.bad_lines.connect(self._bad_lines)
-        self.tail.waiting.connect(self.monitor.set_waiting)
+        self.tail.waiting.connect(lambda text: self._source == "local" and self.monitor.set_waiting(text))
+        self.remote = remote if remote is not None else RemoteTail()
+        self.remote.setParent(self)
+        self.remote.runs.connect(self._server_runs_listed)
+        self.remote.switched.connect(lambda what: self._source == "remote" and self._switched(what))
+        self.remote.batch.connect(lambda b: self._source == "remote" and self.monitor.add_batch(b))
+        self.remote.health.connect(self._server_health)
+        self.remote.set_server(self.server_uri())
+        self._set_server_combo([])
 
         self._restore()
         if follow is not None:
@@ -160,7 +191,14 @@ class MainWindow(QMainWindow):
 
     def _tracking(self) -> tuple[str, str]:
         p = self.params()
-        return tracking_uri(p, self.root), p.tracking.experiment
+        return self.settings.value("remote/uri", "") or tracking_uri(p, self.root), p.tracking.experiment
+
+    def server_uri(self) -> str | None:
+        """The tracking server to list and follow runs on: the one set in the window, else MLFLOW_TRACKING_URI
+        or tracking.uri when it is a server (http/https)."""
+        uri = self.settings.value("remote/uri", "") or os.environ.get("MLFLOW_TRACKING_URI") or \
+            self.params().tracking.uri
+        return uri if is_server(uri) else None
 
     def _study_storage(self) -> tuple[str | None, Path, str]:
         p = self.params()
@@ -175,6 +213,7 @@ class MainWindow(QMainWindow):
 
     def _follow_toggled(self, on: bool) -> None:
         if on:
+            self._follow_local()
             self.tail.follow_latest(self.runs_dir())
             self.events_status.setText(f"following {self.runs_dir() / 'LATEST'}")
 
@@ -183,8 +222,83 @@ class MainWindow(QMainWindow):
         self.follow_action.blockSignals(True)
         self.follow_action.setChecked(False)
         self.follow_action.blockSignals(False)
+        self._follow_local()
         self.tail.follow_file(Path(path))
         self.tabs.setCurrentWidget(self.monitor)
+
+    def _follow_local(self) -> None:
+        if self._source == "remote":
+            self._source = "local"
+            self.remote.unfollow()
+            self.server_runs.setCurrentIndex(0)
+
+    # --- following a run through the tracking server ------------------------------------------------------
+
+    def follow_remote(self, run_id: str = "") -> None:
+        """Show a run of the tracking server ("" follows the newest active run) instead of a local one."""
+        if self.remote.uri is None:
+            self.statusBar().showMessage("no tracking server: set MLFLOW_TRACKING_URI or use Tracking server…",
+                                         10_000)
+            return
+        self.follow_action.blockSignals(True)
+        self.follow_action.setChecked(False)
+        self.follow_action.blockSignals(False)
+        self._source, self._remote_choice = "remote", run_id
+        self.remote.follow(run_id)
+        self._set_server_combo(self._server_listed)
+        self.tabs.setCurrentWidget(self.monitor)
+
+    def _server_run_picked(self, index: int) -> None:
+        run_id = self.server_runs.itemData(index)
+        if run_id is None:  # "local runs"
+            self.follow_action.setChecked(True)
+        else:
+            self.follow_remote(run_id)
+
+    def _set_server_combo(self, runs: list) -> None:
+        current = self._remote_choice if self._source == "remote" else None
+        self.server_runs.blockSignals(True)
+        self.server_runs.clear()
+        self.server_runs.addItem("— local runs (runs/LATEST) —", None)
+        if self.remote.uri:
+            self.server_runs.addItem(f"newest active run on {self.remote.uri}", "")
+        for r in runs:
+            self.server_runs.addItem(r.label(), r.run_id)
+        known = [self.server_runs.itemData(i) for i in range(self.server_runs.count())]
+        if current and current not in known:  # the followed run ended: keep it selected
+            self.server_runs.addItem(f"run {current} (not active)", current)
+            known.append(current)
+        self.server_runs.setCurrentIndex(known.index(current) if current in known else 0)
+        self.server_runs.setEnabled(self.remote.uri is not None)
+        self.server_runs.blockSignals(False)
+
+    def _server_runs_listed(self, runs: list) -> None:
+        self._server_listed = runs
+        self._set_server_combo(runs)
+
+    def _server_health(self, ok: bool, text: str) -> None:
+        self.server_status.setText(text if ok else "⚠ " + text)
+        self.server_status.setStyleSheet("" if ok else f"color: {theme.WARN};")
+
+    def _ask_server(self) -> None:
+        uri, ok = QInputDialog.getText(self, "Tracking server", "MLflow tracking server (http://host:port); "
+                                       "empty: MLFLOW_TRACKING_URI or the project's store",
+                                       QLineEdit.EchoMode.Normal, self.settings.value("remote/uri", ""))
+        if ok:
+            self.set_server(uri.strip())
+
+    def set_server(self, uri: str) -> None:
+        if uri and not is_server(uri):
+            self.statusBar().showMessage(f"not a server address: {uri!r} (expected http://host:port)", 10_000)
+            return
+        self.settings.setValue("remote/uri", uri.rstrip("/"))
+        self.remote.set_server(self.server_uri())
+        self._set_server_combo([])
+        if self.remote.uri is None:
+            self.server_status.setText("")
+            if self._source == "remote":
+                self.follow_action.setChecked(True)
+        self.runs.refresh()
 
     def _pick_run(self) -> None:
         start = str(self.runs_dir() if self.runs_dir().is_dir() else self.root)
@@ -250,7 +364,12 @@ class MainWindow(QMainWindow):
         self.child_status.setText("idle")
 
     def open_mlflow_ui(self) -> None:
-        self.mlflow_ui.open(self._tracking()[0], self.root)
+        uri = self._tracking()[0]
+        if is_server(uri):  # a tracking server serves its own UI
+            QDesktopServices.openUrl(QUrl(uri))
+            self.statusBar().showMessage(f"opened {uri}", 10_000)
+            return
+        self.mlflow_ui.open(uri, self.root)
 
     def dragEnterEvent(self, event) -> None:  # noqa: N802 (a drop outside the tab: the tab takes it)
         self.retrieval.dragEnterEvent(event)
@@ -319,6 +438,7 @@ class MainWindow(QMainWindow):
             return
         self.save_settings()
         self.tail.shutdown()
+        self.remote.shutdown()
         self.runs.shutdown()
         self.study.shutdown()
         self.retrieval.shutdown()

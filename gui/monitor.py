@@ -263,7 +263,7 @@ class MonitorPanel(QWidget):
                         y = moving_average(y, window)
                     curve.setData(x, y)
             size, fill = d.curves["memory_size"].last(), d.curves["memory_fill"].last()
-            if size and fill:
+            if size and fill and math.isfinite(size / fill):  # a remote run has no memory_size (NaN)
                 self.fill.set_title(f"Memory fill (K = {round(size / fill):,})")
             for key, curve in self.recall.curves.items():
                 s = d.evals.get(key)

@@ -41,9 +41,17 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def check_store(uri: str, what: str) -> None:
+    """Raise StoreUnavailable for a missing database file or a tracking server that does not answer (asked with
+    a short timeout: MLflow's client would retry for minutes before the panel could say so)."""
+    from pipeline.tracking import probe
+
     path = sqlite_path(uri) if "://" in uri else Path(uri)  # no scheme: an Optuna journal file
     if path is not None and not path.exists():
         raise StoreUnavailable(f"no {what} at {path} yet")
+    try:
+        probe(uri)
+    except OSError as err:
+        raise StoreUnavailable(f"tracking server {uri} does not answer ({getattr(err, 'reason', err)})") from None
 
 
 def describe_error(err: Exception) -> str:

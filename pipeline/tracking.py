@@ -10,7 +10,8 @@ same model bytes), and the next execution with the same key gets a new run. `XBM
 run outright; `XBM_MLFLOW_PARENT_RUN_ID` nests it under a parent (the Optuna study: one child per trial).
 
 Nothing here may stall or kill training: metrics go through `MLflowSink`'s background thread, and a store that
-cannot be reached at attach time leaves the stage running with the event file only, with a warning.
+cannot be reached at attach time leaves the stage running with the event file only, with a warning (a tracking
+server is asked once, with a short timeout, before MLflow's own retries would hold the stage for minutes).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,20 @@ RESULT_SECTIONS = ("data", "model", "loss", "memory", "train", "eval")
 STEP_METRICS = METRIC_FIELDS
 EVENTS_FILE = "events.jsonl"
 LATEST_FILE = "LATEST"
+
+
+_USERINFO = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """A URL (or any text holding one) with the password of its user:password@ part shown as ***: what the
+    project prints and logs of a storage or tracking URL (a PostgreSQL study URL carries its password)."""
+    return _USERINFO.sub(r"\1:***@", text)
+
+
+def public_params(params: Params) -> dict[str, Any]:
+    """params.flat() as logged to MLflow and the event file: URLs without their passwords."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in params.flat().items()}
 
 
 def metric_name(name: str) -> str:
@@ -75,6 +91,19 @@ def tracking_uri(params: Params, root: Path) -> str:
         if not path.is_absolute():
             return f"sqlite:///{(home / path).resolve()}"
     return uri
+
+
+def probe(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise OSError if an http(s) tracking server does not answer its health check within `timeout_s`.
+
+    MLflow's client retries a refused connection 7 times with exponential backoff (about 4 minutes) before it
+    fails; a stage, or the desktop app, asks this first to learn in seconds that the server is down. Other URIs
+    (files, databases) pass: their own errors are immediate.
+    """
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
 
 
 def artifact_location(uri: str) -> str | None:
@@ -154,7 +183,9 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
     import mlflow
     from mlflow.entities import Param, RunStatus, RunTag
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params, root))
+    uri = tracking_uri(params, root)
+    probe(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
     name = params.tracking.experiment
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -198,7 +229,7 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
     tr = TrackedRun(client, run.info.run_id, exp_id, key, logged)
 
     have = run.data.params
-    flat = {k: str(v)[:6000] for k, v in params.flat().items()}
+    flat = {k: str(v)[:6000] for k, v in public_params(params).items()}
     new = [Param(k, v) for k, v in flat.items() if k not in have]
     changed = sorted(k for k, v in flat.items() if k in have and have[k] != v)
     if changed:  # only sections outside the run key can differ (tracking, tune); MLflow params are immutable
@@ -355,7 +386,7 @@ class StageRun:
             sinks.append(self._mlflow_sink)
         self.sink = _RunSink(sinks)
         self.sink.emit(make_event("start", 0, run_id=self.run_id, run_key=self.key, stage=stage,
-                                  params=params.flat(), total_steps=total_steps))
+                                  params=public_params(params), total_steps=total_steps))
 
     @property
     def run_id(self) -> str | None:
@@ -388,6 +419,7 @@ class StageRun:
         if self.mlflow is None:
             return None
         try:
+            probe(self.mlflow.client.tracking_uri)  # a server gone since: seconds, not MLflow's minutes of retries
             return fn(*args, **kwargs)
         except Exception as err:
             log.warning("MLflow: %s failed (%s: %s)", what, type(err).__name__, err)

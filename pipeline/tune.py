@@ -22,7 +22,7 @@ import optuna
 
 from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.study import StudyTracker, Worker, finalize, resolve_storage
-from pipeline.tracking import configure_logging, tracking_uri
+from pipeline.tracking import configure_logging, redact, tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace, params, root: Path) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"study {params.tune.study_name!r} in {storage.url}: {worker.counts() or 'no trials yet'}, "
+    print(f"study {params.tune.study_name!r} in {redact(storage.url)}: {worker.counts() or 'no trials yet'}, "
           f"budget {params.tune.n_trials}", flush=True)
     try:
         if not args.report:

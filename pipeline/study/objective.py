@@ -24,6 +24,7 @@ from xbmcore.trainer import TrainingStopped, training_digest
 from pipeline import stages
 from pipeline.study.mlflow_runs import StudyTracker
 from pipeline.study.runner import env
+from pipeline.tracking import public_params
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class StageObjective:
             if tracker is None:
                 stages.run_warmup(self.params, self.root, artifacts=self.warmup_root)
                 return
-            run_id = tracker.start_warmup(self.params.flat(), self.digest)
+            run_id = tracker.start_warmup(public_params(self.params), self.digest)
             status = "FAILED"
             try:
                 with env(XBM_MLFLOW_RUN_ID=run_id):

@@ -19,6 +19,7 @@ from xbmcore.config import Params
 from pipeline.study import space
 from pipeline.study.mlflow_runs import RUN_ATTR
 from pipeline.study.runner import Worker, env
+from pipeline.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,11 @@ def finalize(worker: Worker, evaluate_test: EvaluateTest | None) -> dict[str, An
         summary_path = out_dir / "summary.json"
         old = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         summary: dict[str, Any] = {
-            "study": study.study_name, "storage": worker.storage.url, "metric": tune.metric,
+            "study": study.study_name, "storage": redact(worker.storage.url), "metric": tune.metric,
             "split": "val", "n_trials": tune.n_trials,
             "trials": {"complete": counts.get("COMPLETE", 0), "pruned": counts.get("PRUNED", 0),
                        "failed": counts.get("FAIL", 0)},
-            "dashboard": dashboard_command(worker.storage.url),
+            "dashboard": dashboard_command(redact(worker.storage.url)),
         }
         test = None
         if best is not None:

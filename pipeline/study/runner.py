@@ -24,6 +24,7 @@ from xbmcore.config import Params
 from pipeline.study import space
 from pipeline.study.mlflow_runs import RUN_ATTR, StudyTracker
 from pipeline.study.storage import StudyStorage, load_or_create
+from pipeline.tracking import public_params, redact
 from pipeline.study.workers import Heartbeat, fail_stale_trials
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 Report = Callable[[int, float], None]
 Objective = Callable[[Params, Path, Report], float]
 BASE_ATTR = "xbm.base_params"
+SPACE_ATTR = "xbm.space"
 SURPLUS_ATTR = "xbm.surplus"
 
 
@@ -101,9 +103,18 @@ class Worker:
             self.study = load_or_create(self.storage, tune.study_name, pruner=make_pruner(self.params))
             self._check_base()
             if self.tracker is not None:
-                self.tracker.attach_parent(self.study, self.params.flat(), self.storage.url)
+                self.tracker.attach_parent(self.study, public_params(self.params), redact(self.storage.url))
 
     def _check_base(self) -> None:
+        """A study is one search space: a reused name with another space is refused (its trials would not be
+        comparable and TPE would model two problems as one); other changed params are a warning."""
+        space_now, space_then = space.describe(self.params), self.study.user_attrs.get(SPACE_ATTR)
+        if space_then is None:
+            self.study.set_user_attr(SPACE_ATTR, space_now)
+        elif diff := space.differences(space_then, space_now):
+            raise ValueError(f"tune.study_name: study {self.study.study_name!r} in {redact(self.storage.url)} was "
+                             f"created with another search space ({'; '.join(diff)}); choose another "
+                             "tune.study_name or restore its tune.space and loss.name")
         base, seen = _base_flat(self.params), self.study.user_attrs.get(BASE_ATTR)
         if seen is None:
             self.study.set_user_attr(BASE_ATTR, base)
@@ -158,7 +169,7 @@ class Worker:
         trial_dir.mkdir(parents=True, exist_ok=True)
         run_id = None
         if self.tracker is not None:
-            run_id = self.tracker.start_trial(self.study, trial.number, params.flat(), sampled)
+            run_id = self.tracker.start_trial(self.study, trial.number, public_params(params), sampled)
             trial.set_user_attr(RUN_ATTR, run_id)
         print(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" for k, v in sampled.items()), flush=True)
 

@@ -54,6 +54,17 @@ def active_dims(params: Params) -> list[tuple[Dim, tuple[float, float]]]:
     return dims
 
 
+def describe(params: Params) -> dict[str, str]:
+    """The search space in words, one entry per sampled key: what a study records and compares on reuse."""
+    return {d.key: f"[{lo:g}, {hi:g}]{' log' if d.log else ''}" for d, (lo, hi) in active_dims(params)}
+
+
+def differences(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """What changed between two described spaces, one phrase per key."""
+    return [f"{k}: {old.get(k, 'not searched')} -> {new.get(k, 'not searched')}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
 def suggest(trial: optuna.Trial, params: Params) -> dict[str, float]:
     return {d.key: trial.suggest_float(d.key, lo, hi, log=d.log) for d, (lo, hi) in active_dims(params)}
 

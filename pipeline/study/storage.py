@@ -1,4 +1,5 @@
-"""Where a study lives: an RDB URL (SQLite by default) or a journal file, resolved against the project root.
+"""Where a study lives: an RDB URL (SQLite by default, PostgreSQL for a team) or a journal file, resolved
+against the project root.
 
 Paths are made absolute because `dvc exp run --temp/--queue` and several workers run from other directories,
 and a relative SQLite URL would silently open a fresh, empty study there.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,20 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
+from pipeline.tracking import redact
+
+# Key of the PostgreSQL advisory lock that serialises the workers' count-then-ask: any 64-bit number would do,
+# one derived from a name says what holds it (pg_locks shows the number).
+_BUDGET_LOCK_KEY = zlib.crc32(b"xbm.tune.budget")
+
+
+class StorageError(ValueError):
+    """The study storage cannot be opened (server down, wrong password, missing driver): said before any trial."""
+
+
+def _is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql:", "postgresql+", "postgres:"))
+
 
 @dataclass(frozen=True)
 class StudyStorage:
@@ -23,21 +38,41 @@ class StudyStorage:
     lock_path: Path | None   # local file next to the storage; None for server databases
 
     def open(self) -> BaseStorage:
-        if "://" in self.url:
-            # A generous SQLite timeout: workers write while others hold the lock for a moment.
-            kw = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite:") else None
+        if "://" not in self.url:
+            return JournalStorage(JournalFileBackend(self.url))
+        # A generous SQLite timeout: workers write while others hold the lock for a moment.
+        kw = {"connect_args": {"timeout": 60}} if self.url.startswith("sqlite:") else None
+        with self._explained():
             return RDBStorage(self.url, engine_kwargs=kw)
-        return JournalStorage(JournalFileBackend(self.url))
+
+    @contextlib.contextmanager
+    def _explained(self) -> Iterator[None]:
+        """A connection failure as one line naming the storage (password hidden), not a driver traceback."""
+        import sqlalchemy.exc
+
+        try:
+            yield
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as err:
+            reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+            reason = next((line.strip() for line in reason if "FATAL" in line), reason[0] if reason else "")
+            raise StorageError(f"tune.storage: cannot connect to {redact(self.url)}: {reason}") from None
+        except (ImportError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError) as err:
+            raise StorageError(f"tune.storage: {redact(self.url)} cannot be opened ({err}); a postgresql:// "
+                               "URL needs the psycopg driver (pip install 'psycopg[binary]')") from None
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive across processes on this host, for the count-then-ask of the budget.
-
-        Server databases have no such lock: workers there can overshoot the budget by at most one trial each
-        in a race at its very end (optuna numbers trials atomically, so none is ever done twice).
+        """Exclusive across the study's workers for the count-then-ask of the budget: a file lock for local
+        storages (one host), a PostgreSQL advisory lock for a server (any host; released by the server if the
+        worker dies). Other server databases have no such lock: workers there can overshoot the budget by at
+        most one trial each in a race at its very end (optuna numbers trials atomically, so none is done twice).
         """
         if self.lock_path is None:
-            yield
+            if _is_postgres(self.url):
+                with self._advisory_lock():
+                    yield
+            else:
+                yield
             return
         with open(self.lock_path, "a") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -45,6 +80,25 @@ class StudyStorage:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+    @contextlib.contextmanager
+    def _advisory_lock(self) -> Iterator[None]:
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        with self._explained():
+            engine = sqlalchemy.create_engine(self.url, poolclass=NullPool)
+            conn = engine.connect()
+        try:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _BUDGET_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _BUDGET_LOCK_KEY})
+        finally:
+            conn.close()
+            engine.dispose()
 
 
 def resolve_storage(spec: str | None, root: Path) -> StudyStorage:

@@ -1,0 +1,24 @@
+"""Session-wide servers (slow to start, so one of each per test session): see servers.py."""
+from __future__ import annotations
+
+import pytest
+
+import servers
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server on 127.0.0.1 (password authentication over TCP); stopped after the session."""
+    pytest.importorskip("pgserver", reason="pgserver (dev extra) ships the PostgreSQL binaries; CPython <= 3.12")
+    pg, proc = servers.start_postgres(tmp_path_factory.mktemp("postgres"))
+    yield pg
+    servers.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a PostgreSQL backend store and a local artifact destination."""
+    backend = postgres.create_database("mlflow")
+    server = servers.start_mlflow_server(backend, tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    servers.stop(server.proc)
