@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 from xbmcore.config import DataParams
 from xbmcore.data import open_splits
 from xbmcore.data.index import read_meta
+from xbmcore.data.prepare import params_recipe
 from xbmcore.data.transforms import pil_transform
 from xbmcore.evaluate import embed_split, eval_sets
 from xbmcore.figures import OTHER, SAME
@@ -219,10 +220,7 @@ def check_prepared(prepared: Path, data: DataParams, run: ModelRun) -> None:
         raise ValueError(f"{prepared}: no prepared dataset {data.name!r} here; prepare it with "
                          f"`python -m pipeline.download` (run {run.name} used it)") from None
     recipe = meta.get("recipe", {})
-    want = {"name": data.name, "val_fraction": data.val_fraction}
-    if data.name == "synthetic":
-        want["synthetic"] = data.synthetic.model_dump()
-    for key, value in want.items():
+    for key, value in params_recipe(data).items():
         if recipe.get(key) != value:
             raise ValueError(f"{prepared}: prepared with data.{key} = {recipe.get(key)!r}, but run {run.name} "
                              f"used {value!r}; prepare the run's dataset (python -m pipeline.download -S ...)")

@@ -51,21 +51,28 @@ class Splits:
     class_names: list[str] | None = None  # name of class id k (own layouts), None where ids are the dataset's own
 
 
-def _recipe(p: DataParams, annotations: list[Path] | None = None, image_root: Path | None = None,
-            items: np.ndarray | None = None) -> dict:
+def params_recipe(p: DataParams) -> dict:
+    """The part of a prepared dataset's recipe that the params alone decide: what a run's params must match."""
     r: dict[str, Any] = {"format_version": FORMAT_VERSION, "name": p.name, "val_fraction": p.val_fraction}
     if p.name == "synthetic":
         r["synthetic"] = {**p.synthetic.model_dump(), "generator": synthetic.GENERATOR_VERSION}
-    else:
-        r["skip_corrupt"] = p.skip_corrupt
-        r["cache_size"] = p.cache_size
+        return r
+    r["skip_corrupt"] = p.skip_corrupt
+    r["cache_size"] = p.cache_size
+    if p.name == "vehicleid":
+        r["vehicleid_test"] = p.vehicleid_test
+    if p.name in OWN_LAYOUTS:
+        r["test_fraction"], r["split_seed"] = p.test_fraction, p.split_seed
+    return r
+
+
+def _recipe(p: DataParams, annotations: list[Path] | None = None, image_root: Path | None = None,
+            items: np.ndarray | None = None) -> dict:
+    r = params_recipe(p)
+    if p.name != "synthetic":
         r["image_root"] = str(image_root)
         r["annotations"] = [[str(a), a.stat().st_size, a.stat().st_mtime_ns] for a in annotations or []]
         r["images"] = _listing_digest(image_root, items)
-        if p.name == "vehicleid":
-            r["vehicleid_test"] = p.vehicleid_test
-        if p.name in OWN_LAYOUTS:
-            r["test_fraction"], r["split_seed"] = p.test_fraction, p.split_seed
     return r
 
 
