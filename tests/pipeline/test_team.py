@@ -75,7 +75,7 @@ def test_dvc_repro_logs_to_a_tracking_server_on_postgres(tmp_path, mlflow_server
     mlflow.set_tracking_uri(mlflow_server.uri)
     (logged,) = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     assert logged.source_run_id == r.info.run_id
-    served = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    served = mlflow.pyfunc.load_model(f"models:/{logged.model_id}").unwrap_python_model().embedder.model
     from pipeline.stages import load_model
 
     params = validate_params(yaml.safe_load((root / "params.yaml").read_text()), "params.yaml")
