@@ -251,7 +251,8 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
                  log_model: bool | None = None) -> dict[str, float]:
     """Recall@K, MAP@R, R-precision and NMI of the trained model on `split`; writes metrics.json.
 
-    On the test split it also logs the model to MLflow (mlflow.pytorch) and marks the run FINISHED.
+    On the test split it also logs the model to MLflow (an mlflow.pyfunc image embedder, see _log_model) and
+    marks the run FINISHED.
     """
     device = resolve_device(params.train.device)
     model, step = load_model(params, root, artifacts)
