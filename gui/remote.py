@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from .series import EventBatch
+from .tail import PollingWorker
 
 CHUNK = 2500            # the server's most points per run and request (MAX_RESULTS_PER_RUN)
 STEPS_PER_POLL = 10 * CHUNK  # a long run joined late fills in over a few polls, the first plots within one
@@ -216,32 +217,19 @@ class RemoteRun:
 
 # --- the worker thread ---------------------------------------------------------------------------------------
 
-class _RemoteWorker(QObject):
+class _RemoteWorker(PollingWorker):
     runs = Signal(object)          # list[ActiveRun]
     switched = Signal(str)         # now following this run (the plots restart)
     batch = Signal(object)         # EventBatch
     health = Signal(bool, str)     # the server answered?, what to say in the status bar
 
     def __init__(self, interval_ms: int, timeout: tuple[float, float]):
-        super().__init__()
-        self._interval_ms = interval_ms
+        super().__init__(interval_ms)
         self._timeout = timeout
-        self._timer: QTimer | None = None
         self._server: Server | None = None
         self._want: str | None = None     # a run id, "" for the newest active run, None: not following
         self._run: RemoteRun | None = None
         self._phase: str | None = None
-
-    @Slot()
-    def start(self) -> None:
-        self._timer = QTimer(self)  # created here so it lives in the worker thread
-        self._timer.timeout.connect(self.poll)
-        self._timer.start(self._interval_ms)
-
-    @Slot()
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
 
     @Slot(str)
     def set_server(self, uri: str) -> None:

@@ -33,22 +33,13 @@ def events_path(target: Path) -> Path:
     return target / EVENTS_FILE if target.is_dir() else target
 
 
-class _TailWorker(QObject):
-    switched = Signal(str)       # now reading this file (the plots restart)
-    batch = Signal(object)       # EventBatch
-    bad_lines = Signal(int)      # malformed lines skipped so far in this file
-    waiting = Signal(str)        # nothing to read yet, and why
+class PollingWorker(QObject):
+    """A worker-thread object that calls `poll` every `interval_ms` (the event-file and tracking-server tails)."""
 
     def __init__(self, interval_ms: int):
         super().__init__()
         self._interval_ms = interval_ms
         self._timer: QTimer | None = None
-        self._runs_dir: Path | None = None   # following LATEST when set
-        self._file: Path | None = None       # following one file when set
-        self._reader: EventReader | None = None
-        self._phase: str | None = None
-        self._bad = 0
-        self._waiting_for: str | None = None
 
     @Slot()
     def start(self) -> None:
@@ -60,6 +51,25 @@ class _TailWorker(QObject):
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.stop()
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class _TailWorker(PollingWorker):
+    switched = Signal(str)       # now reading this file (the plots restart)
+    batch = Signal(object)       # EventBatch
+    bad_lines = Signal(int)      # malformed lines skipped so far in this file
+    waiting = Signal(str)        # nothing to read yet, and why
+
+    def __init__(self, interval_ms: int):
+        super().__init__(interval_ms)
+        self._runs_dir: Path | None = None   # following LATEST when set
+        self._file: Path | None = None       # following one file when set
+        self._reader: EventReader | None = None
+        self._phase: str | None = None
+        self._bad = 0
+        self._waiting_for: str | None = None
 
     @Slot(str)
     def follow_latest(self, runs_dir: str) -> None:

@@ -16,8 +16,7 @@ from PIL import Image
 
 from pipeline import stages
 from pipeline.tracking import tracking_uri
-from tiny_project import REPO, stage_env, tiny_params, write_params
-from xbmcore.config import validate_params
+from tiny_project import REPO, run_pipeline_in_process, stage_env, write_params
 from xbmcore.evaluate import compute_embeddings
 from xbmcore.figures import BACKGROUND, FIGURE_K, FIGURE_QUERIES, FIGURE_SEED, OTHER, QUERY, SAME, split_figure
 from xbmcore.retrieval import sample_queries
@@ -27,17 +26,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    import os
-
-    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
-        os.environ.pop(var, None)
     root = tmp_path_factory.mktemp("project")
-    p = validate_params(tiny_params())
-    stages.run_download(p, root)
-    stages.run_warmup(p, root)
-    stages.run_memory_init(p, root)
-    stages.run_train_xbm(p, root)
-    stages.run_evaluate(p, root)
+    p, _ = run_pipeline_in_process(root)
     return root, p
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import stages
 from pipeline.tracking import run_key, tracking_uri
-from tiny_project import tiny_params
+from tiny_project import run_pipeline_in_process, tiny_params
 from xbmcore.checkpoint import load_checkpoint
 from xbmcore.config import validate_params
 from xbmcore.embedding_store import Embedder
@@ -26,17 +26,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project root with the tiny dataset prepared and the full pipeline run once."""
-    import os
-
-    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
-        os.environ.pop(var, None)
     root = tmp_path_factory.mktemp("project")
-    p = validate_params(tiny_params())
-    stages.run_download(p, root)
-    stages.run_warmup(p, root)
-    stages.run_memory_init(p, root)
-    stages.run_train_xbm(p, root)
-    metrics = stages.run_evaluate(p, root)
+    p, metrics = run_pipeline_in_process(root)
     return root, p, metrics
 
 

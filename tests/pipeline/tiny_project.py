@@ -68,3 +68,18 @@ def copy_project(dst: Path) -> None:
         shutil.copytree(REPO / name, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("dvc.yaml",):
         shutil.copy2(REPO / name, dst / name)
+
+
+def run_pipeline_in_process(root: Path):
+    """The five stages in this process on the tiny configuration, tracking to root's own store: (params, metrics)."""
+    from pipeline import stages
+    from xbmcore.config import validate_params
+
+    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
+        os.environ.pop(var, None)
+    p = validate_params(tiny_params())
+    stages.run_download(p, root)
+    stages.run_warmup(p, root)
+    stages.run_memory_init(p, root)
+    stages.run_train_xbm(p, root)
+    return p, stages.run_evaluate(p, root)
