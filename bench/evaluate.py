@@ -2,12 +2,12 @@
 
     python -m bench.evaluate [--threads 2] [--nmi]
 
-Prints one JSON object: the time of `retrieval_metrics` (xbmcore.knn's faiss IndexFlatIP path, nmi off; MAP@R
-comes from the same neighbours at no extra search), the floor (2 N^2 D flops: the same N x N float32 GEMM timed
+Prints one JSON object: the time of `retrieval_metrics` (nmi off: one pass of torch matmuls with group maxima,
+xbmcore/evaluate.py; MAP@R comes from the same pass), the floor (2 N^2 D flops: the same N x N float32 GEMM timed
 with torch in this run), their ratio, the metrics, the BLAS libraries and the kernels they run (threadpoolctl;
 the benchmark fails on a generic fallback), and whether Recall@K equals a brute-force reference (chunked torch
-matmul + topk). Two float32 BLAS libraries may order near-equal similarities differently: the reference counts
-those near-ties per K, and the benchmark fails unless every differing query is accounted for by one.
+matmul + topk). Two GEMM blockings may round near-equal similarities differently: the reference counts those
+near-ties per K, and the benchmark fails unless every differing query is accounted for by one.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from xbmcore.evaluate import nmi_score, retrieval_metrics
 N, D, C = 60_502, 512, 11_316  # SOP test set: 60,502 images of 11,316 products
 RECALL_AT = (1, 10, 100, 1000)
 # Two float32 similarities closer than this may be ordered either way by two BLAS libraries (observed
-# differences between faiss and torch: ~2e-7 for unit vectors in 512-d).
+# differences between two GEMM blockings: ~2e-7 for unit vectors in 512-d).
 TIE_TOL = 1e-5
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     # Equal, except for queries whose decision rests on a float32 near-tie (listed, and bounded here).
     agrees = all(round(diffs[k] * N) <= near_ties[k] for k in ref)
     result = {
-        "n": N, "d": D, "classes": C, "threads": faiss.omp_get_max_threads(),
+        "n": N, "d": D, "classes": C, "threads": torch.get_num_threads(),
         # Which BLAS kernels ran (threadpoolctl): a generic core here would make the search several times slower.
         "blas": [{"library": os.path.basename(lib["filepath"]), "version": lib.get("version"),
                   "architecture": lib.get("architecture")} for lib in threadpool_info()

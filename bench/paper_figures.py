@@ -219,13 +219,13 @@ def summarise(rows: list[dict[str, str]]) -> dict[str, Any]:
     by: dict[tuple, list[tuple[int, float]]] = {}
     for r in rows:
         k = (r["figure"], r["norm"], int(r["batch"] or 0), r["memory"] == "True", float(r["ratio"] or 0),
-             r["warmup"])
+             r["warmup"], int(r["xbm_steps"] or 0))
         by.setdefault(k, []).append((int(r["seed"]), float(r["recall@1"])))
     table = []
-    for (fig, norm, b, mem, ratio, warmup), runs in sorted(by.items()):
+    for (fig, norm, b, mem, ratio, warmup, xbm), runs in sorted(by.items()):
         runs.sort()
         table.append({"figure": fig, "norm": norm, "batch": b, "memory": mem, "ratio": ratio, "warmup": warmup,
-                      "seeds": [s for s, _ in runs], "recall@1": _stats([v for _, v in runs])})
+                      "xbm_steps": xbm, "seeds": [s for s, _ in runs], "recall@1": _stats([v for _, v in runs])})
     return {"table": table}
 
 
@@ -253,11 +253,20 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
         hi = [max(v) - m for m, v in zip(means, series.values())]
         ax.errorbar(xs, means, yerr=[lo, hi], capsize=3, marker="o", label=label, **kw)
 
-    fig1 = [r for r in rows if r["figure"] == "fig1a"]
+    # Fig. 1a/b: the schedule of these arguments; fig1a runs with a longer XBM phase are drawn dashed.
+    sched = [r for r in rows if r["warmup"] == str(args.warmup_steps)]
+    fig1 = [r for r in sched if r["figure"] == "fig1a" and r["xbm_steps"] == str(args.xbm_steps)]
+    longer = sorted({int(r["xbm_steps"]) for r in sched if r["figure"] == "fig1a"} - {args.xbm_steps})
     if fig1:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for mem, name in (("False", "without XBM"), ("True", "with XBM (memory = train set)")):
             errorbars(ax, _series(fig1, x="batch", memory=mem, norm="batch"), name)
+        for xbm in longer:
+            other = [r for r in sched if r["figure"] == "fig1a" and r["xbm_steps"] == str(xbm)]
+            for mem, name in (("False", "without XBM"), ("True", "with XBM")):
+                s = _series(other, x="batch", memory=mem, norm="batch")
+                if s:
+                    errorbars(ax, s, f"{name}, {xbm} steps after warm-up", linestyle="--", alpha=0.8)
         for mem, name in (("False", "GroupNorm, without XBM"), ("True", "GroupNorm, with XBM")):
             s = _series(fig1, x="batch", memory=mem, norm="group")
             if s:
@@ -265,7 +274,7 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (4 images per class)")
         ax.set_ylabel("test Recall@1")
-        ax.set_title("Fig. 1a: Recall@1 vs batch size, contrastive loss")
+        ax.set_title(f"Fig. 1a: Recall@1 vs batch size ({args.warmup_steps} + {args.xbm_steps} steps)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -273,7 +282,8 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
         plt.close(fig)
         written.append("paper_fig1a_batch.png")
     b0 = min(args.batches)
-    small = [r for r in rows if r["figure"] in ("fig1a", "fig1b") and r["norm"] == "batch" and int(r["batch"]) == b0]
+    small = [r for r in sched if r["figure"] in ("fig1a", "fig1b") and r["norm"] == "batch" and int(r["batch"]) == b0
+             and r["xbm_steps"] == str(args.xbm_steps)]
     if any(r["figure"] == "fig1b" for r in small):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         errorbars(ax, _series(small, x="ratio", memory="True"), f"with XBM, batch {b0}")
@@ -296,6 +306,7 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
         plt.close(fig)
         written.append("paper_fig1b_ratio.png")
     drift = [r for r in rows if r["figure"] == "drift"]
+    drift = [r for r in drift if r["seed"] == min(r["seed"] for r in drift)]  # one seed's curves
     if drift:
         fig, axes = plt.subplots(1, len(drift), figsize=(5 * len(drift) + 1, 4), sharey=True, squeeze=False)
         axes = axes[0]

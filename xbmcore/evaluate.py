@@ -1,6 +1,12 @@
 """Retrieval evaluation: Recall@K, MAP@R, R-precision (Musgrave et al., "A Metric Learning Reality Check",
-ECCV 2020) and NMI, on L2-normalised embeddings searched exactly by inner product = cosine (xbmcore.knn: faiss on
-the CPU, torch on a GPU).
+ECCV 2020) and NMI, on L2-normalised embeddings scored exactly by inner product = cosine.
+
+Recall@K up to K = 1000 needs no top-1000 lists: a query hits at K iff fewer than K irrelevant items are at
+least as similar as its most similar relevant one. One torch pass per chunk of queries (the same code on the CPU
+and the GPU) computes the chunk x gallery similarities, takes the maximum of every GROUP consecutive columns,
+and counts and ranks on those maxima: only the groups whose maximum reaches a query's threshold are opened, and
+the top R (for MAP@R, R = the relevant items of the query, a few) lie in the R best groups. Everything is
+decided on the same float32 similarities, so the result does not depend on how a BLAS orders near-equal values.
 
 Two protocols: query = gallery with the query itself excluded (SOP, CUB, Cars: `gallery=None`), and separate
 query and gallery sets (In-Shop, VehicleID).
@@ -17,10 +23,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from xbmcore.data.batch import collate_for, to_device
 
-from xbmcore.knn import iter_exact_knn
-
 NMI_SEED = 0
 NMI_NITER = 20
+# Columns per group maximum. The maxima cost ~3% of the GEMM on the CPU (one read of the block), and a query
+# opens about (irrelevant items above its threshold) x GROUP values, a few % of its row for a trained model.
+GROUP = 64
+# The chunk x gallery float32 similarity block stays under this many bytes: ~280 queries of an SOP-sized gallery on
+# the CPU, where a block near the cache runs the extra passes faster; 1 GiB on a GPU.
+BLOCK_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+NEVER = 1 << 62  # a rank count that is "too deep to matter"; far from overflow when ranks are added to it
 
 
 def compute_embeddings(
@@ -75,16 +86,6 @@ def _as_embeddings(name: str, x, labels) -> tuple[np.ndarray, np.ndarray]:
     return x, labels.astype(np.int64, copy=False)
 
 
-def _without_self(ids: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
-    """Mask (n x (k+1) -> True = keep) removing each query's own id from its k+1 neighbours: by id, not position,
-    since exact duplicates may tie with it; where it is absent (more than k duplicates) the last one goes."""
-    is_self = ids == self_ids[:, None]
-    drop = np.where(is_self.any(1), is_self.argmax(1), ids.shape[1] - 1)
-    keep = np.ones(ids.shape, dtype=bool)
-    keep[np.arange(len(ids)), drop] = False
-    return keep
-
-
 def retrieval_metrics(
     query, query_labels, gallery=None, gallery_labels=None, recall_at: Sequence[int] = (1, 10, 100),
     nmi: bool = True, device: str | torch.device = "cpu",
@@ -117,31 +118,9 @@ def retrieval_metrics(
         raise ValueError(f"recall_at: expected a non-empty list of integers >= 1, got {recall_at}")
     n_gallery = len(g) - self_excluded  # candidates per query
 
-    # R: relevant gallery items per query (its own copy excluded).
-    classes, counts = np.unique(gl, return_counts=True)
-    at = np.minimum(np.searchsorted(classes, ql), len(classes) - 1)
-    R = np.where(classes[at] == ql, counts[at], 0) - self_excluded
-    r_max = int(R.max())
-    # Exact: k covers the largest K and the largest R, so MAP@R never truncates a class.
-    k = min(max(max(ks), r_max), n_gallery)
+    above, ap, rp, R = _rank_counts(q, ql, g, gl, self_excluded, max(ks), device)
 
-    first_hit = np.empty(len(q), dtype=np.int64)  # rank of the first relevant neighbour, k if none in the top k
-    ap = np.zeros(len(q))
-    rp = np.zeros(len(q))
-    for s, e, _, ids in iter_exact_knn(q, g, k + self_excluded, device):  # ids: n x k(+1), best first
-        rel = gl[ids] == ql[s:e, None]  # n x k(+1): same label
-        if self_excluded:
-            rel = rel[_without_self(ids, np.arange(s, e))].reshape(e - s, k)  # n x k
-        first_hit[s:e] = np.where(rel.any(1), rel.argmax(1), k)
-        # Musgrave MAP@R: (1/R) sum_{i<=R} P(i) rel(i); R-precision: (relevant in top R) / R.
-        Rc = R[s:e]
-        relr = rel[:, :r_max] & (np.arange(r_max) < Rc[:, None])  # n x r_max, only the top R count
-        hits = np.cumsum(relr, axis=1)
-        denom = np.maximum(Rc, 1)
-        ap[s:e] = (hits / np.arange(1, r_max + 1) * relr).sum(1) / denom
-        rp[s:e] = hits[:, -1] / denom if r_max else 0.0
-
-    out = {f"recall@{K}": float((first_hit < K).mean()) for K in ks}
+    out = {f"recall@{K}": float((above < K).mean()) for K in ks}
     has_rel = R > 0
     out["map@r"] = float(ap[has_rel].mean()) if has_rel.any() else float("nan")
     out["r_precision"] = float(rp[has_rel].mean()) if has_rel.any() else float("nan")
@@ -149,6 +128,96 @@ def retrieval_metrics(
         out["nmi"] = nmi_score(q, ql)
     return out
 
+
+def _rank_counts(q: np.ndarray, ql: np.ndarray, g: np.ndarray, gl: np.ndarray, self_excluded: bool, kmax: int,
+                 device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """_score's (above, AP@R, R-precision) for normalised embeddings, plus R (relevant gallery items per query,
+    its own copy excluded)."""
+    order = np.argsort(gl, kind="stable")
+    classes, first, counts = np.unique(gl[order], return_index=True, return_counts=True)
+    at = np.minimum(np.searchsorted(classes, ql), len(classes) - 1)
+    known = classes[at] == ql
+    size = np.where(known, counts[at], 0)
+    R = size - self_excluded
+    return (*_score(q, g, self_excluded, order, np.where(known, first[at], 0), size, R, kmax, device), R)
+
+
+def _score(q: np.ndarray, g: np.ndarray, self_excluded: bool, order: np.ndarray,
+           first: np.ndarray, size: np.ndarray, R: np.ndarray, kmax: int, device: str | torch.device,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per query: the irrelevant gallery items at least as similar as its most similar relevant one (exact below
+    kmax, NEVER from kmax on and without a relevant item), its AP@R and its R-precision.
+
+    order sorts the gallery by label; a query's relevant items are order[first : first + size] (size 0: none),
+    itself among them when self_excluded; R counts them without itself. Ties count against the query: an
+    irrelevant item as similar as a relevant one ranks before it. Relevant item j (0-based, most similar first)
+    then ranks a_j + j + 1, with a_j the irrelevant items at least as similar; only a_0 (Recall@K) and the a_j
+    that place j in the top R (AP@R, R-precision) are needed exactly.
+    """
+    dev = torch.device(device)
+    N, D = g.shape
+    Ng = -(-N // GROUP)
+    Np = Ng * GROUP
+    gt = torch.zeros(Np, D, dtype=torch.float32, device=dev)  # padded to whole groups; pad columns set to -inf
+    gt[:N] = torch.from_numpy(g).to(dev)
+    order_t = torch.from_numpy(order).to(dev)
+    P = max(int(size.max()), 1)  # the largest relevant set (one -inf column where there is none)
+    n_max = max(1, min(len(q), (BLOCK_BYTES.get(dev.type) or BLOCK_BYTES["cuda"]) // (4 * Np)))
+    buf = torch.empty(n_max, Np, dtype=torch.float32, device=dev)
+    inf = float("-inf")
+    jj = torch.arange(P, device=dev)
+    a_all = np.empty((len(q), P), dtype=np.int64)
+    with torch.inference_mode():
+        for s in range(0, len(q), n_max):
+            e = min(s + n_max, len(q))
+            n = e - s
+            sim = torch.matmul(torch.from_numpy(q[s:e]).to(dev), gt.T, out=buf[:n])  # n x Np
+            sim[:, N:] = inf
+            rows = torch.arange(n, device=dev)
+            if self_excluded:
+                sim[rows, rows + s] = inf
+            # The relevant items' similarities, read from the block itself (the same rounding as the rest).
+            f = torch.from_numpy(first[s:e]).to(dev)
+            Rc = torch.from_numpy(R[s:e]).to(dev)
+            cols = order_t[(f[:, None] + jj).clamp(max=N - 1)]
+            valid = jj < torch.from_numpy(size[s:e]).to(dev)[:, None]
+            th = sim.gather(1, cols).masked_fill_(~valid, inf).sort(1).values  # n x P ascending; self is -inf
+            # Relevant j (descending order) has threshold th[:, P-1-j]; an item v is >= it iff k(v) >= P - j,
+            # where k(v) = thresholds <= v. ge(x) turns the k of many items into counts per j.
+            def ge(row, k):  # noqa: E306
+                hist = torch.bincount(row * (P + 1) + k, minlength=n * (P + 1)).view(n, P + 1)
+                return hist.flip(1).cumsum(1)[:, :P]  # n x P: column j counts k >= P - j
+            rel_ge = ge(rows.repeat_interleave(P), torch.searchsorted(th, th, right=True).reshape(-1))
+            blocks = sim.view(n, Ng, GROUP)
+            gmax = blocks.amax(2)  # n x Ng
+            kg = torch.searchsorted(th, gmax, right=True)
+            groups_ge = ge(rows.repeat_interleave(Ng), kg.reshape(-1))
+            # Each relevant item >= th_j fills at most one group: the rest hold an irrelevant item >= th_j.
+            surely = groups_ge - rel_ge
+            cap = (Rc[:, None] - jj - 1).clamp(min=-1)  # a_j beyond cap: j is not in the top R
+            cap[:, 0] = torch.maximum(cap[:, 0], torch.full_like(cap[:, 0], kmax - 1))
+            pending = (surely <= cap) & (jj < Rc[:, None])
+            deepest = torch.where(pending, jj, -1).amax(1)  # n: open every group reaching its threshold
+            a = torch.full((n, P), NEVER, dtype=torch.int64, device=dev)
+            todo = (deepest >= 0).nonzero()[:, 0]
+            if len(todo):
+                low = th[todo, P - 1 - deepest[todo]]
+                i, gi = (gmax[todo] >= low[:, None]).nonzero().unbind(1)  # the groups to open
+                vals = blocks[todo[i], gi]  # opened x GROUP
+                k = torch.searchsorted(th[todo[i]], vals, right=True)
+                sub = torch.zeros(n, P, dtype=torch.int64, device=dev)
+                sub[todo] = ge(todo[i].repeat_interleave(GROUP), k.reshape(-1))[todo] - rel_ge[todo]
+                a = torch.where(pending, sub, a)
+            a_all[s:e] = a.cpu().numpy()
+    # Recall: a_0; AP@R and R-precision from the relevant items that rank within the top R.
+    above = np.where(R > 0, a_all[:, 0], NEVER)
+    j = np.arange(P)
+    pos = a_all + j + 1
+    inside = (pos <= R[:, None]) & (j < R[:, None])
+    denom = np.maximum(R, 1)
+    ap = (np.where(inside, (j + 1) / np.where(inside, pos, 1), 0.0)).sum(1) / denom
+    rp = inside.sum(1) / denom
+    return above, ap, rp
 
 def nmi_score(emb: np.ndarray, labels: np.ndarray, seed: int = NMI_SEED) -> float:
     """NMI between the labels and a seeded k-means clustering (C = number of classes) of the embeddings."""

@@ -1,6 +1,7 @@
 """Exact k-nearest-neighbour search by inner product (cosine on L2-normalised embeddings), on CPU or GPU.
 
-One function for every exact search of the project (evaluation, `pipeline.search`, the benchmarks):
+One function for the exact neighbour lists of the project (`pipeline.search`, the embedding store, the benchmarks;
+evaluation needs no lists and counts instead, xbmcore/evaluate.py):
 
     sims, ids = exact_knn(queries, gallery, k)               # n x k float32 (best first), n x k int64
     for start, end, sims, ids in iter_exact_knn(q, g, k):    # the same in query chunks of bounded memory

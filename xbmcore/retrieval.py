@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from xbmcore.evaluate import _as_embeddings, _without_self
+from xbmcore.evaluate import _as_embeddings, _rank_counts
 from xbmcore.knn import exact_knn
 
-# Rows of one similarity block in first_relevant_rank: 1,024 x 60,000 float32 is 240 MB.
-_RANK_ROWS = 1024
+
+def _without_self(ids: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
+    """Mask (n x (k+1) -> True = keep) removing each query's own id from its k+1 neighbours: by id, not position,
+    since exact duplicates may tie with it; where it is absent (more than k duplicates) the last one goes."""
+    is_self = ids == self_ids[:, None]
+    drop = np.where(is_self.any(1), is_self.argmax(1), ids.shape[1] - 1)
+    keep = np.ones(ids.shape, dtype=bool)
+    keep[np.arange(len(ids)), drop] = False
+    return keep
 
 
 def _pair(query, query_labels, gallery, gallery_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -58,24 +65,14 @@ def nearest(query: np.ndarray, gallery: np.ndarray, k: int,
 def first_relevant_rank(query, query_labels, gallery=None, gallery_labels=None) -> np.ndarray:
     """1-based rank of each query's first same-label gallery item in its full ranking; 0 when it has none.
 
-    The worst queries are those with the largest rank. Rank = 1 + the number of candidates strictly more similar
-    than the most similar relevant one, so a tie counts in the query's favour. Exact, in blocks of queries.
+    The worst queries are those with the largest rank. Rank = 1 + the number of irrelevant candidates at least as
+    similar as the most similar relevant one: a tie counts against the query, as in Recall@K
+    (xbmcore.evaluate, whose exact counting pass this is, uncapped).
     """
     self_excluded = gallery is None
     q, ql, g, gl = _pair(query, query_labels, gallery, gallery_labels)
-    ranks = np.zeros(len(q), dtype=np.int64)
-    for s in range(0, len(q), _RANK_ROWS):
-        e = min(s + _RANK_ROWS, len(q))
-        sim = q[s:e] @ g.T  # n x N
-        if self_excluded:
-            sim[np.arange(e - s), np.arange(s, e)] = -np.inf
-        rel = gl[None, :] == ql[s:e, None]
-        if self_excluded:
-            rel[np.arange(e - s), np.arange(s, e)] = False
-        best = np.where(rel, sim, -np.inf).max(1)  # n: most similar relevant item
-        has = rel.any(1)
-        ranks[s:e] = np.where(has, (sim > best[:, None]).sum(1) + 1, 0)
-    return ranks
+    above, _, _, R = _rank_counts(q, ql, g, gl, self_excluded, kmax=len(g))
+    return np.where(R > 0, above + 1, 0)
 
 
 def worst_first(ranks: np.ndarray) -> np.ndarray:

@@ -7,7 +7,6 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 import xbmcore.evaluate as ev
-import xbmcore.knn as knn
 from xbmcore.evaluate import compute_embeddings, evaluate_model, retrieval_metrics
 
 torch.set_num_threads(1)
@@ -15,7 +14,8 @@ KS = (1, 2, 5, 50)
 
 
 def reference(q, ql, g=None, gl=None, ks=KS):
-    """Plain-loop float64 Recall@K, MAP@R (Musgrave et al.) and R-precision on cosine similarity."""
+    """Plain-loop float64 Recall@K, MAP@R (Musgrave et al.) and R-precision on cosine similarity; among equal
+    similarities the irrelevant items rank first (ties count against the query)."""
     self_excluded = g is None
     if self_excluded:
         g, gl = q, ql
@@ -30,7 +30,7 @@ def reference(q, ql, g=None, gl=None, ks=KS):
                 continue
             cos = sum(q[i, d] * g[j, d] for d in range(q.shape[1])) / np.sqrt(q[i] @ q[i]) / np.sqrt(g[j] @ g[j])
             cands.append((cos, gl[j] == ql[i]))
-        cands.sort(key=lambda c: -c[0])
+        cands.sort(key=lambda c: (-c[0], c[1]))
         rel = [r for _, r in cands]
         for k in ks:
             hits[k] += any(rel[:k])
@@ -88,41 +88,55 @@ def test_query_without_relevant_items_is_a_miss_and_skipped_by_map():
     assert got["map@r"] == pytest.approx(0.5) and got["r_precision"] == pytest.approx(0.5)
 
 
-def test_chunked_search_gives_the_same_result(monkeypatch):
+@pytest.mark.parametrize("group, block_bytes", [(1, 1), (3, 7 * 64 * 4), (4, 1 << 20), (64, 1)])
+def test_groups_and_chunks_give_the_reference(monkeypatch, group, block_bytes):
+    """Every group size (1: each item its own group, so the group counts are exact and nothing is opened) and
+    chunk size (1 query, 7 queries: offsets of the self ids matter) gives the float64 reference."""
     rng = np.random.default_rng(3)
     x, y = random_set(rng, 50, classes=5)
-    want = retrieval_metrics(x, y, recall_at=KS, nmi=False)
-    monkeypatch.setattr(knn, "FAISS_QUERY_BLOCK", 7)
-    monkeypatch.setattr(knn, "RESULT_BYTES", 1)  # chunks of 7 queries: offsets of the self ids matter
-    assert retrieval_metrics(x, y, recall_at=KS, nmi=False) == want
+    monkeypatch.setattr(ev, "GROUP", group)
+    monkeypatch.setattr(ev, "BLOCK_BYTES", {"cpu": block_bytes})
+    assert_metrics(retrieval_metrics(x, y, recall_at=KS, nmi=False), reference(x, y))
 
 
-def test_torch_search_gives_the_same_result(monkeypatch):
-    """The GPU path (torch matmul + topk), run on the CPU in chunks of 7 queries."""
-    rng = np.random.default_rng(4)
-    x, y = random_set(rng, 60, classes=6)
-    want = retrieval_metrics(x, y, recall_at=KS, nmi=False)
-    monkeypatch.setattr(knn, "TORCH_SIM_BYTES", 7 * 60 * 4)
-    monkeypatch.setattr(knn, "_faiss", lambda: None)  # as where faiss is not installed
-    assert retrieval_metrics(x, y, recall_at=KS, nmi=False) == pytest.approx(want, abs=1e-12)
+def test_deep_ranks_open_only_the_groups_needed():
+    """400 items in 8-d, 40 classes, K up to 100: most queries decide Recall@1 from the group maxima alone, some
+    queries rank beyond K = 100 (decided without counting), and MAP@R opens the groups above each relevant item."""
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((40, 8))
+    y = rng.integers(0, 40, size=400)
+    x = (centres[y] + 0.9 * rng.standard_normal((400, 8))).astype(np.float32)
+    ks = (1, 10, 100)
+    got = retrieval_metrics(x, y, recall_at=ks, nmi=False)
+    assert_metrics(got, reference(x, y, ks=ks))
+    assert 0.3 < got["recall@1"] < got["recall@100"] < 1.0  # neither trivial nor saturated
+
+
+def test_exact_duplicates_rank_irrelevant_first():
+    """A dedup-like set: 80 items drawn from 12 distinct vectors, so many similarities are exactly equal; ties
+    count against the query, in Recall@K and in MAP@R alike."""
+    rng = np.random.default_rng(8)
+    distinct = rng.integers(-2, 3, size=(12, 4)).astype(np.float32)
+    distinct[np.abs(distinct).sum(1) == 0] = 1
+    x = distinct[rng.integers(0, 12, size=80)]
+    y = rng.integers(0, 6, size=80)
+    for g in (1, 4, 64):
+        ev.GROUP, before = g, ev.GROUP
+        try:
+            assert_metrics(retrieval_metrics(x, y, recall_at=(1, 5, 20), nmi=False), reference(x, y, ks=(1, 5, 20)))
+        finally:
+            ev.GROUP = before
 
 
 def test_self_is_dropped_by_index_not_position():
-    # Rows 0 and 1 are identical with different labels: whichever order faiss returns that tie in, each one's
-    # nearest other item is the other one (a miss). Dropping the first neighbour instead of the query's own id
-    # would leave one of them with itself (a hit).
+    # Rows 0 and 1 are identical with different labels: each one's nearest other item is the other one (a miss).
+    # Excluding the first neighbour instead of the query's own id would leave one of them with itself (a hit).
     x = np.array([[1, 0, 0], [1, 0, 0], [1, .5, 0], [1, .55, 0], [1, 0, .6], [1, 0, .65]], dtype=np.float32)
     y = np.array([0, 1, 0, 0, 1, 1])
     got = retrieval_metrics(x, y, recall_at=(1, 2, 4), nmi=False)
     # row 0: 1 (miss), 2 (hit); row 1: 0, 2, 3 (misses), 4 (hit); rows 2-5 hit their twin first.
     assert (got["recall@1"], got["recall@2"], got["recall@4"]) == pytest.approx((4 / 6, 5 / 6, 1.0))
     assert_metrics(got, reference(x, y, ks=(1, 2, 4)))
-
-
-def test_self_removed_by_id_or_else_the_last():
-    ids = np.array([[5, 3, 0], [1, 2, 3], [4, 7, 8]])
-    keep = ev._without_self(ids, np.array([0, 2, 9]))
-    np.testing.assert_array_equal(ids[keep].reshape(3, 2), [[5, 3], [1, 3], [4, 7]])
 
 
 def test_k_beyond_gallery_and_unnormalised_input():

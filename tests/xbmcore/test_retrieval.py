@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from xbmcore.figures import BACKGROUND, OTHER, QUERY, SAME, draw_retrieval
+from xbmcore import retrieval
 from xbmcore.retrieval import first_relevant_rank, nearest, sample_queries, worst_first
 
 
@@ -28,12 +29,25 @@ def _brute_rank(q, ql, g, gl, self_excluded):
     ranks = []
     for i in range(len(q)):
         sim = g.astype(np.float64) @ q[i].astype(np.float64)
-        order = list(np.argsort(-sim, kind="stable"))
+        order = list(np.lexsort((gl == ql[i], -sim)))  # among equal similarities the irrelevant first
         if self_excluded:
             order.remove(i)
         hits = [r for r, j in enumerate(order, 1) if gl[j] == ql[i]]
         ranks.append(hits[0] if hits else 0)
     return np.array(ranks)
+
+
+def test_self_removed_by_id_or_else_the_last():
+    ids = np.array([[5, 3, 0], [1, 2, 3], [4, 7, 8]])
+    keep = retrieval._without_self(ids, np.array([0, 2, 9]))
+    np.testing.assert_array_equal(ids[keep].reshape(3, 2), [[5, 3], [1, 3], [4, 7]])
+
+
+def test_first_relevant_rank_counts_ties_against_the_query():
+    # Rows 0 and 1 are identical, label 0 and 1; row 2 is another copy of them with label 1, row 3 is far.
+    x = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], dtype=np.float32)
+    # Row 1: its copy row 2 is relevant, but the irrelevant row 0 ties with it and ranks first.
+    np.testing.assert_array_equal(first_relevant_rank(x, np.array([0, 1, 1, 0])), [3, 2, 2, 3])
 
 
 def test_nearest_matches_brute_force_with_and_without_self():
