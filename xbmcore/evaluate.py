@@ -166,7 +166,9 @@ def _score(q: np.ndarray, g: np.ndarray, self_excluded: bool, order: np.ndarray,
     buf = torch.empty(n_max, Np, dtype=torch.float32, device=dev)
     inf = float("-inf")
     jj = torch.arange(P, device=dev)
-    a_all = np.empty((len(q), P), dtype=np.int64)
+    j1 = np.arange(1, P + 1)
+    above = np.empty(len(q), dtype=np.int64)
+    ap, rp = np.zeros(len(q)), np.zeros(len(q))
     with torch.inference_mode():
         for s in range(0, len(q), n_max):
             e = min(s + n_max, len(q))
@@ -183,15 +185,11 @@ def _score(q: np.ndarray, g: np.ndarray, self_excluded: bool, order: np.ndarray,
             valid = jj < torch.from_numpy(size[s:e]).to(dev)[:, None]
             th = sim.gather(1, cols).masked_fill_(~valid, inf).sort(1).values  # n x P ascending; self is -inf
             # Relevant j (descending order) has threshold th[:, P-1-j]; an item v is >= it iff k(v) >= P - j,
-            # where k(v) = thresholds <= v. ge(x) turns the k of many items into counts per j.
-            def ge(row, k):  # noqa: E306
-                hist = torch.bincount(row * (P + 1) + k, minlength=n * (P + 1)).view(n, P + 1)
-                return hist.flip(1).cumsum(1)[:, :P]  # n x P: column j counts k >= P - j
-            rel_ge = ge(rows.repeat_interleave(P), torch.searchsorted(th, th, right=True).reshape(-1))
+            # where k(v) = thresholds <= v (searchsorted).
+            rel_ge = _count_ge(rows.repeat_interleave(P), torch.searchsorted(th, th, right=True), n, P)
             blocks = sim.view(n, Ng, GROUP)
             gmax = blocks.amax(2)  # n x Ng
-            kg = torch.searchsorted(th, gmax, right=True)
-            groups_ge = ge(rows.repeat_interleave(Ng), kg.reshape(-1))
+            groups_ge = _count_ge(rows.repeat_interleave(Ng), torch.searchsorted(th, gmax, right=True), n, P)
             # Each relevant item >= th_j fills at most one group: the rest hold an irrelevant item >= th_j.
             surely = groups_ge - rel_ge
             cap = (Rc[:, None] - jj - 1).clamp(min=-1)  # a_j beyond cap: j is not in the top R
@@ -206,18 +204,25 @@ def _score(q: np.ndarray, g: np.ndarray, self_excluded: bool, order: np.ndarray,
                 vals = blocks[todo[i], gi]  # opened x GROUP
                 k = torch.searchsorted(th[todo[i]], vals, right=True)
                 sub = torch.zeros(n, P, dtype=torch.int64, device=dev)
-                sub[todo] = ge(todo[i].repeat_interleave(GROUP), k.reshape(-1))[todo] - rel_ge[todo]
+                sub[todo] = _count_ge(todo[i].repeat_interleave(GROUP), k, n, P)[todo] - rel_ge[todo]
                 a = torch.where(pending, sub, a)
-            a_all[s:e] = a.cpu().numpy()
-    # Recall: a_0; AP@R and R-precision from the relevant items that rank within the top R.
-    above = np.where(R > 0, a_all[:, 0], NEVER)
-    j = np.arange(P)
-    pos = a_all + j + 1
-    inside = (pos <= R[:, None]) & (j < R[:, None])
-    denom = np.maximum(R, 1)
-    ap = (np.where(inside, (j + 1) / np.where(inside, pos, 1), 0.0)).sum(1) / denom
-    rp = inside.sum(1) / denom
+            # Recall: a_0; AP@R and R-precision from the relevant items that rank within the top R.
+            a = a.cpu().numpy()
+            Rn = R[s:e, None]
+            above[s:e] = np.where(Rn[:, 0] > 0, a[:, 0], NEVER)
+            pos = a + j1  # the rank of relevant j
+            inside = (pos <= Rn) & (j1 <= Rn)
+            denom = np.maximum(Rn[:, 0], 1)
+            ap[s:e] = np.where(inside, j1 / np.where(inside, pos, 1), 0.0).sum(1) / denom
+            rp[s:e] = inside.sum(1) / denom
     return above, ap, rp
+
+
+def _count_ge(row: torch.Tensor, k: torch.Tensor, n: int, P: int) -> torch.Tensor:
+    """n x P: column j counts the items (row[i], k[i]) of each row with k >= P - j, i.e. at least as similar as
+    the row's j-th relevant item."""
+    hist = torch.bincount(row * (P + 1) + k.reshape(-1), minlength=n * (P + 1)).view(n, P + 1)
+    return hist.flip(1).cumsum(1)[:, :P]
 
 def nmi_score(emb: np.ndarray, labels: np.ndarray, seed: int = NMI_SEED) -> float:
     """NMI between the labels and a seeded k-means clustering (C = number of classes) of the embeddings."""
