@@ -1,9 +1,9 @@
 """The XBM paper's figures on the embedded benchmark (Wang et al., CVPR 2020, Fig. 1 and Fig. 3).
 
-    python -m bench.paper_figures                          # all figures, params.yaml as the base
-    python -m bench.paper_figures --only fig1a --seeds 0 1 2 --jobs 2
+    python -m bench.paper_figures --jobs 2                 # all figures, params.yaml as the base, seeds 0 1 2
+    python -m bench.paper_figures --only fig1a --batches 16 32 --xbm-steps 3000   # a longer XBM phase, dashed
     python -m bench.paper_figures --lock /path/heavy.lock  # each training phase under an exclusive file lock
-    python -m bench.paper_figures --plot                   # only redraw the PNGs from the results CSV
+    python -m bench.paper_figures --plot --markdown        # only redraw the PNGs and print the README's tables
 
 Figures:
   fig1a   test Recall@1 against the batch size (--batches, P x 4 images per class) with and without XBM, the
@@ -162,7 +162,10 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     base = _run_params(args, group["warm"])
     splits = open_splits(prepare_dataset(base.data, out, progress=False), base.data)
-    warm_path = out / "warm" / f"{training_digest(base, 'warmup')}.pt"
+    # A fixed warm-up's digest leaves out the probe (it does not change the training), but a probed group needs
+    # the warm-up's probe history in its checkpoint: it must not share a warm-up trained without the probe.
+    probed = "-probed" if group.get("drift") else ""
+    warm_path = out / "warm" / f"{training_digest(base, 'warmup')}{probed}.pt"
     if not warm_path.is_file():
         with _locked(args.lock):
             seed_everything(base.train.seed)
@@ -272,6 +275,7 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
             if s:
                 errorbars(ax, s, name, linestyle="none", alpha=0.7)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(args.batches), [str(b) for b in sorted(args.batches)])
         ax.set_xlabel("batch size (4 images per class)")
         ax.set_ylabel("test Recall@1")
         ax.set_title(f"Fig. 1a: Recall@1 vs batch size ({args.warmup_steps} + {args.xbm_steps} steps)")
@@ -334,20 +338,77 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
     return written
 
 
+def markdown(args, rows: list[dict[str, str]]) -> str:
+    """The README's tables from the results CSV: Fig. 1a (R@1 per batch with and without XBM, the paired gain per
+    seed), Fig. 1b (R@1 per memory ratio at the smallest batch) and auto against the fixed warm-up."""
+    def cell(vals: list[float]) -> str:
+        if not vals:
+            return ""
+        sd = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
+        return f"{statistics.fmean(vals):.4f}{sd}"
+
+    def by_seed(rs) -> dict[int, float]:
+        return {int(r["seed"]): float(r["recall@1"]) for r in rs}
+
+    out = []
+    sched = [r for r in rows if r["warmup"] == str(args.warmup_steps) and r["figure"] in ("fig1a", "fig1b")]
+    for xbm in sorted({int(r["xbm_steps"]) for r in sched if r["figure"] == "fig1a"}):
+        fig1 = [r for r in sched if r["figure"] == "fig1a" and r["xbm_steps"] == str(xbm)]
+        out += [f"Fig. 1a, {args.warmup_steps} + {xbm} steps: test Recall@1, mean ± std over seeds",
+                "", "| batch (P x 4) | seeds | without XBM | with XBM | paired gain (points), per seed |",
+                "|---|---|---|---|---|"]
+        for norm in ("batch", "group"):
+            for b in sorted({int(r["batch"]) for r in fig1 if r["norm"] == norm}):
+                pick = [r for r in fig1 if r["norm"] == norm and int(r["batch"]) == b]
+                off = by_seed(r for r in pick if r["memory"] == "False")
+                on = by_seed(r for r in pick if r["memory"] == "True")
+                both = sorted(set(off) & set(on))
+                gains = [100 * (on[k] - off[k]) for k in both]
+                g = (f"{statistics.fmean(gains):+.1f} ({' / '.join(f'{v:+.1f}' for v in gains)})" if gains else "")
+                name = f"{b}" if norm == "batch" else f"{b}, GroupNorm"
+                out.append(f"| {name} | {' '.join(map(str, sorted(set(off) | set(on))))} | "
+                           f"{cell(list(off.values()))} | {cell(list(on.values()))} | {g} |")
+        out.append("")
+    b0 = min(args.batches)
+    small = [r for r in sched if r["norm"] == "batch" and int(r["batch"]) == b0
+             and r["xbm_steps"] == str(args.xbm_steps)]
+    if any(r["figure"] == "fig1b" for r in small):
+        out += [f"Fig. 1b, batch {b0}, {args.warmup_steps} + {args.xbm_steps} steps: test Recall@1 per memory ratio",
+                "", "| memory ratio | seeds | test R@1 |", "|---|---|---|"]
+        ratios = sorted({float(r["ratio"]) for r in small})
+        for ratio in ratios:
+            rs = by_seed(r for r in small if float(r["ratio"]) == ratio)
+            name = "0 (no memory)" if ratio == 0 else f"{ratio:g}"
+            out.append(f"| {name} | {' '.join(map(str, sorted(rs)))} | {cell(list(rs.values()))} |")
+        out.append("")
+    auto = by_seed(r for r in rows if r["figure"] == "auto")
+    if auto:
+        ends = {int(r["seed"]): r["warmup_end"] for r in rows if r["figure"] == "auto"}
+        fixed = by_seed(r for r in rows if r["figure"] == "drift" and r["memory"] == "True")
+        out += ["`train.warmup_steps: auto` against the fixed warm-up (XBM, the default schedule otherwise)",
+                "", "| seed | auto: warm-up end | auto: test R@1 | fixed: test R@1 |", "|---|---|---|---|"]
+        for k in sorted(auto):
+            out.append(f"| {k} | {ends[k]} | {auto[k]:.4f} | {fixed[k]:.4f} |" if k in fixed else
+                       f"| {k} | {ends[k]} | {auto[k]:.4f} | |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.paper_figures", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--only", nargs="+", default=["fig1a", "fig1b", "drift"],
+    ap.add_argument("--only", nargs="+", default=["fig1a", "fig1b", "drift", "auto"],
                     choices=["fig1a", "fig1b", "drift", "auto"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--drift-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--drift-baseline", action="store_true", help="also probe the run without memory")
     ap.add_argument("--seeds-auto", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
-    # 300 + 400 steps at five batch sizes: ~8 CPU-minutes per seed on this 2-core machine (batch 256 is half).
-    ap.add_argument("--warmup-steps", type=int, default=300, help="fig1a/b warm-up steps at every batch size")
+    # The default schedule's warm-up (1,000 steps), then 400: ~40 CPU-minutes per seed on this 2-core machine,
+    # half of it at batch 256.
+    ap.add_argument("--warmup-steps", type=int, default=1000, help="fig1a/b warm-up steps at every batch size")
     ap.add_argument("--xbm-steps", type=int, default=400, help="fig1a/b steps after the warm-up")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (groups sharing a warm-up run in one)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -355,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "paper_figures"))
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--plot", action="store_true", help="only draw the figures from the results CSV")
+    ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (to stderr)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                "warmup_steps": args.warmup_steps, "xbm_steps": args.xbm_steps, **summarise(rows),
                "figures": plot(args, rows)}
     print(json.dumps(summary, indent=2))
+    if args.markdown:
+        print(markdown(args, rows), file=sys.stderr)
     return 0
 
 
