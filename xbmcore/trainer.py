@@ -29,6 +29,7 @@ every rank's memory is bit-identical. Rank 0 alone writes checkpoints and events
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -251,7 +252,9 @@ class TrainState:
             raise ValueError(f"the state was saved by {len(state['rng'])} process(es), this run has "
                              f"{self.dist.world}: set train.nproc to {len(state['rng'])}, or run its stage again")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # torch keeps the given moment tensors (no copy when dtype and device match) and then updates them in
+        # place: a copy leaves `state` as it was, so one state can start several runs.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][self.dist.rank])

@@ -432,3 +432,18 @@ def test_a_checkpoint_of_another_nproc_is_refused_with_what_to_do(tmp_path):
     other, _ = make(params())
     with pytest.raises(ValueError, match=r"of 2 process\(es\), this run has 1.*-S train.nproc=2.*delete"):
         other.train_phase("warmup", 5, checkpoint_dir=tmp_path)
+
+
+def test_one_state_starts_several_runs_alike():
+    """Loading a state must not alias it: two runs from one in-memory warm-up state train identically (torch's
+    optimizer would otherwise update the state's Adam moments in place during the first run)."""
+    first, _ = make(params())
+    first.train_phase("warmup", 4)
+    warm = first.state_dict()
+    runs = []
+    for _ in range(2):
+        trainer, _ = make(params())
+        trainer.load_state_dict(warm)
+        trainer.train_phase("xbm", 3, trainer.init_memory())
+        runs.append([p.detach().clone() for p in trainer.model.state_dict().values()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
