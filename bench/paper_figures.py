@@ -179,7 +179,8 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
             t0 = time.time()
             seed_everything(p.train.seed)
             trainer = Trainer(p, build_model(p.model), splits, _NullSink())
-            trainer.load_state_dict(load_checkpoint(warm_path))  # each run from the warm-up's own bytes
+            warm = load_checkpoint(warm_path)  # each run from the warm-up's own bytes
+            trainer.load_state_dict(warm)
             memory = trainer.init_memory() if p.memory.enabled else None
             trainer.train_phase("xbm" if memory is not None else "baseline", p.train.xbm_steps, memory)
             m = trainer.evaluate("test")

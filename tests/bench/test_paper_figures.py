@@ -41,3 +41,20 @@ def test_runs_rows_resume_and_figures(tmp_path, capsys):
     before = (out / "results.csv").read_bytes()
     assert paper_figures.main(argv) == 0
     assert (out / "results.csv").read_bytes() == before
+
+
+def test_markdown_tables_come_from_the_csv(tmp_path, capsys):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    argv = ["--out", str(out), "--docs", str(docs), "--batches", "8", "--seeds", "0", "1", "--ratios", "0.5", "1.0",
+            "--warmup-steps", "3", "--xbm-steps", "3", "--only", "fig1a", "fig1b", *TINY]
+    assert paper_figures.main(argv) == 0
+    capsys.readouterr()
+    assert paper_figures.main([*argv, "--plot", "--markdown"]) == 0
+    md = capsys.readouterr().err
+    got = {(r["figure"], r["norm"], r["memory"], r["ratio"], r["seed"]): float(r["recall@1"]) for r in rows(out)}
+    off = [got[("fig1a", "batch", "False", "0.0", s)] for s in "01"]
+    on = [got[("fig1a", "batch", "True", "1.0", s)] for s in "01"]
+    gains = " / ".join(f"{100 * (b - a):+.1f}" for a, b in zip(off, on))
+    line = next(x for x in md.splitlines() if x.startswith("| 8 |"))
+    assert f"{sum(off) / 2:.4f}" in line and f"{sum(on) / 2:.4f}" in line and gains in line
+    assert "| 0.5 | 0 1 |" in md and "Fig. 1b, batch 8" in md
