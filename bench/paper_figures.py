@@ -249,6 +249,17 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
     docs.mkdir(parents=True, exist_ok=True)
     written = []
 
+    def save(fig, ax, name: str, xlabel: str, title: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test Recall@1")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+
     def errorbars(ax, series, label, **kw):
         xs = list(series)
         means = [statistics.fmean(v) for v in series.values()]
@@ -276,15 +287,8 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
                 errorbars(ax, s, name, linestyle="none", alpha=0.7)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(args.batches), [str(b) for b in sorted(args.batches)])
-        ax.set_xlabel("batch size (4 images per class)")
-        ax.set_ylabel("test Recall@1")
-        ax.set_title(f"Fig. 1a: Recall@1 vs batch size ({args.warmup_steps} + {args.xbm_steps} steps)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(docs / "paper_fig1a_batch.png", dpi=120)
-        plt.close(fig)
-        written.append("paper_fig1a_batch.png")
+        save(fig, ax, "paper_fig1a_batch.png", "batch size (4 images per class)",
+             f"Fig. 1a: Recall@1 vs batch size ({args.warmup_steps} + {args.xbm_steps} steps)")
     b0 = min(args.batches)
     small = [r for r in sched if r["figure"] in ("fig1a", "fig1b") and r["norm"] == "batch" and int(r["batch"]) == b0
              and r["xbm_steps"] == str(args.xbm_steps)]
@@ -300,15 +304,8 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
             ax.axhline(statistics.fmean(big[bmax]), color="black", linestyle=":",
                        label=f"without XBM, batch {int(bmax)}")
         ax.set_xscale("log")
-        ax.set_xlabel("memory ratio (K / train-set size)")
-        ax.set_ylabel("test Recall@1")
-        ax.set_title(f"Fig. 1b: Recall@1 vs memory ratio, batch {b0}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(docs / "paper_fig1b_ratio.png", dpi=120)
-        plt.close(fig)
-        written.append("paper_fig1b_ratio.png")
+        save(fig, ax, "paper_fig1b_ratio.png", "memory ratio (K / train-set size)",
+             f"Fig. 1b: Recall@1 vs memory ratio, batch {b0}")
     drift = [r for r in rows if r["figure"] == "drift"]
     drift = [r for r in drift if r["seed"] == min(r["seed"] for r in drift)]  # one seed's curves
     if drift:
