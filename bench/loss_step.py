@@ -4,7 +4,7 @@
     python -m bench.loss_step --device cuda         # bfloat16 autocast on a GPU (--device auto: cuda if any)
     python -m bench.loss_step --iters 30 --threads 2
 
-One step = XBMObjective(ContrastiveLoss) forward (batch + memory) + backward + enqueue. The floor is the two
+One step = enqueue + XBMObjective(ContrastiveLoss) forward (batch + memory) + backward. The floor is the two
 B x K x D matrix products no implementation can avoid: sim = emb @ memory^T forward and
 grad_emb = dL/dsim @ memory backward (the memory needs no gradient), timed in both layouts (B x K and
 K x B); the faster counts. The peer is pytorch-metric-learning's
@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     def ours() -> None:
         step[0] += 1
         emb.grad = None
+        memory.enqueue(emb.detach(), x["labels"], x["indices"], step[0])  # first, as Algorithm 1 (and pml)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = objective(emb, x["labels"], x["indices"], memory)
         out["loss"].backward()
-        memory.enqueue(emb.detach(), x["labels"], x["indices"], step[0])
 
     mem_feats = memory.get()[0]
     if not use_amp:  # without autocast a bfloat16 memory is upcast by the loss; the floor gets it upcast for free

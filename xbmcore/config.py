@@ -107,6 +107,9 @@ class MemoryParams(_Section):
     size: int | None = Field(None, ge=1)
     weight: float = Field(1.0, ge=0.0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # before: Alg. 1, the batch joins the memory before the loss pairs it with the memory; after: the batch joins
+    # it for the next steps only (kept for the comparison).
+    enqueue: Literal["before", "after"] = "before"
 
 
 class TrainParams(_Section):

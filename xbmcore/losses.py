@@ -232,7 +232,8 @@ class XBMObjective(nn.Module):
     """The XBM objective: L(batch, batch) + weight * L(batch, memory).
 
     The memory part pairs each anchor with every stored entry except its own stored copies (matched by
-    dataset index). It does not enqueue: the trainer enqueues after the loss, as in the paper.
+    dataset index). It does not enqueue: the caller enqueues the batch's detached embeddings first, so that the
+    memory already holds the batch (Alg. 1 of the paper; the trainer's `memory.enqueue: before`).
     With several ranks, `emb` holds this rank's anchors, `batch` the (ref_emb, ref_labels, ref_indices) of the
     whole global batch (gathered in rank order) and `count` sums a count over ranks (see PairLoss).
     """

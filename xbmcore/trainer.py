@@ -2,8 +2,10 @@
 
     warm-up      train f with L(batch, batch) only; embeddings drift fast early on, so no memory yet
     memory init  M <- f(random `memory.ratio` of the train set), with the warmed-up f
-    xbm          L = L(batch, batch) + w * L(batch, M); backward; enqueue the batch (the embeddings the loss
-                 used, after the loss, so an anchor is never compared with its own fresh copy); optimiser step
+    xbm          enqueue the batch's detached embeddings into M; L = L(batch, batch) + w * L(batch, M), so M
+                 already holds the batch (Alg. 1, as the official code) and each anchor meets the other images of
+                 its batch there too, its own stored copies excluded by dataset index; backward; optimiser step.
+                 `memory.enqueue: after` enqueues after the loss instead, for the comparison
     baseline     the xbm schedule without memory (`memory.enabled: false`), for a like-for-like comparison
 
 The pieces: `TrainState` holds everything that decides the continuation (model, optimiser, scheduler, scaler,
@@ -649,12 +651,17 @@ class Trainer:
         """One optimiser step. Its scalars join the pending records (read by `flush`, every log_every steps)."""
         s, memory, d = self.state, self.state.memory, self.dist
         imgs, labels, idx = self.to_device(batch)  # this rank's b = batch_size images
+        before = memory is not None and self.params.memory.enqueue == "before"
         with self.autocast():
             emb = self.net(imgs)  # b x D, unit norm
+            # The global batch, B = nproc x b, in rank order; the embeddings keep their gradient.
+            batch = (emb, labels, idx) if not d.active else \
+                (d.gather(emb, differentiable=True), d.gather(labels), d.gather(idx))
+            if before:  # Alg. 1: M holds this batch (detached) when the anchors meet it
+                self._enqueue(memory, batch)
             if not d.active:
                 out = self.objective(emb, labels, idx, memory)
-            else:  # the global batch, B = nproc x b, in rank order; the embeddings keep their gradient
-                batch = (d.gather(emb, differentiable=True), d.gather(labels), d.gather(idx))
+            else:
                 out = self.objective(emb, labels, idx, memory, batch=batch, count=d.sum)
         loss = out["loss"] if not d.active else out["loss"] * d.world  # DDP averages: undo its 1/world
         self.optimizer.zero_grad(set_to_none=True)
@@ -664,10 +671,8 @@ class Trainer:
             flag = torch.tensor(float(self.stop_signal is not None), dtype=torch.float64, device=loss.device)
             parts = list(d.sum(torch.stack([*parts, flag])))
         if memory is not None:
-            # The batch joins the memory for the NEXT steps (Alg. 1): the embeddings the loss used, stored before
-            # the optimiser step changes the weights. Every rank enqueues the same global batch in rank order.
-            feats, mem_labels, mem_idx = (emb, labels, idx) if not d.active else batch
-            memory.enqueue(feats.detach().float(), mem_labels, mem_idx, step=s.step + 1, check_range=False)
+            if not before:  # memory.enqueue: after, for comparison: the batch joins M for the next steps only
+                self._enqueue(memory, batch)
             parts += list(memory.drift_last)  # sum ||new - old||^2, sum of ages, count: the same on every rank
         now = time.perf_counter()
         images_per_s = self.params.train.batch_size * d.world / max(now - self._clock, 1e-9)
@@ -688,6 +693,12 @@ class Trainer:
             self.scaler.update()
         self.scheduler.step()
         s.step += 1
+
+    def _enqueue(self, memory: CrossBatchMemory, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Write the global batch (the same on every rank, in rank order) into the memory at this step: the
+        embeddings the loss uses, detached, from the weights before the optimiser step."""
+        feats, labels, idx = batch
+        memory.enqueue(feats.detach().float(), labels, idx, step=self.state.step + 1, check_range=False)
 
     def flush(self) -> StepRecord | None:
         """Read the pending steps' scalars from the device (one sync), check the losses, emit their `step` events

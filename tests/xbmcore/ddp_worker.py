@@ -1,13 +1,17 @@
 """One rank of the distributed-trainer tests, started by torchrun from test_distributed.py:
 
-    torchrun --nproc-per-node 2 tests/xbmcore/ddp_worker.py OUT_DIR CHECKPOINT_DIR [KILL_AT_STEP]
+    torchrun --nproc-per-node 2 tests/xbmcore/ddp_worker.py OUT_DIR CHECKPOINT_DIR [--kill-at STEP]
+        [--mode queue|index] [--record]
 
 Warm-up, memory init and an XBM phase on the tiny blobs; writes
-OUT_DIR/rank<r>.pt with the curves, the weights and the memory. With KILL_AT_STEP, rank 1 SIGKILLs itself after
-that step (torchrun then ends the job; the checkpoints stay).
+OUT_DIR/rank<r>.pt with the curves, the weights and the memory. With --kill-at, rank 1 SIGKILLs itself after
+that step (torchrun then ends the job; the checkpoints stay). --mode is the memory's. --record adds the memory
+after its init and every XBM step's record (algorithm1.record: weights before, this rank's batch, gradients and
+memory after).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from algorithm1 import record  # noqa: E402
 from ddp_setup import TOTAL, WARMUP, XBM, blob_splits, ddp_params, Net  # noqa: E402
 from xbmcore.distributed import init_process_group  # noqa: E402
 from xbmcore.events import NullSink  # noqa: E402
@@ -31,22 +36,32 @@ class KillRank(Hook):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main(out: Path, folder: Path, kill_at: int | None) -> None:
+def main(out: Path, folder: Path, kill_at: int | None, mode: str, recording: bool) -> None:
     torch.set_num_threads(1)
     init_process_group(torch.device("cpu"))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    params = ddp_params(batch_size=16 // world, nproc=world)
+    params = ddp_params(batch_size=16 // world, nproc=world, mode=mode)
     torch.manual_seed(0)
     trainer = Trainer(params, Net(), blob_splits(), NullSink())
     trainer.train_phase("warmup", WARMUP, checkpoint_dir=folder / "warmup")
     memory = trainer.init_memory()
+    extra = {}
+    if recording:
+        extra = {"initial_memory": {k: v.clone() for k, v in memory.state_dict().items()}, "steps": record(trainer)}
     hooks = [KillRank(kill_at)] if kill_at and rank == 1 else []
     trainer.train_phase("xbm", XBM, memory, checkpoint_dir=folder / "xbm", hooks=hooks)
     assert trainer.step == TOTAL
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"history": trainer.history, "evals": trainer.evals, "model": trainer.model.state_dict(),
-                "memory": memory.state_dict()}, out / f"rank{rank}.pt")
+                "memory": memory.state_dict(), **extra}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--kill-at", type=int)
+    ap.add_argument("--mode", default="queue")
+    ap.add_argument("--record", action="store_true")
+    a = ap.parse_args()
+    main(a.out, a.folder, a.kill_at, a.mode, a.record)

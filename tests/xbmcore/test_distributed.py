@@ -2,37 +2,16 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from ddp_setup import TOTAL, WARMUP, XBM, Net, blob_splits, ddp_params
+from ddp_setup import TOTAL, WARMUP, XBM, Net, blob_splits, ddp_params, torchrun
 from xbmcore.checkpoint import list_checkpoints
 from xbmcore.events import NullSink
 from xbmcore.trainer import Trainer
 
-HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(out: Path, folder: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "--monitor-interval=0.2", str(HERE / "ddp_worker.py"), str(out),
-           str(folder), *([str(kill_at)] if kill_at else [])]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def memory_hash(state: dict) -> str:
@@ -87,7 +66,7 @@ def test_two_ranks_reproduce_one_process_with_the_global_batch(two_ranks):
 
 def test_a_killed_rank_resumes_to_the_uninterrupted_result(two_ranks, tmp_path):
     _, (ref, _) = two_ranks
-    killed = torchrun(tmp_path / "out", tmp_path / "ckpt", kill_at=WARMUP + 13)  # XBM checkpoint at step 15
+    killed = torchrun(tmp_path / "out", tmp_path / "ckpt", "--kill-at", str(WARMUP + 13))  # XBM checkpoint at step 15
     assert killed.returncode != 0 and not (tmp_path / "out").exists()
     assert [s for s, _ in list_checkpoints(tmp_path / "ckpt" / "xbm")][-1] == 15
     again = torchrun(tmp_path / "out", tmp_path / "ckpt")

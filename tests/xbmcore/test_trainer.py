@@ -101,29 +101,40 @@ def test_warmup_reduces_the_loss():
     assert trainer.history["step"] == list(range(1, 121))
 
 
-def test_batch_is_enqueued_after_its_loss():
-    p = params()
+def params_with(memory: dict, **train) -> Params:
+    p = params(**train).model_dump()
+    p["memory"].update(memory)
+    return Params.model_validate(p)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_when_the_batch_joins_the_memory(order):
+    p = params_with({"enqueue": order})
     trainer, sink = make(p)
     memory = build_memory(p, len(trainer.splits.train), 16, torch.device("cpu"))  # K = 36, empty
     seen = []
     objective = trainer.objective
 
     def spy(emb, labels, indices, mem=None):
-        # What the loss sees: the memory before this step's batch is in it.
+        # What the loss sees: the memory with this step's batch (before) or without it (after).
         seen.append((len(mem), mem.get()[2].clone(), emb.detach().clone(), indices.clone()))
         return objective(emb, labels, indices, mem)
 
     trainer.objective = spy
     trainer.train_phase("xbm", 3, memory)
     steps = sink.of("step")
-    # Step 1: the memory was empty at the loss, so no memory pairs; the batch is in it afterwards.
-    assert seen[0][0] == 0
-    assert steps[0]["mem_pos_pairs"] == 0 and steps[0]["mem_neg_pairs"] == 0 and steps[0]["loss_memory"] == 0
-    assert steps[0]["memory_size"] == 8
-    # Step k sees exactly the batches of steps 1..k-1; never its own.
-    assert [s[0] for s in seen] == [0, 8, 16]
-    assert torch.equal(seen[2][1], torch.cat([seen[0][3], seen[1][3]]))
-    assert steps[1]["mem_pos_pairs"] + steps[1]["mem_neg_pairs"] > 0
+    assert [e["memory_size"] for e in steps] == [8, 16, 24]
+    if order == "before":
+        # Step k's loss sees the batches of steps 1..k, its own included: already at step 1 each anchor meets
+        # the other 7 images of its batch in the memory (2 per class: 1 positive, 6 negatives).
+        assert [s[0] for s in seen] == [8, 16, 24]
+        assert torch.equal(seen[0][1], seen[0][3])
+        assert steps[0]["mem_pos_pairs"] + steps[0]["mem_neg_pairs"] > 0
+    else:
+        # Step k's loss sees the batches of steps 1..k-1, never its own: no memory pairs at step 1.
+        assert [s[0] for s in seen] == [0, 8, 16]
+        assert steps[0]["mem_pos_pairs"] == 0 and steps[0]["mem_neg_pairs"] == 0 and steps[0]["loss_memory"] == 0
+    assert torch.equal(memory.get()[2], torch.cat([s[3] for s in seen]))
     # The stored copy is the embedding the loss used (before the optimiser step), written at its step.
     feats, _, idx = memory.get()
     assert torch.equal(feats[16:24], seen[2][2]) and torch.equal(idx[16:24], seen[2][3])
