@@ -5,7 +5,10 @@ Search a collection embedded by `python -m pipeline.embed`: each query image is 
 built the index (recorded in it; `--model` names another copy of it, which must have the same weights, input size
 and embedding dimension) and its k most similar images are listed with their cosine similarities, as a table or
 JSON. `--dedup` writes the groups of near-duplicates: connected components of the pairs whose similarity is above
-the threshold (faiss range search on the index), one CSV row per image with its group and the group's size.
+the threshold, one CSV row per image with its group and the group's size. Both read the index kind and its
+parameters from the collection's manifest (pipeline/store.py): exact search streams the memory-mapped shards; an
+ivfpq index takes the top --rerank candidates by code and re-ranks them exactly from the shards, for search and
+dedup alike.
 """
 from __future__ import annotations
 
@@ -18,20 +21,21 @@ from pathlib import Path
 
 from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.embed import load_embedder
+from pipeline.store import EmbeddingStore
 from pipeline.tracking import configure_logging
 from xbmcore.collection import read_collection
 from xbmcore.data.index import atomic_path
-from xbmcore.embedding_store import EmbeddingStore
 
 
 def search(store: EmbeddingStore, embedder, query: Path, k: int, ef_search: int | None = None,
-           strict: bool = False) -> list[dict]:
+           strict: bool = False, nprobe: int | None = None, rerank: int | None = None) -> list[dict]:
     """[{query, results: [{rank, path, similarity, label, class}]}] for every decodable query image."""
     store.model.check_compatible(embedder.card, "the index")
     coll = read_collection(query)
     emb, kept, skipped = embedder.embed_files(coll.paths, strict=strict, names=[str(p) for p in coll.paths],
                                               progress=False)
-    sims, ids = store.search(emb, k, embedder.device if store.index_kind == "exact" else "cpu", ef_search)
+    sims, ids = store.search(emb, k, embedder.device if store.index_kind == "exact" else "cpu", ef_search, nprobe,
+                             rerank)
     root = Path(store.root)
     out = []
     for qi, row_sims, row_ids in zip(kept, sims, ids):
@@ -61,9 +65,10 @@ def format_table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_duplicates(store: EmbeddingStore, threshold: float, out: Path) -> tuple[int, int]:
+def write_duplicates(store: EmbeddingStore, threshold: float, out: Path, rerank: int | None = None
+                     ) -> tuple[int, int]:
     """CSV group,count,path,class (largest group first); returns (groups, images in them)."""
-    groups = store.duplicate_groups(threshold)
+    groups = store.duplicate_groups(threshold, rerank)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["group", "count", "path", "class"])
@@ -86,8 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="JSON instead of a table")
     ap.add_argument("--model", help="the model to embed the queries with (default: the one recorded in the index)")
     ap.add_argument("--ef-search", type=int, default=None,
-                    help="HNSW index: candidates explored per query (default: the index's 32, 99.3%% of the exact "
-                         "top 10 in bench.search; more is slower and finds more of them)")
+                    help="hnsw index: candidates explored per query (default: the manifest's, 32: 99.3%% of the "
+                         "exact top 10 in bench.search; more is slower and finds more of them)")
+    ap.add_argument("--nprobe", type=int, default=None,
+                    help="ivfpq index: inverted lists searched per query (default: the manifest's; more is slower "
+                         "and finds more of the true neighbours among the candidates)")
+    ap.add_argument("--rerank", type=int, default=None,
+                    help="ivfpq index: candidates per query re-ranked by their exact similarity from the stored "
+                         "vectors; with --dedup (hnsw, ivfpq): the neighbours of each image looked at for its "
+                         "duplicates (default: the manifest's, 100)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--strict", action="store_true", help="a query image that cannot be decoded is an error")
     ap.add_argument("--dedup", action="store_true", help="write the groups of near-duplicates instead")
@@ -101,13 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     if args.dedup == (args.query is not None):
         ap.error("give either --query or --dedup")
-    if args.k < 1:
-        ap.error(f"-k: expected >= 1, got {args.k}")
+    for flag, value in (("-k", args.k), ("--ef-search", args.ef_search), ("--nprobe", args.nprobe),
+                        ("--rerank", args.rerank)):
+        if value is not None and value < 1:
+            ap.error(f"{flag}: expected >= 1, got {value}")
     try:
         store = EmbeddingStore.load(args.index)
         if args.dedup:
             out = args.out or args.index / "duplicates.csv"
-            n_groups, n_images = write_duplicates(store, args.threshold, out)
+            n_groups, n_images = write_duplicates(store, args.threshold, out, args.rerank)
             print(f"{n_groups} groups of near-duplicates (similarity > {args.threshold}), {n_images} of "
                   f"{len(store)} images, in {out}", file=sys.stderr)
             return 0
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from xbmcore.trainer import resolve_device
 
         embedder = load_embedder(args.model or store.model.source, params, root, str(resolve_device(args.device)))
-        found = search(store, embedder, args.query, args.k, args.ef_search, args.strict)
+        found = search(store, embedder, args.query, args.k, args.ef_search, args.strict, args.nprobe, args.rerank)
     except ValueError as err:
         print(f"search failed: {err}", file=sys.stderr)
         return 1

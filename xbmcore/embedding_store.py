@@ -1,52 +1,23 @@
-"""An embedded image collection on disk: embeddings, image paths, labels, a faiss index and the model's identity.
+"""A trained embedding network as the application uses it: `Embedder` (the network, its test transform, files or
+images in, embeddings out) and its `ModelCard` (what a query must match to search an embedded collection).
 
-    <dir>/embeddings.npy   N x D, float32 or float16 (half the size; 11 significant bits per component)
-    <dir>/items.csv        row,path,label,class: path relative to meta's `root`; label -1 / class empty when
-                           the layout has none
-    <dir>/index.faiss      exact: IndexFlatIP over the stored embeddings; hnsw: IndexHNSWFlat (inner product)
-    <dir>/meta.json        written last (a folder without it is incomplete): format, count, dim, dtype, index kind
-                           and parameters, the model (sha256 digest of its weights, input size, source), root,
-                           images skipped
-
-Every file goes through a temporary name and a rename, and meta.json is removed before anything else is
-rewritten, so a killed write never leaves a folder that passes for complete.
-
-Exact search goes through xbmcore.knn.exact_knn (faiss on the CPU, torch on a GPU) on the stored embeddings;
-the HNSW index answers approximate queries. Near-duplicates: pairs above a similarity threshold from faiss range
-search, grouped into connected components (scipy).
+The embedded collection on disk (shards, items, faiss index, manifest) is the application's: pipeline/store.py.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from xbmcore.collection import embed_files, load_rgb
 from xbmcore.config import DataParams, ModelParams
-from xbmcore.data.index import atomic_path
 from xbmcore.data.transforms import pil_transform
-from xbmcore.knn import exact_knn
 from xbmcore.models import build_model
-
-FORMAT = 1
-META, EMBEDDINGS, ITEMS, INDEX = "meta.json", "embeddings.npy", "items.csv", "index.faiss"
-INDEX_KINDS = ("exact", "hnsw")
-# HNSW graph degree M, build beam and search beam, from python -m bench.search on 1M x 128 clustered embeddings
-# (1,000 queries, k = 10, 2 cores): efSearch 32 found 99.3% of the exact top 10 at 58x the exact queries/s (16:
-# 96.4% at 105x; 64: 100% at 21x). Building took 325 s; each vector costs 4 D + 8 M bytes (768 at D = 128).
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 32
-# Range-search queries per faiss call: bounds the memory of the result lists when many pairs pass.
-RANGE_CHUNK = 4096
 
 
 def model_digest(model: torch.nn.Module) -> str:
@@ -122,134 +93,3 @@ class Embedder:
                 x = torch.stack([self.transform(im) for im in batch]).to(self.device)
                 out.append(self.model(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.card.embedding_dim), np.float32)
-
-
-@dataclass
-class EmbeddingStore:
-    embeddings: np.ndarray  # N x D float32 | float16
-    names: list[str]
-    labels: np.ndarray | None
-    classes: list[str] | None
-    model: ModelCard
-    root: str = ""
-    index_kind: str = "exact"
-    index: Any = None  # faiss index, built by build_index or read by load
-    skipped: list[list[str]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.names):
-            raise ValueError(f"embeddings: expected {len(self.names)} x D (one row per image), "
-                             f"got {self.embeddings.shape}")
-        if self.index_kind not in INDEX_KINDS:
-            raise ValueError(f"index: expected one of {', '.join(INDEX_KINDS)}, got {self.index_kind!r}")
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def float32(self) -> np.ndarray:
-        return np.ascontiguousarray(self.embeddings, dtype=np.float32)
-
-    # ---- the faiss index ----
-
-    def build_index(self) -> None:
-        x = self.float32()
-        d = x.shape[1]
-        if self.index_kind == "exact":
-            self.index = faiss.IndexFlatIP(d)
-        else:
-            self.index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-            self.index.hnsw.efSearch = HNSW_EF_SEARCH
-        self.index.add(x)
-
-    def search(self, queries: np.ndarray, k: int, device: str | torch.device = "cpu",
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(n x k similarities, n x k rows), best first: exact (xbmcore.knn) or through the HNSW index."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
-            raise ValueError(f"queries: expected n x {self.embeddings.shape[1]}, got {q.shape}")
-        k = min(k, len(self))
-        if self.index_kind == "exact":
-            return exact_knn(q, self.float32(), k, device)
-        if ef_search is not None:
-            self.index.hnsw.efSearch = max(ef_search, k)
-        return self.index.search(q, k)
-
-    def duplicate_groups(self, threshold: float) -> list[np.ndarray]:
-        """Groups (arrays of rows, largest group first) of the connected components of the graph whose edges are
-        the pairs with similarity > threshold, found by faiss range search on the index; singletons left out."""
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold: expected a cosine similarity in [-1, 1], got {threshold}")
-        x = self.float32()
-        n = len(x)
-        rows, cols = [], []
-        for s in range(0, n, RANGE_CHUNK):
-            lims, _, ids = self.index.range_search(x[s:s + RANGE_CHUNK], threshold)  # sims > threshold
-            src = s + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
-            keep = ids != src  # an image is not its own duplicate
-            rows.append(src[keep])
-            cols.append(ids[keep])
-        r, c = np.concatenate(rows), np.concatenate(cols)
-        graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(n, n))
-        _, comp = connected_components(graph, directed=True, connection="weak")
-        order = np.argsort(comp, kind="stable")
-        groups = np.split(order, np.flatnonzero(np.diff(comp[order])) + 1)
-        groups = [g for g in groups if len(g) > 1]
-        return sorted(groups, key=lambda g: (-len(g), g[0]))
-
-    # ---- files ----
-
-    def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / META).unlink(missing_ok=True)  # the folder is incomplete until meta.json is back
-        if self.index is None:
-            self.build_index()
-        with atomic_path(folder / EMBEDDINGS) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, self.embeddings)
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["row", "path", "label", "class"])
-        for i, name in enumerate(self.names):
-            label = -1 if self.labels is None else int(self.labels[i])
-            w.writerow([i, name, label, "" if label < 0 or self.classes is None else self.classes[label]])
-        with atomic_path(folder / ITEMS) as tmp:
-            tmp.write_text(buf.getvalue(), encoding="utf-8")
-        with atomic_path(folder / INDEX) as tmp:
-            faiss.write_index(self.index, str(tmp))
-        meta = {"format": FORMAT, "count": len(self), "dim": int(self.embeddings.shape[1]),
-                "dtype": str(self.embeddings.dtype), "index": self.index_kind, "root": self.root,
-                "model": asdict(self.model), "skipped": self.skipped, "classes": self.classes}
-        if self.index_kind == "hnsw":
-            meta["hnsw"] = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
-        with atomic_path(folder / META) as tmp:
-            tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "EmbeddingStore":
-        folder = Path(folder)
-        if not (folder / META).is_file():
-            raise ValueError(f"{folder}: not an embedded collection (no {META}; build one with "
-                             f"python -m pipeline.embed, or it was interrupted: run it again)")
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder / META}: format {meta.get('format')!r}, expected {FORMAT}")
-        emb = np.load(folder / EMBEDDINGS, mmap_mode="r")
-        with open(folder / ITEMS, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if emb.shape != (meta["count"], meta["dim"]) or len(rows) != meta["count"]:
-            raise ValueError(f"{folder}: {EMBEDDINGS} holds {emb.shape} and {ITEMS} {len(rows)} rows, {META} says "
-                             f"{meta['count']} x {meta['dim']}: embed the images again")
-        labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-        store = cls(np.asarray(emb), [r["path"] for r in rows], None if (labels < 0).all() else labels,
-                    meta.get("classes"), ModelCard(**meta["model"]), meta.get("root", ""), meta["index"],
-                    faiss.read_index(str(folder / INDEX)), meta.get("skipped", []))
-        if store.index.ntotal != len(store) or store.index.d != meta["dim"]:
-            raise ValueError(f"{folder / INDEX}: holds {store.index.ntotal} x {store.index.d}, expected "
-                             f"{meta['count']} x {meta['dim']}: embed the images again")
-        return store

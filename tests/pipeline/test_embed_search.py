@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from pipeline import embed, search
+from pipeline.store import EmbeddingStore
 from tiny_project import write_params
 from xbmcore.checkpoint import save_checkpoint
 from xbmcore.collection import load_rgb
 from xbmcore.config import DataParams, ModelParams
 from xbmcore.data.transforms import pil_transform
-from xbmcore.embedding_store import EmbeddingStore
 from xbmcore.models import build_model
 
 torch.set_num_threads(1)
@@ -81,13 +81,13 @@ def test_embed_writes_embeddings_paths_labels_and_the_model_identity(project, in
     assert [index.classes[label] for label in index.labels] == [n.split("/")[0] for n in index.names]
     ref = reference_embeddings(model, [root / "images" / n for n in index.names])
     np.testing.assert_allclose(index.embeddings, ref, atol=1e-5)
-    assert index.embeddings.dtype == np.float32 and index.index.ntotal == len(names)
+    assert index.embeddings.dtype == np.float32 and index.index is None and len(index) == len(names)
     meta = json.loads((root / "index/meta.json").read_text())
     assert meta["model"]["embedding_dim"] == 16 and meta["model"]["test_size"] == 16
     assert meta["model"]["source"] == str((root / "model.pt").resolve()) and len(meta["model"]["digest"]) == 64
     # The undecodable image: named, skipped and counted.
     assert [s[0] for s in meta["skipped"]] == ["owl/broken.jpg"]
-    assert not list((root / "index").glob(".*.tmp"))
+    assert not list((root / "index").rglob(".*.tmp"))
 
 
 def test_float16_halves_the_embeddings(project, index):
@@ -96,7 +96,8 @@ def test_float16_halves_the_embeddings(project, index):
     half = EmbeddingStore.load(root / "index16")
     assert half.embeddings.dtype == np.float16
     np.testing.assert_allclose(half.embeddings.astype(np.float32), index.embeddings, atol=2e-3)
-    assert (root / "index16/embeddings.npy").stat().st_size < 0.6 * (root / "index/embeddings.npy").stat().st_size
+    size = lambda folder: sum(p.stat().st_size for p in (root / folder / "shards").glob("*.npy"))  # noqa: E731
+    assert size("index16") < 0.6 * size("index")
 
 
 def test_strict_stops_at_the_undecodable_image(project, capsys):
@@ -112,13 +113,13 @@ def brute_force_search(index, q, k):
     return np.take_along_axis(sim, order, 1), order
 
 
-@pytest.mark.parametrize("kind", ["exact", "ivf"])
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
 def test_search_equals_brute_force(project, index, capsys, kind):
     root, params, model = project
-    folder = root / "index" if kind == "exact" else root / "index_hnsw"
-    if kind == "ivf":
-        assert run_embed(root, params, folder, "--index", "ivf") == 0
-        assert json.loads((folder / "meta.json").read_text())["index"] == "hnsw"
+    folder = root / "index" if kind == "exact" else root / f"index_{kind}"
+    if kind != "exact":
+        assert run_embed(root, params, folder, "--index", kind, "--code-bytes", "8") == 0
+        assert json.loads((folder / "meta.json").read_text())["index"]["kind"] == kind
     query = root / "images" / "dog" / "1.png"
     assert search.main(["--index", str(folder), "--query", str(query), "-k", "4", "--json",
                         "--params", str(params)]) == 0
@@ -162,14 +163,21 @@ def union_find_groups(x, threshold):
     return sorted(sorted(g) for g in groups.values() if len(g) > 1)
 
 
-def test_dedup_groups_equal_connected_components_of_brute_force_pairs(project, index, capsys):
+@pytest.mark.parametrize("kind", ["exact", "ivfpq"])
+def test_dedup_groups_equal_connected_components_of_brute_force_pairs(project, index, capsys, kind):
+    """ivfpq: one list and R >= N here, so the two-stage search must find every pair exactly."""
     root, params, _ = project
-    x = index.float32()
+    folder = root / "index"
+    if kind == "ivfpq":
+        folder = root / "dedup_ivfpq"
+        assert run_embed(root, params, folder, "--index", kind, "--code-bytes", "8") == 0
+        assert EmbeddingStore.load(folder).spec["nlist"] == 1
+    x = index.embeddings.astype(np.float32)
     sim = x @ x.T
     off = np.sort(sim[np.triu_indices(len(x), 1)])
     for threshold in (0.999, float(off[-4]) - 1e-4, float(np.median(off))):
-        out = root / f"dups_{threshold}.csv"
-        assert search.main(["--index", str(root / "index"), "--dedup", "--threshold", str(threshold),
+        out = root / f"dups_{kind}_{threshold}.csv"
+        assert search.main(["--index", str(folder), "--dedup", "--threshold", str(threshold),
                             "--out", str(out)]) == 0
         with open(out) as f:
             rows = list(csv.DictReader(f))
@@ -179,7 +187,7 @@ def test_dedup_groups_equal_connected_components_of_brute_force_pairs(project, i
         assert all(int(r["count"]) == len(got[r["group"]]) for r in rows)
         assert sorted(sorted(g) for g in got.values()) == union_find_groups(x, threshold)
     # The BMP copy of cat/0.png is its duplicate at 0.999.
-    with open(root / "dups_0.999.csv") as f:
+    with open(root / f"dups_{kind}_0.999.csv") as f:
         paths = {r["path"].rsplit("images/", 1)[1] for r in csv.DictReader(f)}
     assert {"cat/0.png", "cat/0_copy.bmp"} <= paths
     assert "groups of near-duplicates" in capsys.readouterr().err

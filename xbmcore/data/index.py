@@ -100,12 +100,15 @@ def carve_val(index: Index, val_fraction: float) -> Index:
 
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `final`; on success rename it to `final`, on error delete it."""
+    """Yield a temporary path next to `final`; on success rename it to `final`, on error delete it. The bytes are
+    fsynced before the rename: without it, a crash soon after can leave `final` renamed but empty."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
