@@ -14,6 +14,11 @@ Figures:
   drift   the drift probe's D(t; dt) for dt = 10, 100, 1000 through the default schedule of params.yaml with
           the memory (--drift-baseline: also without it, sharing the warm-up)
   auto    `train.warmup_steps: auto` against the fixed warm-up of params.yaml, XBM, test Recall@1 per seed
+  order   the enqueue order (`memory.enqueue`): Algorithm 1's `before` against `after`, and the baseline, at the
+          --order-batches with fig1a's schedule, each seed's three runs from one warm-up
+
+Fig. 1a/b and their tables show the runs of the base params' `memory.enqueue` (`-S memory.enqueue=after` for
+the runs made before the setting existed: rows without the column ran with `after`).
 
 Resumable: every finished run appends one row to <out>/results.csv, keyed by a digest of its parameters; a row
 already there is not run again, so the study can span sessions. Warm-ups are cached in <out>/warm/. Groups of runs
@@ -40,7 +45,7 @@ from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("key", "figure", "loss", "norm", "batch", "memory", "ratio", "seed", "warmup", "warmup_end", "xbm_steps",
-           "recall@1", "recall@10", "map@r", "seconds", "commit")
+           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue")
 
 
 class _NullSink:
@@ -83,6 +88,10 @@ def _run_params(args, overrides: list[str]):
 
 def _key(p) -> str:
     d = p.model_dump(mode="json")
+    # `after` was the only order before the setting existed: its rows keep their keys; a baseline has no memory
+    # to enqueue into, so one run serves both orders.
+    if d["memory"]["enqueue"] == "after" or not d["memory"]["enabled"]:
+        del d["memory"]["enqueue"]
     keep = {k: d[k] for k in ("data", "model", "loss", "memory", "train")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -111,6 +120,14 @@ def groups(args) -> list[dict[str, Any]]:
                                          dict(batch=b, memory=True, ratio=r)))
                 if runs:
                     mine.append({"name": f"{norm}-b{b}-seed{seed}", "warm": warm, "runs": runs})
+        if "order" in args.only:
+            for b in args.order_batches:
+                warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", "model.norm=batch"]
+                runs = [("order", [*warm, "memory.enabled=false", "memory.ratio=1.0"],
+                         dict(batch=b, memory=False, ratio=0.0))]
+                runs += [("order", [*warm, "memory.enabled=true", "memory.ratio=1.0", f"memory.enqueue={e}"],
+                          dict(batch=b, memory=True, ratio=1.0)) for e in ("before", "after")]
+                mine.append({"name": f"order-b{b}-seed{seed}", "warm": warm, "runs": runs})
         per_seed.append(mine)
     drift = [] if "drift" not in args.only else [
         {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}"], "drift": True,
@@ -127,13 +144,25 @@ def _done(csv_path: Path) -> dict[str, dict[str, str]]:
     if not csv_path.is_file():
         return {}
     with open(csv_path, newline="") as f:
-        return {r["key"]: r for r in csv.DictReader(f)}
+        # A row from before a column existed: the memory's enqueue order was `after`.
+        return {r["key"]: {**r, "enqueue": r.get("enqueue") or "after"} for r in csv.DictReader(f)}
 
 
 def _append(csv_path: Path, row: dict[str, Any]) -> None:
+    from xbmcore.data.index import atomic_path
+
     with open(csv_path.with_suffix(".lock"), "a") as lock:  # workers append one whole row at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
         new = not csv_path.is_file()
+        if not new:
+            with open(csv_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if tuple(header) != COLUMNS:  # written before a column existed: rewrite it whole with the column
+                old = list(_done(csv_path).values())
+                with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=COLUMNS)
+                    w.writeheader()
+                    w.writerows(old)
         with open(csv_path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             if new:
@@ -189,12 +218,13 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
                "ratio": p.memory.ratio if p.memory.enabled else 0.0, "seed": p.train.seed,
                "warmup": p.train.warmup_steps, "warmup_end": int(warm["step"]), "xbm_steps": p.train.xbm_steps,
                "recall@1": round(m["recall@1"], 4), "recall@10": round(m["recall@10"], 4),
-               "map@r": round(m["map@r"], 4), "seconds": round(time.time() - t0, 1), "commit": _commit(), **extra}
+               "map@r": round(m["map@r"], 4), "seconds": round(time.time() - t0, 1), "commit": _commit(),
+               "enqueue": p.memory.enqueue, **extra}
         if group.get("drift") and trainer.probe is not None:
             _write_drift(out / "drift" / f"{row['key']}.csv", trainer.probe.history, p.train.drift_dts)
         _append(csv_path, row)
-        print(json.dumps({k: row[k] for k in ("figure", "norm", "batch", "memory", "ratio", "seed", "warmup_end",
-                                              "recall@1", "seconds")}), file=sys.stderr, flush=True)
+        print(json.dumps({k: row[k] for k in ("figure", "norm", "batch", "memory", "enqueue", "ratio", "seed",
+                                              "warmup_end", "recall@1", "seconds")}), file=sys.stderr, flush=True)
         rows.append(row)
     return rows
 
@@ -222,13 +252,14 @@ def summarise(rows: list[dict[str, str]]) -> dict[str, Any]:
     by: dict[tuple, list[tuple[int, float]]] = {}
     for r in rows:
         k = (r["figure"], r["norm"], int(r["batch"] or 0), r["memory"] == "True", float(r["ratio"] or 0),
-             r["warmup"], int(r["xbm_steps"] or 0))
+             r["warmup"], int(r["xbm_steps"] or 0), r["enqueue"] if r["memory"] == "True" else "")
         by.setdefault(k, []).append((int(r["seed"]), float(r["recall@1"])))
     table = []
-    for (fig, norm, b, mem, ratio, warmup, xbm), runs in sorted(by.items()):
+    for (fig, norm, b, mem, ratio, warmup, xbm, enqueue), runs in sorted(by.items()):
         runs.sort()
         table.append({"figure": fig, "norm": norm, "batch": b, "memory": mem, "ratio": ratio, "warmup": warmup,
-                      "xbm_steps": xbm, "seeds": [s for s, _ in runs], "recall@1": _stats([v for _, v in runs])})
+                      "xbm_steps": xbm, "enqueue": enqueue, "seeds": [s for s, _ in runs],
+                      "recall@1": _stats([v for _, v in runs])})
     return {"table": table}
 
 
@@ -240,6 +271,12 @@ def _series(rows, **match) -> dict[Any, list[float]]:
     return dict(sorted(out.items()))
 
 
+def _of_this_order(args, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The figures' rows: those trained with the base params' enqueue order (a baseline has none to differ)."""
+    order = _run_params(args, []).memory.enqueue
+    return [r for r in rows if r["figure"] != "order" and (r["memory"] == "False" or r["enqueue"] == order)]
+
+
 def plot(args, rows: list[dict[str, str]]) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -248,6 +285,7 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     written = []
+    rows = _of_this_order(args, rows)
 
     def save(fig, ax, name: str, xlabel: str, title: str) -> None:
         ax.set_xlabel(xlabel)
@@ -347,7 +385,8 @@ def markdown(args, rows: list[dict[str, str]]) -> str:
     def by_seed(rs) -> dict[int, float]:
         return {int(r["seed"]): float(r["recall@1"]) for r in rs}
 
-    out = []
+    out = _order_table(args, rows)
+    rows = _of_this_order(args, rows)
     sched = [r for r in rows if r["warmup"] == str(args.warmup_steps) and r["figure"] in ("fig1a", "fig1b")]
     for xbm in sorted({int(r["xbm_steps"]) for r in sched if r["figure"] == "fig1a"}):
         fig1 = [r for r in sched if r["figure"] == "fig1a" and r["xbm_steps"] == str(xbm)]
@@ -396,18 +435,48 @@ def markdown(args, rows: list[dict[str, str]]) -> str:
     return "\n".join(out)
 
 
+def _order_table(args, rows: list[dict[str, str]]) -> list[str]:
+    """The enqueue-order ablation: per batch and seed, the baseline and XBM with either order, and the paired
+    difference before - after."""
+    # fig1a's runs at these batches are the same runs (the same key): a full study trains each once.
+    rows = [r for r in rows if r["figure"] in ("order", "fig1a") and r["norm"] == "batch"
+            and float(r["ratio"] or 0) in (0.0, 1.0) and int(r["batch"]) in args.order_batches
+            and r["warmup"] == str(args.warmup_steps) and r["xbm_steps"] == str(args.xbm_steps)]
+    if not any(r["memory"] == "True" and r["enqueue"] == "before" for r in rows) or \
+            not any(r["memory"] == "True" and r["enqueue"] == "after" for r in rows):
+        return []
+    out = [f"Enqueue order, {args.warmup_steps} + {args.xbm_steps} steps: test Recall@1 per seed (the three runs "
+           "of a seed share its warm-up)", "",
+           "| batch | seed | without XBM | XBM, after | XBM, before (Alg. 1) | before - after (points) |",
+           "|---|---|---|---|---|---|"]
+    for b in sorted({int(r["batch"]) for r in rows}):
+        diffs = []
+        for seed in sorted({int(r["seed"]) for r in rows if int(r["batch"]) == b}):
+            pick = {(r["memory"], r["enqueue"] if r["memory"] == "True" else ""): float(r["recall@1"])
+                    for r in rows if int(r["batch"]) == b and int(r["seed"]) == seed}
+            off, after, before = (pick.get(k) for k in (("False", ""), ("True", "after"), ("True", "before")))
+            d = 100 * (before - after) if before is not None and after is not None else None
+            diffs += [] if d is None else [d]
+            f = (lambda v: "" if v is None else f"{v:.4f}")
+            out.append(f"| {b} | {seed} | {f(off)} | {f(after)} | {f(before)} | {'' if d is None else f'{d:+.1f}'} |")
+        if diffs:
+            out.append(f"| {b} | mean | | | | **{statistics.fmean(diffs):+.1f}** |")
+    return out + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.paper_figures", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--only", nargs="+", default=["fig1a", "fig1b", "drift", "auto"],
-                    choices=["fig1a", "fig1b", "drift", "auto"])
+    ap.add_argument("--only", nargs="+", default=["fig1a", "fig1b", "drift", "auto", "order"],
+                    choices=["fig1a", "fig1b", "drift", "auto", "order"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--drift-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--drift-baseline", action="store_true", help="also probe the run without memory")
     ap.add_argument("--seeds-auto", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
+    ap.add_argument("--order-batches", type=int, nargs="+", default=[16, 64], help="batches of the order ablation")
     # The default schedule's warm-up (1,000 steps), then 400: ~40 CPU-minutes per seed on this 2-core machine,
     # half of it at batch 256.
     ap.add_argument("--warmup-steps", type=int, default=1000, help="fig1a/b warm-up steps at every batch size")

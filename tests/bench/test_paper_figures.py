@@ -58,3 +58,30 @@ def test_markdown_tables_come_from_the_csv(tmp_path, capsys):
     line = next(x for x in md.splitlines() if x.startswith("| 8 |"))
     assert f"{sum(off) / 2:.4f}" in line and f"{sum(on) / 2:.4f}" in line and gains in line
     assert "| 0.5 | 0 1 |" in md and "Fig. 1b, batch 8" in md
+
+
+def test_order_ablation_reuses_the_rows_of_a_csv_from_before_the_setting(tmp_path, capsys):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    base = ["--out", str(out), "--docs", str(docs), "--batches", "8", "--order-batches", "8", "--seeds", "0",
+            "--warmup-steps", "3", "--xbm-steps", "3", *TINY]
+    assert paper_figures.main([*base, "--only", "fig1a", "-S", "memory.enqueue=after"]) == 0
+    # As the CSV was before `memory.enqueue` existed: no such column, and every XBM run had the order `after`.
+    old = rows(out)
+    assert {r["enqueue"] for r in old} == {"after"} and len(old) == 4  # BatchNorm and GroupNorm, with and without
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[c for c in paper_figures.COLUMNS if c != "enqueue"])
+        w.writeheader()
+        w.writerows({k: v for k, v in r.items() if k != "enqueue"} for r in old)
+    # The ablation's baseline and `after` runs are those rows (same keys): only `before` is trained, and the file
+    # gains the column, the old rows marked `after`.
+    assert paper_figures.main([*base, "--only", "order"]) == 0
+    got = rows(out)
+    assert [(r["figure"], r["norm"], r["memory"], r["enqueue"]) for r in got[4:]] == [
+        ("order", "batch", "True", "before")]
+    assert got[:4] == old
+    capsys.readouterr()
+    assert paper_figures.main([*base, "--only", "order", "--plot", "--markdown"]) == 0
+    md = capsys.readouterr().err
+    off, after, before = (float(r["recall@1"]) for r in got if r["norm"] == "batch")
+    line = next(x for x in md.splitlines() if x.startswith("| 8 | 0 |"))
+    assert line == f"| 8 | 0 | {off:.4f} | {after:.4f} | {before:.4f} | {100 * (before - after):+.1f} |"
