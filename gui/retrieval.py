@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 
 from xbmcore.config import DataParams
 from xbmcore.data import open_splits
+from xbmcore.data.decode import decode_rgb
 from xbmcore.data.index import read_meta
 from xbmcore.data.prepare import params_recipe
 from xbmcore.data.transforms import pil_transform
@@ -185,16 +186,18 @@ class Session:
                              f"{self.ranks[row] or 'none'}", sims[0], ids[0], same, row)
 
     def results_for_image(self, path: Path, k: int) -> Results:
+        # A dropped file is the user's: decoded within data.max_pixels, straight to the sizes needed (the model's
+        # test resize, the query tile), never whole.
         try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = decode_rgb(path, self.data.test_resize, self.data.max_pixels)
+            shown = decode_rgb(path, QUERY_THUMB, self.data.max_pixels)
         except (OSError, ValueError, SyntaxError) as err:
             raise ValueError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
         x = pil_transform(self.data, train=False)(image)[None]
         with torch.inference_mode():
             emb = self.model(x.to(self.device)).float().cpu().numpy()
         sims, ids = nearest(emb, self.gallery, k)
-        return self._results(image, f"{Path(path).name} (not in the test split: no class)", sims[0], ids[0], None,
+        return self._results(shown, f"{Path(path).name} (not in the test split: no class)", sims[0], ids[0], None,
                              None)
 
     def _results(self, query: Image.Image, caption: str, sims, ids, same, row) -> Results:

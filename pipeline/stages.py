@@ -280,7 +280,8 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
 
 def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path) -> None:
     """An mlflow.pyfunc model that embeds encoded images (pipeline/pyfunc_model.py): the weights, the test
-    transform and the code they need, so `mlflow models serve` answers an image with its embedding."""
+    transform and the code they need, so `mlflow models serve` answers an image with its embedding, and its
+    limits (data.max_pixels, serve.max_images)."""
     import mlflow
     import torchvision
 
@@ -289,13 +290,14 @@ def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path
     from xbmcore.embedding_store import Embedder
 
     embedder = Embedder(model.cpu().eval(), params.model.model_dump(), params.data.test_resize,
-                        params.data.test_size, source=str(stage_dir(root, "train_xbm") / "model.pt"))
+                        params.data.test_size, source=str(stage_dir(root, "train_xbm") / "model.pt"),
+                        max_pixels=params.data.max_pixels)
     mlflow.set_tracking_uri(tracking_uri(params, root))
     # Explicit requirements: MLflow's inference would import-scan the environment (slow, and noisy).
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
             "pillow", "pydantic", "pandas"]
     with mlflow.start_run(run_id=run.mlflow.run_id, nested=mlflow.active_run() is not None):
-        log_embedding_model(embedder, name="model", pip_requirements=reqs)
+        log_embedding_model(embedder, name="model", pip_requirements=reqs, max_images=params.serve.max_images)
 
 
 # ---- entry point ----

@@ -6,8 +6,8 @@
                               any string (sorted -> 0..C-1)
     image.jpg                 one image (a query)
 
-`ImageFiles` decodes with PIL (EXIF orientation applied, any mode converted to RGB) and applies the test transform;
-an image that cannot be decoded comes back as its error message, so `embed_files` can name, skip and count it (or
+`ImageFiles` decodes with PIL (EXIF orientation applied, any mode converted to RGB, an image over the pixel budget
+refused: xbmcore.data.decode) and applies the test transform; an image that cannot be decoded comes back as its error message, so `embed_files` can name, skip and count it (or
 stop with `strict`).
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
+
+from xbmcore.data.decode import DEFAULT_MAX_PIXELS, open_image
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +109,10 @@ def _read_csv(path: Path) -> Collection:
     return Collection(path.parent, names, labels, classes)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file to RGB with its EXIF orientation applied."""
-    with Image.open(path) as im:
+def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file to RGB at full size with its EXIF orientation applied; refused over max_pixels.
+    (xbmcore.data.decode.decode_rgb decodes straight to a target size, at a fraction of the memory.)"""
+    with open_image(path, max_pixels) as im:
         im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
 
@@ -117,15 +120,15 @@ def load_rgb(path: Path) -> Image.Image:
 class ImageFiles(torch.utils.data.Dataset):
     """Items (tensor 3 x S x S, i), or (error message, i) for a file that cannot be read or decoded."""
 
-    def __init__(self, paths: list[Path], transform: Callable):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: list[Path], transform: Callable, load: Callable[[Path], Image.Image] = load_rgb):
+        self.paths, self.transform, self.load = paths, transform, load
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_rgb(self.paths[i])), i
+            return self.transform(self.load(self.paths[i])), i
         except Exception as err:  # unreadable, truncated, not an image: the caller names, skips and counts it
             return f"{type(err).__name__}: {err}", i
 
@@ -140,10 +143,12 @@ def _split_failures(batch):
 def embed_files(model: torch.nn.Module, paths: list[Path], transform: Callable, batch_size: int = 64,
                 device: str | torch.device = "cpu", num_workers: int = 0, strict: bool = False,
                 progress: bool | None = None, names: list[str] | None = None,
+                load: Callable[[Path], Image.Image] = load_rgb,
                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Embed image files in batches: (embeddings n x D float32, positions in `paths` of the n embedded images,
     [(name, error)] of the images skipped). strict: the first undecodable image raises ValueError naming it.
-    The model must already be on `device`; it runs in eval mode without gradients."""
+    The model must already be on `device`; it runs in eval mode without gradients. `load` decodes one file to the
+    PIL image `transform` takes (Embedder passes xbmcore.data.decode.decode_rgb at its test resize)."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     names = names or [str(p) for p in paths]

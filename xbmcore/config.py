@@ -53,6 +53,10 @@ class DataParams(_Section):
     test_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     split_seed: int = 0
     skip_corrupt: bool = False
+    # Images over this many pixels (width x height, read from the header) are refused as unreadable: in a folder,
+    # by pipeline.embed, by the served model and the desktop app. A 97 KB PNG can decode to 81 MP (243 MB); Pillow
+    # refuses more than 178,956,970 itself.
+    max_pixels: int = Field(50_000_000, ge=1, le=178_956_970)
     # Real datasets are decoded once into a cache of images whose shorter side is cache_size (256: the paper's
     # Resize(256) before the 224 crop); training and evaluation read only the cache.
     cache_size: int = Field(256, ge=8, le=4096)
@@ -276,6 +280,12 @@ class TuneParams(_Section):
         return self
 
 
+class ServeParams(_Section):
+    # Images per request to the served model (the evaluate stage logs it into the model's config); a larger
+    # request is refused with HTTP 400 before any image is decoded.
+    max_images: int = Field(64, ge=1, le=4096)
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -285,6 +295,7 @@ class Params(_Section):
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
     tune: TuneParams = TuneParams()
+    serve: ServeParams = ServeParams()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys (memory.ratio -> 0.5): the form MLflow, Optuna and `dvc exp run -S` use."""

@@ -6,16 +6,17 @@ The embedded collection on disk (shards, items, faiss index, manifest) is the ap
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from xbmcore.collection import embed_files, load_rgb
+from xbmcore.collection import embed_files
 from xbmcore.config import DataParams, ModelParams
+from xbmcore.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
 from xbmcore.data.transforms import pil_transform
 from xbmcore.models import build_model
 
@@ -55,23 +56,29 @@ class ModelCard:
 
 
 class Embedder:
-    """A trained embedding network with its test transform (resize, centre crop, normalise) and its ModelCard."""
+    """A trained embedding network with its test transform (resize, centre crop, normalise) and its ModelCard.
+
+    Files and encoded images are decoded within `max_pixels` (xbmcore.data.decode), straight to the test resize.
+    """
 
     def __init__(self, model: torch.nn.Module, model_params: dict[str, Any], test_resize: int, test_size: int,
-                 source: str = "", device: str | torch.device = "cpu"):
+                 source: str = "", device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model_params = dict(model_params)
+        self.max_pixels = max_pixels
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.transform = pil_transform(DataParams(test_resize=test_resize, test_size=test_size), train=False)
         self.card = ModelCard(model_digest(model), int(model.embedding_dim), test_resize, test_size, source)
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], source: str = "", device: str | torch.device = "cpu") -> "Embedder":
+    def from_state(cls, state: dict[str, Any], source: str = "", device: str | torch.device = "cpu",
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> "Embedder":
         """From `state()`'s dict, or a train_xbm model.pt (model, model_params) plus test_resize and test_size."""
         p = ModelParams(**state["model_params"]).model_copy(update={"pretrained": "none"})  # weights follow
         model = build_model(p)
         model.load_state_dict(state["model"])
-        return cls(model, state["model_params"], int(state["test_resize"]), int(state["test_size"]), source, device)
+        return cls(model, state["model_params"], int(state["test_resize"]), int(state["test_size"]), source, device,
+                   max_pixels)
 
     def state(self) -> dict[str, Any]:
         """Everything `from_state` needs (tensors, numbers and strings: torch.load(weights_only=True) reads it)."""
@@ -79,17 +86,36 @@ class Embedder:
                 "model_params": self.model_params, "test_resize": self.card.test_resize,
                 "test_size": self.card.test_size}
 
-    def embed_files(self, paths: list[Path], **kwargs) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-        """collection.embed_files with this model and transform."""
-        return embed_files(self.model, paths, self.transform, device=self.device, **kwargs)
+    def decode(self, source) -> Any:
+        """A file or encoded image as the PIL image the transform takes: RGB at the test resize, within max_pixels."""
+        return decode_rgb(source, self.card.test_resize, self.max_pixels)
 
-    def embed_images(self, images: list, batch_size: int = 64) -> np.ndarray:
-        """PIL images (any mode) or encoded image bytes -> n x D float32."""
-        out = []
+    def embed_files(self, paths: list[Path], **kwargs) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        """collection.embed_files with this model, transform and pixel budget."""
+        load = partial(decode_rgb, size=self.card.test_resize, max_pixels=self.max_pixels)
+        return embed_files(self.model, paths, self.transform, device=self.device, load=load, **kwargs)
+
+    def embed_images(self, images: Iterable, batch_size: int = 64, names: list[str] | None = None) -> np.ndarray:
+        """PIL images (any mode) or encoded image bytes -> n x D float32.
+
+        Streams: each image is decoded (within max_pixels) and transformed straight into the batch tensor, so a
+        batch never holds more than one decoded image. An image that cannot be decoded raises ValueError naming
+        it (names[i], else its position)."""
+        size = self.card.test_size
+        batch = torch.empty(batch_size, 3, size, size)  # B x 3 x S x S, refilled for every batch
+        out, n = [], 0
         with torch.inference_mode():
-            for s in range(0, len(images), batch_size):
-                batch = [load_rgb(io.BytesIO(im)) if isinstance(im, (bytes, bytearray)) else im.convert("RGB")
-                         for im in images[s:s + batch_size]]
-                x = torch.stack([self.transform(im) for im in batch]).to(self.device)
-                out.append(self.model(x).float().cpu().numpy())
+            for i, im in enumerate(images):
+                try:
+                    rgb = self.decode(im) if isinstance(im, (bytes, bytearray, memoryview)) else im.convert("RGB")
+                except Exception as err:  # Pillow raises many types for a damaged or foreign file
+                    name = names[i] if names else f"image {i}"
+                    raise ValueError(f"{name}: cannot decode the image ({type(err).__name__}: {err})") from err
+                batch[n] = self.transform(rgb)
+                n += 1
+                if n == batch_size:
+                    out.append(self.model(batch.to(self.device)).float().cpu().numpy())
+                    n = 0
+            if n:
+                out.append(self.model(batch[:n].to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.card.embedding_dim), np.float32)

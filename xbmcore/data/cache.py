@@ -4,11 +4,12 @@
                       channels-last tensor, the layout torch's uint8 resize is fastest on, 2.5x channel-first)
     cache/shapes.npy  N x 3 int64: byte offset, h, w of image k (row k of the prepared index.csv)
 
-Each image is decoded with PIL (EXIF orientation applied; grayscale, palette, CMYK and 16-bit images converted
-to 8-bit RGB; transparent ones composited on white) and resized so that its shorter side is `size`, by PIL's
-bilinear filter with torchvision's Resize(int) rounding: the pixels are those of `Resize(size)` on the original.
-Large JPEGs are decoded at a reduced DCT scale first (PIL's draft mode) when that scale still leaves at least
-twice the target size, which keeps a 12-megapixel photo from costing 20x a 500 px one.
+Each image is decoded by xbmcore.data.decode.decode_rgb (EXIF orientation applied; grayscale, palette, CMYK
+and 16-bit images converted to 8-bit RGB; transparent ones composited on white; an image over data.max_pixels
+refused) and resized so that its shorter side is `size`, by PIL's bilinear filter with torchvision's Resize(int)
+rounding: the pixels are those of `Resize(size)` on the original. An image of at least 4x the target is first
+shrunk to >= 2x it (a JPEG by its reduced DCT scale, PIL's draft mode; others by Image.reduce), which keeps a
+12-megapixel photo from costing 20x a 500 px one, within a few grey levels of the direct resize.
 
 Raw pixels, not JPEG re-encoded at the cache size: reading a batch is a memory copy, so the loader feeds a GPU
 from one core, where decoding a 256 px JPEG costs a core ~0.3 ms per image (bench.data_real measures both).
@@ -20,16 +21,15 @@ and the caller writes meta.json last, so a killed build never leaves a cache tha
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from xbmcore.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
 from xbmcore.data.index import atomic_path
 
 log = logging.getLogger(__name__)
@@ -37,62 +37,36 @@ log = logging.getLogger(__name__)
 CACHE_DIR = "cache"
 PIXELS_FILE = "pixels.u8"
 SHAPES_FILE = "shapes.npy"
-_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
-    """(w, h) with the shorter side `size`, the longer one scaled and truncated (torchvision's Resize(int))."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
+def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The cached form of one image: h x w x 3 uint8 with min(h, w) == size. Raises on an unreadable file and
+    on one over max_pixels (xbmcore.data.decode)."""
+    return np.ascontiguousarray(np.asarray(decode_rgb(path, size, max_pixels)))
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in _HIGH_BIT_MODES:  # 16-bit grayscale: keep the top 8 bits (convert() would clip at 255)
-        im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """The cached form of one image: h x w x 3 uint8 with min(h, w) == size. Raises on an unreadable file."""
-    with Image.open(path) as im:
-        w, h = im.size
-        if im.format == "JPEG" and min(w, h) >= 4 * size:
-            # The smallest DCT scale that keeps >= 2x the target: the final resize still averages >= 2 pixels.
-            im.draft("RGB", (math.ceil(w * 2 * size / min(w, h)), math.ceil(h * 2 * size / min(w, h))))
-        im = _to_rgb(ImageOps.exif_transpose(im))
-        target = resized_shape(*im.size, size)
-        if im.size != target:
-            im = im.resize(target, Image.BILINEAR)
-        return np.ascontiguousarray(np.asarray(im))
-
-
-def _decode_job(job: tuple[str, int]) -> tuple[bytes, int, int] | str:
-    path, size = job
+def _decode_job(job: tuple[str, int, int]) -> tuple[bytes, int, int] | str:
+    path, size, max_pixels = job
     try:
-        arr = decode_image(path, size)
+        arr = decode_image(path, size, max_pixels)
     except Exception as err:  # PIL raises many types for a damaged file; the caller names it
         return f"{type(err).__name__}: {err}"
     return arr.tobytes(), arr.shape[0], arr.shape[1]
 
 
 def build_cache(folder: Path, paths: Sequence[Path], size: int, workers: int | None = None,
-                progress: bool = True) -> list[tuple[int, str]]:
+                progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[int, str]]:
     """Decode `paths` into folder/cache/; returns the (position, error) of the images that could not be decoded.
 
     Those are left out of the cache, so its row k is the k-th decodable path. `workers` processes decode
-    (None: one per core; 1: in this process).
+    (None: one per core; 1: in this process), each holding at most one full-size image of <= max_pixels.
     """
     out = folder / CACHE_DIR
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # a build killed earlier (SIGKILL skips atomic_path's clean-up)
         stale.unlink()
     workers = workers or os.cpu_count() or 1
-    jobs = [(str(p), size) for p in paths]
+    jobs = [(str(p), size, max_pixels) for p in paths]
     failed: list[tuple[int, str]] = []
     table: list[tuple[int, int, int]] = []
     with atomic_path(out / PIXELS_FILE) as tmp_pixels, open(tmp_pixels, "wb") as f:

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from xbmcore.config import DataParams
 from xbmcore.data import layouts, synthetic
 from xbmcore.data.cache import CACHE_DIR, PIXELS_FILE, SHAPES_FILE, ImageCache, build_cache
+from xbmcore.data.decode import ImageTooLarge, open_image
 from xbmcore.data.dataset import ImageDataset
 from xbmcore.data.index import (ARRAY_FILE, FORMAT_VERSION, INDEX_FILE, META_FILE, Index, atomic_path, carve_val,
                                 read_index, read_meta, sha256_file, write_index, write_meta)
@@ -58,6 +59,7 @@ def params_recipe(p: DataParams) -> dict:
         r["synthetic"] = {**p.synthetic.model_dump(), "generator": synthetic.GENERATOR_VERSION}
         return r
     r["skip_corrupt"] = p.skip_corrupt
+    r["max_pixels"] = p.max_pixels  # which images are refused
     r["cache_size"] = p.cache_size
     if p.name == "vehicleid":
         r["vehicleid_test"] = p.vehicleid_test
@@ -143,28 +145,35 @@ def _listing(bad: list[tuple[str, str]]) -> str:
     return "; ".join(f"{f} ({why})" for f, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
 
 
-def _check_images(index: Index, image_root: Path, p: DataParams, progress: bool) -> Index:
-    """Every listed image must exist and have a readable header; with skip_corrupt the bad ones are dropped.
+def _remedy(bad: list[tuple[str, str]]) -> str:
+    larger = ", raise data.max_pixels to admit the large ones" if any("max_pixels" in why for _, why in bad) else ""
+    return f"Restore them{larger}, or set data.skip_corrupt: true to leave them out"
 
-    Only the header is parsed (about 0.1 ms per file), so a missing file or a non-image stops preparation before
-    the long decode; an image whose pixel data is damaged is caught when the cache is built.
+
+def _check_images(index: Index, image_root: Path, p: DataParams, progress: bool) -> Index:
+    """Every listed image must exist and have a readable header within data.max_pixels; with skip_corrupt the bad
+    ones are dropped.
+
+    Only the header is parsed (about 0.1 ms per file), so a missing file, a non-image or a decompression bomb
+    stops preparation before the long decode; an image whose pixel data is damaged is caught when the cache is
+    built.
     """
     bad: list[tuple[str, str]] = []
     for rel in tqdm(index.items, desc=f"{p.name}: checking images", unit="img", disable=not progress, leave=False):
         path = image_root / rel
         try:
-            with Image.open(path) as im:
-                im.size  # header parsed
+            open_image(path, p.max_pixels).close()  # header parsed
         except FileNotFoundError:
             bad.append((str(path), "missing"))
+        except ImageTooLarge as err:
+            bad.append((str(path), f"too large: {err}"))
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as err:
             bad.append((str(path), f"corrupt: {err}"))
     if not bad:
         return index
     listing = _listing(bad)
     if not p.skip_corrupt:
-        raise ValueError(f"{len(bad)} of {len(index)} listed images cannot be read: {listing}. Restore them, or set "
-                         f"data.skip_corrupt: true to leave them out")
+        raise ValueError(f"{len(bad)} of {len(index)} listed images cannot be read: {listing}. {_remedy(bad)}")
     log.warning("skipped %d of %d listed images that cannot be read: %s", len(bad), len(index), listing)
     drop = {f for f, _ in bad}
     return index.select(np.array([str(image_root / rel) not in drop for rel in index.items]))
@@ -216,13 +225,14 @@ def _prepare_real(out: Path, p: DataParams, index: Index, image_root: Path, clas
                   recipe: dict, progress: bool) -> None:
     t0 = time.perf_counter()
     index = _drop_unretrievable(_check_images(index, image_root, p, progress))
-    failed = build_cache(out, [image_root / rel for rel in index.items], p.cache_size, p.cache_workers, progress)
+    failed = build_cache(out, [image_root / rel for rel in index.items], p.cache_size, p.cache_workers, progress,
+                         p.max_pixels)
     if failed:
         bad = [(str(image_root / index.items[k]), f"cannot decode: {why}") for k, why in failed]
         if not p.skip_corrupt:
             shutil.rmtree(out / CACHE_DIR)  # incomplete; no meta.json marks it valid anyway
-            raise ValueError(f"{len(bad)} of {len(index)} listed images cannot be decoded: {_listing(bad)}. Restore "
-                             f"them, or set data.skip_corrupt: true to leave them out")
+            raise ValueError(f"{len(bad)} of {len(index)} listed images cannot be decoded: {_listing(bad)}. "
+                             f"{_remedy(bad)}")
         log.warning("skipped %d of %d listed images that cannot be decoded: %s", len(bad), len(index), _listing(bad))
         keep = np.ones(len(index), dtype=bool)
         keep[[k for k, _ in failed]] = False
