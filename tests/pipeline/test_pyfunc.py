@@ -1,9 +1,13 @@
-"""The logged MLflow model embeds images: pyfunc predict and `mlflow models serve` equal the library."""
+"""The logged MLflow model embeds images: pyfunc predict and `mlflow models serve` equal the library; it is logged
+from code (no pickle) with type hints and an input example, and refuses what is over its limits with a 400 that
+names the row or the cap."""
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import mlflow
 import numpy as np
@@ -18,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bench.serve import blank_png
 from pipeline import embed
 from pipeline.pyfunc_model import log_embedding_model
 from pipeline.store import EmbeddingStore
@@ -40,14 +46,36 @@ def logged(tmp_path_factory):
     exp = mlflow.create_experiment("embed", artifact_location=(root / "artifacts").as_uri())
     embedder = Embedder(model, {"backbone": "smallcnn", "embedding_dim": 16, "pretrained": "none",
                                 "freeze_bn": False}, 16, 16, source="model.pt")
-    with mlflow.start_run(experiment_id=exp):
-        info = log_embedding_model(embedder)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("mlflow").addHandler(handler)  # MLflow's logger does not propagate to the root
+    try:
+        with mlflow.start_run(experiment_id=exp), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = log_embedding_model(embedder)
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    said = [r.getMessage() for r in records] + [str(w.message) for w in caught]
     paths = sorted((root / "images").rglob("*.png"))
-    return root, uri, info.model_uri, embedder, paths
+    return root, uri, info.model_uri, embedder, paths, said
+
+
+def test_the_model_is_logged_from_code_with_type_hints_and_an_input_example(logged):
+    root, _, model_uri, _, _, said = logged
+    for warning in ("CloudPickle", "Add type hints to the `predict` method", "An input example was not provided"):
+        assert not [m for m in said if warning in m], warning
+    folder = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(root / "downloaded"))
+    conf = mlflow.models.Model.load(folder).flavors["python_function"]
+    assert conf["model_code_path"].endswith("pyfunc_code.py") and "python_model" not in conf  # no pickle file
+    assert conf["config"] == {"max_images": 64, "max_pixels": 50_000_000}
+    assert not list((root / "downloaded").rglob("*.pkl"))
+    example = json.loads((root / "downloaded" / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["image"]
 
 
 def test_pyfunc_predict_equals_the_library(logged):
-    root, _, model_uri, embedder, paths = logged
+    root, _, model_uri, embedder, paths, _ = logged
     want, kept, skipped = embedder.embed_files(paths, num_workers=0)
     assert len(kept) == len(paths) and not skipped
     loaded = mlflow.pyfunc.load_model(model_uri)
@@ -61,14 +89,33 @@ def test_pyfunc_predict_equals_the_library(logged):
 
 
 def test_pyfunc_names_the_row_it_cannot_decode(logged):
-    root, _, model_uri, _, paths = logged
+    root, _, model_uri, _, paths, _ = logged
     loaded = mlflow.pyfunc.load_model(model_uri)
-    with pytest.raises(Exception, match=r"image\[1\]: cannot decode the image"):
+    with pytest.raises(mlflow.MlflowException, match=r"image\[1\]: cannot decode the image \(UnidentifiedImageError"):
         loaded.predict(pd.DataFrame({"image": [paths[0].read_bytes(), b"not an image"]}))
 
 
+def test_pyfunc_refuses_a_request_over_the_cap_naming_the_cap(logged):
+    _, _, model_uri, _, paths, _ = logged
+    loaded = mlflow.pyfunc.load_model(model_uri, model_config={"max_images": 2})  # overrides the logged 64
+    images = [paths[0].read_bytes()] * 3
+    with pytest.raises(mlflow.MlflowException, match=r"input: 3 images in one request, over the limit of 2 "
+                                                     r"\(max_images\)") as err:
+        loaded.predict(pd.DataFrame({"image": images}))
+    assert err.value.get_http_status_code() == 400
+    assert loaded.predict(pd.DataFrame({"image": images[:2]})).shape == (2, 16)
+
+
+def test_pyfunc_refuses_an_image_over_the_pixel_budget_naming_its_row(logged):
+    _, _, model_uri, _, paths, _ = logged
+    loaded = mlflow.pyfunc.load_model(model_uri, model_config={"max_pixels": 10_000})
+    with pytest.raises(mlflow.MlflowException, match=r"image\[2\]: cannot decode the image \(ImageTooLarge: 200 x "
+                                                     r"100 pixels \(0\.02 MP\), over the limit of 0\.01 MP"):
+        loaded.predict(pd.DataFrame({"image": [blank_png(100, 100), blank_png(50, 200), blank_png(200, 100)]}))
+
+
 def test_embed_from_the_mlflow_model_equals_model_pt(logged, monkeypatch):
-    root, uri, model_uri, _, _ = logged
+    root, uri, model_uri, _, _, _ = logged
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     common = ["--images", str(root / "images"), "--params", str(root / "params.yaml"), "--workers", "0"]
     assert embed.main(["--model", model_uri, "--out", str(root / "from_mlflow"), *common]) == 0
@@ -84,8 +131,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_models_serve_answers_an_image_with_its_embedding(logged):
-    root, uri, model_uri, embedder, paths = logged
+def _post(port: int, cells: list[str]) -> tuple[int, dict]:
+    body = {"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_mlflow_models_serve_answers_an_image_with_its_embedding_and_hostile_requests_with_400(logged):
+    root, uri, model_uri, embedder, paths, _ = logged
     port = _free_port()
     env = {**stage_env(), "MLFLOW_TRACKING_URI": uri}
     server = subprocess.Popen(
@@ -104,12 +166,25 @@ def test_mlflow_models_serve_answers_an_image_with_its_embedding(logged):
             assert server.poll() is None, server.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
             time.sleep(0.5)
-        body = {"dataframe_split": {"columns": ["image"],
-                                    "data": [[base64.b64encode(p.read_bytes()).decode()] for p in paths[:3]]}}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            got = np.array(json.loads(r.read())["predictions"], dtype=np.float32)
+        images = [_b64(p.read_bytes()) for p in paths[:3]]
+        status, answer = _post(port, images)
+        assert status == 200
+        got = np.array(answer["predictions"], dtype=np.float32)
+        hostile = {  # cells, what the 400's message must say
+            "over the cap": (images[:1] * 65, r"input: 65 images in one request, over the limit of 64 \(max_images\)"),
+            "a bomb": (images[:1] + [_b64(blank_png(20_000, 20_000, 1))],
+                       r"image\[1\]: cannot decode the image \(ImageTooLarge: over the pixel limit of 50 MP"),
+            "not an image": ([_b64(b"<html>hello</html>")], r"image\[0\]: cannot decode the image \(Unidentified"),
+            # MLflow decodes a binary column's base64 before predict, and answers a bad one itself (without a row)
+            "bad base64": (images[:2] + ["*not base64*"], r"Invalid base64-encoded string"),
+        }
+        for name, (cells, message) in hostile.items():
+            status, answer = _post(port, cells)
+            assert status == 400, (name, answer)
+            assert re.search(message, answer["message"]), (name, answer["message"][-600:])
+        status, answer = _post(port, images)  # still up, and still right
+        assert status == 200 and server.poll() is None
+        np.testing.assert_array_equal(np.array(answer["predictions"], dtype=np.float32), got)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -51,7 +51,7 @@ class ImageTooLarge(ValueError):
 
 
 def _mp(pixels: int) -> str:
-    return f"{pixels / 1e6:.1f} MP"
+    return f"{pixels / 1e6:.4g} MP"
 
 
 def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
