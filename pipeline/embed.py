@@ -166,6 +166,18 @@ def prepared_source(embedder: Embedder, folder: Path, params, split: str, batch_
     return Source(names, np.asarray(ds.class_ids, dtype=np.int64), None, root, embed)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv for the ranks: torchrun's own parser would take --nproc for an abbreviation of its --nproc-per-node
+    (and refuse it as ambiguous); the ranks read their number from torchrun instead."""
+    out, args = [], iter(argv)
+    for a in args:
+        if a == "--nproc":
+            next(args, None)  # its value
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def _wait_for_every_rank(d: Dist) -> None:
     """A barrier on a gloo group of its own, whose timeout outlasts the slowest rank's chunks."""
     if d.active:
@@ -194,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--code-bytes", type=int, default=PQ_CODE_BYTES,
                     help="ivfpq: bytes of code per item, a divisor of the embedding dimension: more is a closer "
                          "approximation and a larger index (default: %(default)s)")
-    ap.add_argument("--nproc", type=int, default=1,
-                    help="processes on this node (torchrun): one per GPU, or CPU processes (default: %(default)s)")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="processes on this node (torchrun): one per GPU, or CPU processes (default: 1, or what "
+                         "torchrun started)")
     ap.add_argument("--chunk-size", type=int, default=CHUNK_ROWS,
                     help="images per chunk, the unit written at once and resumed from (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
@@ -211,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     add_params_arguments(ap)
     args = ap.parse_args(argv)
     for flag, value in (("--nproc", args.nproc), ("--chunk-size", args.chunk_size), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             ap.error(f"{flag}: expected >= 1, got {value}")
-    if args.nproc > 1 and not launched_by_torchrun():
+    if (args.nproc or 1) > 1 and not launched_by_torchrun():
         from pipeline.stages import _torchrun  # the training stages' launcher
 
-        return _torchrun("embed", argv, args.nproc)
+        return _torchrun("embed", _without_nproc(argv), args.nproc)
     configure_logging()
     if (loaded := load_cli_params(args)) is None:
         return 2
@@ -225,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     if launched_by_torchrun():
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))
-        if per_node != args.nproc:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc or 1))
+        if per_node != (args.nproc or per_node):
             print(f"embed failed: --nproc is {args.nproc}, but torchrun started {per_node} processes per node: "
                   f"make them agree", file=sys.stderr)
             return 2
