@@ -8,8 +8,9 @@
 
 decode_rgb decodes a JPEG at a reduced DCT scale (draft mode) when that still leaves at least twice the target;
 other formats have no reduced decode, so they are decoded whole (bounded by max_pixels) and then shrunk by
-Image.reduce to at least twice the target before any mode conversion or rotation copies them. A PNG of 81 MP is
-97 KB on disk and 243 MB decoded: the budget, not the file size, is what bounds memory.
+Image.reduce to at least twice the target before any other mode conversion or rotation copies them (palette and
+16-bit images, which reduce cannot average, are converted to RGB first). A PNG of 81 MP can be 97 KB on disk and
+243 MB decoded as RGB: the budget, not the file size, is what bounds memory.
 
 A decode of more than LARGE_PIXELS holds a process-wide lock until its full-size pixels are freed, so the
 threads of one process (a model server answers requests from a thread pool) hold at most one large image.
