@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 RUN_KEY_TAG = "xbm.run_key"
 MODEL_TAG = "xbm.model_sha256"
 PARENT_TAG = "mlflow.parentRunId"
+# The experiment's kind, which decides MLflow 3's view of it: the classic training view (runs, metrics, models).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # The sections that define a run's result: same values, same run (tracking and tune do not change a result).
 RESULT_SECTIONS = ("data", "model", "loss", "memory", "train", "eval")
 # Step-event fields logged as MLflow metrics: those StepRecord marks as metrics.
@@ -114,6 +117,27 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def open_experiment(client, name: str) -> str:
+    """The id of experiment `name` (created if missing, artifacts per `artifact_location`), tagged as a training
+    experiment: MLflow 3's UI picks an experiment's view from EXPERIMENT_KIND_TAG and, without it, may guess GenAI
+    (traces, prompts) instead of the runs table. An experiment made before the tag existed gets it here; one
+    whose kind someone set by hand keeps it."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created by a concurrent stage or study worker in the meantime
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
 def events_path(params: Params, root: Path, key: str) -> Path:
     return project_home(root) / params.tracking.runs_dir / key / EVENTS_FILE
 
@@ -186,15 +210,7 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
     uri = tracking_uri(params, root)
     probe(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    name = params.tracking.experiment
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            exp_id = client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
-        except mlflow.exceptions.MlflowException:  # created by a concurrent stage in the meantime
-            exp_id = client.get_experiment_by_name(name).experiment_id
-    else:
-        exp_id = exp.experiment_id
+    exp_id = open_experiment(client, params.tracking.experiment)
     key = run_key(params)
     parent = os.environ.get("XBM_MLFLOW_PARENT_RUN_ID")
     run = None

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.tracking import artifact_location, metric_name
+from pipeline.study.storage import objective_name
+from pipeline.tracking import metric_name, open_experiment
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,7 @@ class StudyTracker:
         for attempt in range(5):
             try:
                 self.client = MlflowClient(self.uri)
-                exp = self.client.get_experiment_by_name(self.experiment)
-                if exp is not None:
-                    return exp.experiment_id
-                # Artifacts next to a SQLite database, as the stages' runs have them (not ./mlruns).
-                return self.client.create_experiment(self.experiment,
-                                                     artifact_location=artifact_location(self.uri))
+                return open_experiment(self.client, self.experiment)  # the stages' experiment, tagged alike
             except (MlflowException, SQLAlchemyError) as err:
                 if attempt == 4:
                     raise
@@ -146,7 +142,7 @@ class StudyTracker:
         tags = [RunTag("xbm.trial_state", STATE_TAG.get(trial.state, "failed"))]
         metrics = []
         if trial.value is not None:  # a pruned trial keeps its last reported value
-            metrics.append(Metric(metric_name(f"tune/val_{metric}"), trial.value, _now_ms(), 0))
+            metrics.append(Metric(metric_name(f"tune/{objective_name(metric)}"), trial.value, _now_ms(), 0))
         if error is not None:
             tags.append(RunTag("xbm.error", repr(error)[:4000]))
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -154,4 +150,5 @@ class StudyTracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status=STATUS.get(trial.state, "FAILED"))
         if trial.state == TrialState.COMPLETE:
-            self.client.log_metric(self.parent_id, metric_name(f"tune/val_{metric}"), trial.value, step=trial.number)
+            self.client.log_metric(self.parent_id, metric_name(f"tune/{objective_name(metric)}"), trial.value,
+                                   step=trial.number)

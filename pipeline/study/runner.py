@@ -100,7 +100,8 @@ class Worker:
         self.out_dir = self.root / "artifacts" / "tune" / tune.study_name
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.storage.lock():
-            self.study = load_or_create(self.storage, tune.study_name, pruner=make_pruner(self.params))
+            self.study = load_or_create(self.storage, tune.study_name, tune.metric,
+                                        pruner=make_pruner(self.params))
             self._check_base()
             if self.tracker is not None:
                 self.tracker.attach_parent(self.study, public_params(self.params), redact(self.storage.url))
