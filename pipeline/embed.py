@@ -78,7 +78,7 @@ def load_embedder(spec: str, params=None, root: Path | None = None, device: str 
         raise ValueError(f"{path}: a model.pt needs the params file for its input size (data.test_resize, "
                          f"data.test_size)")
     state = {**state, "test_resize": params.data.test_resize, "test_size": params.data.test_size}
-    return Embedder.from_state(state, source=str(path.resolve()), device=device)
+    return Embedder.from_state(state, source=str(path.resolve()), device=device, max_pixels=params.data.max_pixels)
 
 
 def _load_mlflow(uri: str, params, root: Path | None, device: str) -> Embedder:
