@@ -48,7 +48,7 @@ def _worker(args) -> None:
     init_process_group(device)
     splits = open_splits(Path(args.data_root) / p.data.prepared / p.data.name, p.data)
     torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model), splits, NullSink())
+    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, NullSink())
     memory = trainer.init_memory()
 
     def sync():

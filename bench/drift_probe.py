@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root = ROOT if (ROOT / p.data.prepared / p.data.name).is_dir() else Path(tempfile.mkdtemp())
     splits = open_splits(prepare_dataset(p.data, data_root, progress=False), p.data)
     torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model), splits, _NullSink())
+    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, _NullSink())
     monitor = trainer.hooks[-1]
     probe = trainer.probe
     embeds = [0]

@@ -82,8 +82,8 @@ FULL = Sizes("resnet50", 224, 512, (64, 128, 256), 59_551, 11_318, 3, 6,
 # timing noise; the end-to-end run is long enough to learn well above chance.
 QUICK = Sizes("smallcnn", 32, 128, (8, 16), 65_536, 2_000, 5, 3,
               3_000, 64, 600, (1, 10, 100), 1024, 2,
-              ("data.synthetic.num_classes=300", "train.warmup_steps=40", "train.xbm_steps=40",
-               "train.eval_every=0"))
+              ("data.synthetic.num_classes=300", "data.synthetic.pretrain_classes=100", "pretrain.steps=40",
+               "pretrain.batch_size=32", "train.warmup_steps=40", "train.xbm_steps=40", "train.eval_every=0"))
 EXPECTED_S = {"env": 10, "train_step": 150, "data_cache": 0, "knn": 40, "end_to_end": 90}
 
 
@@ -248,8 +248,9 @@ def _train_group(sizes: Sizes, dev: torch.device, B: int, precision: str, emit: 
     params = _step_params(sizes, dev, B, precision)
     # NCHW, as batches come from the loader: the step converts them to channels_last on the GPU.
     images = torch.randn(B, 3, sizes.image_size, sizes.image_size, device=dev)
-    trainer = Trainer(params, build_model(params.model), SimpleNamespace(train=DeviceTrainSet(labels, images)),
-                      _NullSink())
+    # The step's speed does not depend on where the weights start: no pretrained file needed.
+    trainer = Trainer(params, build_model(params.model, load_weights=False),
+                      SimpleNamespace(train=DeviceTrainSet(labels, images)), _NullSink())
     names = ("none",) + tuple(f"memory_{d}" for d in MEMORY_DTYPES)
 
     # Warm-up (cuDNN autotuning, allocator, the optimiser's state), then the peak memory of each configuration
@@ -591,6 +592,7 @@ def section_end_to_end(dev: torch.device, sizes: Sizes) -> dict[str, Any]:
     from xbmcore.data import open_splits, prepare_dataset
     from xbmcore.evaluate import evaluate_model
     from xbmcore.models import build_model
+    from xbmcore.pretrain import pretrain
     from xbmcore.trainer import Trainer
 
     overrides = [f"train.device={dev.type}", *sizes.e2e_overrides]
@@ -603,11 +605,22 @@ def section_end_to_end(dev: torch.device, sizes: Sizes) -> dict[str, Any]:
         t0 = time.perf_counter()
         splits = open_splits(prepare_dataset(p.data, Path(tmp), progress=False), p.data)
         out["dataset_seconds"] = round(time.perf_counter() - t0, 2)
-        seed_everything(p.train.seed)
+        seconds: dict[str, float] = {}
         rec = _Recorder()
         try:
+            if p.model.pretrained not in ("none", "imagenet"):  # the pipeline's pretrain stage, into this folder
+                t0 = time.perf_counter()
+                if p.pretrain.num_threads:
+                    torch.set_num_threads(p.pretrain.num_threads)
+                seed_everything(p.pretrain.seed)
+                net = build_model(p.model, load_weights=False)
+                pretrain(net, splits.pretrain, p.pretrain, dev)
+                torch.save({k: v.cpu() for k, v in net.state_dict().items()}, Path(tmp) / "pretrained.pt")
+                p = p.model_copy(update={"model": p.model.model_copy(
+                    update={"pretrained": str(Path(tmp) / "pretrained.pt")})})
+                seconds["pretrain"] = time.perf_counter() - t0
+            seed_everything(p.train.seed)
             trainer = Trainer(p, build_model(p.model), splits, rec)
-            seconds: dict[str, float] = {}
             t0 = time.perf_counter()
             trainer.train_phase("warmup", p.train.warmup_steps)
             seconds["warmup"] = time.perf_counter() - t0

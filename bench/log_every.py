@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root = ROOT if (ROOT / p.data.prepared / p.data.name).is_dir() else Path(tempfile.mkdtemp(prefix="bench_"))
     splits = open_splits(prepare_dataset(p.data, data_root, progress=False), p.data)
     torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model), splits, NullSink())
+    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, NullSink())
     memory = trainer.init_memory()
     dev = trainer.device
     variants = {n: p.model_copy(update={"train": p.train.model_copy(update={"log_every": n})})

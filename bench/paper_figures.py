@@ -4,11 +4,13 @@
     python -m bench.paper_figures --only fig1a --batches 16 32 --xbm-steps 3000   # a longer XBM phase, dashed
     python -m bench.paper_figures --lock /path/heavy.lock  # each training phase under an exclusive file lock
     python -m bench.paper_figures --plot --markdown        # only redraw the PNGs and print the README's tables
+    python -m bench.paper_figures --only fig1a --batches 16 --seeds 0 --split val -S train.lr=1e-4   # choose
 
 Figures:
   fig1a   test Recall@1 against the batch size (--batches, P x 4 images per class) with and without XBM, the
           same warm-up and XBM-phase steps at every batch size (--warmup-steps, --xbm-steps), contrastive loss;
-          plus the smallest batch with smallcnn's GroupNorm (model.norm: group), the batch-size-free alternative
+          from scratch also the smallest batch with smallcnn's GroupNorm (model.norm: group), the
+          batch-size-free alternative
   fig1b   test Recall@1 against memory.ratio (--ratios) at the smallest batch, each seed's warm-up shared with
           fig1a's (ratio 1.0 and the baseline come from fig1a)
   drift   the drift probe's D(t; dt) for dt = 10, 100, 1000 through the default schedule of params.yaml with
@@ -45,7 +47,7 @@ from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("key", "figure", "loss", "norm", "batch", "memory", "ratio", "seed", "warmup", "warmup_end", "xbm_steps",
-           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue")
+           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split")
 
 
 class _NullSink:
@@ -82,18 +84,28 @@ def _commit() -> str:
 
 def _run_params(args, overrides: list[str]):
     from xbmcore.config import load_params
-    return load_params(args.params, [*args.overrides, "train.device=cpu", "train.eval_every=0",
-                                     "train.checkpoint_every=100000", *overrides])
+    p = load_params(args.params, [*args.overrides, "train.device=cpu", "train.eval_every=0",
+                                  "train.checkpoint_every=100000", *overrides])
+    m = p.model
+    if m.pretrained in ("none", "imagenet"):
+        return p
+    path = Path(args.params).resolve().parent / m.pretrained  # relative to the params file, as in the pipeline
+    if not path.is_file():
+        raise ValueError(f"model.pretrained: {path} is not a file; make it first (dvc repro pretrain)")
+    return p.model_copy(update={"model": m.model_copy(update={"pretrained": str(path)})})
 
 
-def _key(p) -> str:
+def _key(p, split: str = "test") -> str:
     d = p.model_dump(mode="json")
+    if d["model"]["pretrained"] not in ("none", "imagenet"):  # the weights' bytes, not where they lie
+        d["model"]["pretrained"] = hashlib.sha256(Path(d["model"]["pretrained"]).read_bytes()).hexdigest()
     # `after` was the only order before the setting existed: its rows keep their keys; a baseline has no memory
     # to enqueue into, so one run serves both orders.
     if d["memory"]["enqueue"] == "after" or not d["memory"]["enabled"]:
         del d["memory"]["enqueue"]
     keep = {k: d[k] for k in ("data", "model", "loss", "memory", "train")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return key if split == "test" else f"{key}-{split}"  # a test run's key is the same as before the column
 
 
 def groups(args) -> list[dict[str, Any]]:
@@ -105,7 +117,9 @@ def groups(args) -> list[dict[str, Any]]:
     per_seed: list[list[dict[str, Any]]] = []
     for seed in args.seeds:
         mine = []
-        for norm in ("batch", "group"):
+        # GroupNorm as extra points only from scratch: pretrained weights are BatchNorm's.
+        norms = ("batch", "group") if _run_params(args, []).model.pretrained == "none" else ("batch",)
+        for norm in norms:
             for b in (args.batches if norm == "batch" else [b0]):
                 warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", f"model.norm={norm}"]
                 runs = []
@@ -145,7 +159,8 @@ def _done(csv_path: Path) -> dict[str, dict[str, str]]:
         return {}
     with open(csv_path, newline="") as f:
         # A row from before a column existed: the memory's enqueue order was `after`.
-        return {r["key"]: {**r, "enqueue": r.get("enqueue") or "after"} for r in csv.DictReader(f)}
+        return {r["key"]: {**r, "enqueue": r.get("enqueue") or "after", "split": r.get("split") or "test"}
+                for r in csv.DictReader(f)}
 
 
 def _append(csv_path: Path, row: dict[str, Any]) -> None:
@@ -186,7 +201,7 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
     out = Path(args.out)
     csv_path = out / "results.csv"
     done = _done(csv_path)
-    todo = [(fig, ov, row) for fig, ov, row in group["runs"] if _key(_run_params(args, ov)) not in done]
+    todo = [(fig, ov, row) for fig, ov, row in group["runs"] if _key(_run_params(args, ov), args.split) not in done]
     if not todo:
         return []
     base = _run_params(args, group["warm"])
@@ -212,14 +227,14 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
             trainer.load_state_dict(warm)
             memory = trainer.init_memory() if p.memory.enabled else None
             trainer.train_phase("xbm" if memory is not None else "baseline", p.train.xbm_steps, memory)
-            m = trainer.evaluate("test")
-        row = {"key": _key(p), "figure": fig, "loss": p.loss.name, "norm": p.model.norm,
+            m = trainer.evaluate(args.split)
+        row = {"key": _key(p, args.split), "figure": fig, "loss": p.loss.name, "norm": p.model.norm,
                "batch": p.train.batch_size, "memory": p.memory.enabled,
                "ratio": p.memory.ratio if p.memory.enabled else 0.0, "seed": p.train.seed,
                "warmup": p.train.warmup_steps, "warmup_end": int(warm["step"]), "xbm_steps": p.train.xbm_steps,
                "recall@1": round(m["recall@1"], 4), "recall@10": round(m["recall@10"], 4),
                "map@r": round(m["map@r"], 4), "seconds": round(time.time() - t0, 1), "commit": _commit(),
-               "enqueue": p.memory.enqueue, **extra}
+               "enqueue": p.memory.enqueue, "split": args.split, **extra}
         if group.get("drift") and trainer.probe is not None:
             _write_drift(out / "drift" / f"{row['key']}.csv", trainer.probe.history, p.train.drift_dts)
         _append(csv_path, row)
@@ -417,6 +432,7 @@ def markdown(args, rows: list[dict[str, str]]) -> str:
             name = "0 (no memory)" if ratio == 0 else f"{ratio:g}"
             out.append(f"| {name} | {' '.join(map(str, sorted(rs)))} | {cell(list(rs.values()))} |")
         out.append("")
+    out += _drift_table(args, rows)
     auto = by_seed(r for r in rows if r["figure"] == "auto")
     if auto:
         ends = {int(r["seed"]): r["warmup_end"] for r in rows if r["figure"] == "auto"}
@@ -433,6 +449,31 @@ def markdown(args, rows: list[dict[str, str]]) -> str:
                        f"| {k} | {ends[k]} | {auto[k]:.4f} | |")
         out.append("")
     return "\n".join(out)
+
+
+def _drift_table(args, rows: list[dict[str, str]]) -> list[str]:
+    """D(t; dt) of each seed's drift run with the memory, at about a dozen probe steps: every warm-up probe up to
+    ten, the warm-up's end, then evenly through the XBM phase."""
+    out = []
+    for r in sorted((r for r in rows if r["figure"] == "drift" and r["memory"] == "True"), key=lambda r: r["seed"]):
+        path = Path(args.out) / "drift" / f"{r['key']}.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            hist = list(csv.DictReader(f))
+        cols = [c for c in hist[0] if c.startswith("D_")]
+        end = int(r["warmup_end"])
+        warm = [h for h in hist if int(h["step"]) <= end]
+        after = [h for h in hist if int(h["step"]) > end]
+        pick = warm[:: max(1, len(warm) // 10)] + after[max(1, len(after) // 8) - 1:: max(1, len(after) // 8)]
+        pick = sorted({int(h["step"]): h for h in [*pick, warm[-1]] if any(h[c] for c in cols)}.items())
+        out += [f"D(t; dt) of the drift run, seed {r['seed']} (memory on at step {end}; test R@1 {r['recall@1']})",
+                "", "| step | " + " | ".join(f"D(t; {c[2:]})" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for step, h in pick:
+            name = f"{step:,}" + (" (memory on)" if step == end else "")
+            out.append(f"| {name} | " + " | ".join(f"{float(h[c]):.3f}" if h[c] else "" for c in cols) + " |")
+        out.append("")
+    return out
 
 
 def _order_table(args, rows: list[dict[str, str]]) -> list[str]:
@@ -477,10 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
     ap.add_argument("--order-batches", type=int, nargs="+", default=[16, 64], help="batches of the order ablation")
-    # The default schedule's warm-up (1,000 steps), then 400: ~40 CPU-minutes per seed on this 2-core machine,
-    # half of it at batch 256.
-    ap.add_argument("--warmup-steps", type=int, default=1000, help="fig1a/b warm-up steps at every batch size")
-    ap.add_argument("--xbm-steps", type=int, default=400, help="fig1a/b steps after the warm-up")
+    # The committed schedule at every batch size (the same steps everywhere, so a larger batch sees more images).
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help="fig1a/b warm-up steps at every batch size (default: params.yaml's train.warmup_steps)")
+    ap.add_argument("--xbm-steps", type=int, default=None,
+                    help="fig1a/b steps after the warm-up (default: params.yaml's train.xbm_steps)")
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="the split each run is evaluated on: val to choose settings, test for the figures")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (groups sharing a warm-up run in one)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--lock", default=None, help="file to flock around each training phase")
@@ -489,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", action="store_true", help="only draw the figures from the results CSV")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (to stderr)")
     args = ap.parse_args(argv)
+    from xbmcore.config import load_params
+
+    base = load_params(args.params, args.overrides).train
+    if args.warmup_steps is None:
+        if base.warmup_steps == "auto":
+            ap.error("params.yaml's train.warmup_steps is auto: give --warmup-steps for the figures' fixed warm-up")
+        args.warmup_steps = base.warmup_steps
+    args.xbm_steps = base.xbm_steps if args.xbm_steps is None else args.xbm_steps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -501,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for g in todo:
                 run_group(args, g)
-    rows = list(_done(out / "results.csv").values())
+    everything = list(_done(out / "results.csv").values())
+    rows = [r for r in everything if r["split"] == args.split]  # figures and tables of one split
     summary = {"results": str(out / "results.csv"), "seconds": round(time.time() - t0),
                "warmup_steps": args.warmup_steps, "xbm_steps": args.xbm_steps, **summarise(rows),
                "figures": plot(args, rows)}

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         data_root = Path(tempfile.mkdtemp(prefix="bench_data_"))
     splits = open_splits(prepare_dataset(p.data, data_root, progress=False), p.data)
     torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model), splits, _NullSink())
+    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, _NullSink())
     N, D, dev = len(splits.train), trainer.model.embedding_dim, trainer.device
     default = build_memory(p, N, D, dev)
     full = type(default)(N, D, mode=p.memory.mode, num_items=N, dtype=default.get()[0].dtype, device=dev)

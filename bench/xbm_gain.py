@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = ap.parse_args(argv)
 
-    from pipeline.stages import run_download, run_evaluate, run_memory_init, run_train_xbm, run_warmup
+    from pipeline.stages import (
+        run_download, run_evaluate, run_memory_init, run_pretrain, run_train_xbm, run_warmup,
+    )
     from pipeline.tracking import configure_logging
     from xbmcore.config import load_params
 
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = load_params(args.params, args.overrides)
         run_download(base, work)
+        run_pretrain(base, work)  # model.pretrained's file in the work folder (seed-independent, as ImageNet is)
         for red in args.reductions:
             for seed in args.seeds:
                 common = [*args.overrides, f"loss.reduction={red}", f"train.seed={seed}"]

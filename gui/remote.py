@@ -132,6 +132,17 @@ class ActiveRun:
         return f"{self.name} ({self.experiment}){stage}"
 
 
+def _warmup_end(params: dict[str, str], tags: dict[str, str]) -> int:
+    """The step the run's warm-up ends at: train.warmup_steps, or with `auto` the warmup_end tag the warm-up stage
+    sets when it ends (until then every step is the warm-up's, at most train.warmup_max_steps)."""
+    value = params.get("train.warmup_steps") or "0"
+    if value != "auto":
+        return int(value)
+    if "warmup_end" in tags:
+        return int(tags["warmup_end"])
+    return int(params.get("train.warmup_max_steps") or 0)
+
+
 @dataclass
 class RemoteRun:
     """One run on a server as a stream of events: `poll()` returns what is new since the last call. No Qt."""
@@ -151,7 +162,8 @@ class RemoteRun:
         params = {p["key"]: p["value"] for p in run.get("data", {}).get("params", [])}
         latest = {m["key"]: int(m.get("step", 0)) for m in run.get("data", {}).get("metrics", [])}
         status = run["info"]["status"]
-        warmup = int(params.get("train.warmup_steps", 0) or 0)
+        tags = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
+        warmup = _warmup_end(params, tags)
         xbm = int(params.get("train.xbm_steps", 0) or 0)
         main = "xbm" if params.get("memory.enabled", "True").lower() != "false" else "baseline"
         events: list[dict[str, Any]] = []

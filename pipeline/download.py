@@ -17,6 +17,7 @@ import time
 
 from pipeline.cli import add_params_arguments, load_cli_params
 from xbmcore.data import open_splits, prepare_dataset
+from xbmcore.data.index import SPLITS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if splits.meta.get("storage") == "cache":
         print(f"  cache    {splits.meta['num_images']:8d} images {splits.meta['cache_bytes'] / 1e9:7.2f} GB, "
               f"shorter side {splits.meta['cache_size']} px")
-    for name in ("train", "val", "test", "query", "gallery"):
+    for name in SPLITS:
         ds = getattr(splits, name)
         if ds is not None:
             print(f"  {name:8s} {len(ds):8d} images {ds.num_classes:7d} classes")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tracking import StageRun
 
     with StageRun(params, root, "download") as run:
-        run.set_tags({f"data.{name}_images": len(ds) for name in ("train", "val", "test", "query", "gallery")
+        run.set_tags({f"data.{name}_images": len(ds) for name in SPLITS
                       if (ds := getattr(splits, name)) is not None})
     return 0
 

@@ -1,9 +1,10 @@
 """The pipeline's stages as plain functions: `python -m pipeline.<stage>` calls them, and so does the Optuna study
 (in-process, one artifacts folder per trial, one shared warm-up).
 
-    download -> warmup -> memory_init -> train_xbm -> evaluate
+    download -> pretrain -> warmup -> memory_init -> train_xbm -> evaluate
 
 Files (DVC outs), with `art` = <root>/artifacts unless a stage is given `artifacts=`:
+    art/pretrain/model.pt        the model pretrained as a classifier on the pretrain split (a plain state dict)
     art/warmup/state.pt          full training state after the warm-up (model, optimiser, step, RNG states, curves)
     art/warmup/checkpoints/      periodic checkpoints of the warm-up (persist: a killed stage resumes)
     art/memory_init/memory.pt    the initialised memory (or a marker that the memory is off: the baseline)
@@ -35,10 +36,12 @@ import torch
 from xbmcore.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from xbmcore.config import Params
 from xbmcore.data import open_splits, prepare_dataset
+from xbmcore.data.index import SPLITS
 from xbmcore.events import make_event
 from xbmcore.evaluate import embed_split, eval_sets, retrieval_metrics
 from xbmcore.figures import RETRIEVAL_PNG, save_png, split_figure
 from xbmcore.models import build_model
+from xbmcore.pretrain import SKIPPED, pretrain
 from xbmcore.events import HISTORY_FIELDS
 from xbmcore.trainer import (
     NonFiniteLossError, OutOfMemory, Trainer, TrainingStopped, build_memory, resolve_device, resumable_checkpoint,
@@ -48,7 +51,7 @@ from pipeline.tracking import MODEL_TAG, StageRun, configure_logging, file_sha25
 from xbmcore.distributed import init_process_group, launched_by_torchrun
 
 log = logging.getLogger(__name__)
-STAGES = ("download", "warmup", "memory_init", "train_xbm", "evaluate")
+STAGES = ("download", "pretrain", "warmup", "memory_init", "train_xbm", "evaluate")
 
 
 def seed_everything(seed: int) -> None:
@@ -110,20 +113,64 @@ def run_download(params: Params, root: Path) -> Path:
     with StageRun(params, root, "download") as run:
         prepared = prepare_dataset(params.data, Path(root), progress=sys.stderr.isatty())
         splits = open_splits(prepared, params.data)
-        sizes = {name: len(ds) for name in ("train", "val", "test", "query", "gallery")
+        sizes = {name: len(ds) for name in SPLITS
                  if (ds := getattr(splits, name, None)) is not None}
         log.info("dataset %s in %s: %s", params.data.name, prepared, sizes)
         run.set_tags({f"data.{k}_images": v for k, v in sizes.items()})
     return prepared
 
 
+def run_pretrain(params: Params, root: Path) -> Path:
+    """The model trained as a normalised-softmax classifier on the dataset's pretrain split (xbmcore.pretrain);
+    writes art/pretrain/model.pt, the state dict that `model.pretrained` points the warm-up at."""
+    pp = params.pretrain
+    path = stage_dir(root, "pretrain") / "model.pt"
+    splits = _splits(params, root)
+    if splits.pretrain is None:  # a real dataset, or own images: the warm-up starts from none, imagenet or a file
+        why = (f"the {params.data.name} dataset has no pretrain split (data.synthetic.pretrain_classes makes one "
+               f"for the embedded set), so the pretrain stage trained nothing")
+        log.info("pretrain: skipped: %s", why)
+        save_checkpoint({SKIPPED: why}, path)  # DVC needs the out; model.pretrained pointing here names the reason
+        return path
+    if pp.num_threads:
+        torch.set_num_threads(pp.num_threads)
+    seed_everything(pp.seed)
+    # From scratch, every BatchNorm learning its statistics whatever the warm-up will do with them.
+    model = build_model(params.model.model_copy(update={"pretrained": "none", "freeze_bn": False}))
+    with StageRun(params, root, "pretrain") as run:
+        def on_log(step: int, metrics: dict[str, float]) -> None:
+            log.info("pretrain step %d/%d: loss %.4f, accuracy %.3f", step, pp.steps, metrics["loss"],
+                     metrics["accuracy"])
+            if run.mlflow is not None:
+                run.safe("logging the pretraining curve", run.mlflow.log_metrics,
+                         {f"pretrain_{k}": v for k, v in metrics.items()}, step)
+
+        pretrain(model, splits.pretrain, pp, resolve_device(params.train.device), on_log, log_every=100)
+        save_checkpoint({k: v.cpu() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def resolve_pretrained(params: Params, root: Path) -> Params:
+    """`params` with a relative model.pretrained file made absolute from the project root, like every path in
+    params.yaml (the stages may run elsewhere, e.g. DVC's temporary copies)."""
+    m = params.model
+    if m.pretrained in ("none", "imagenet"):
+        return params
+    path = Path(root) / m.pretrained  # an absolute path stays as it is
+    if not path.is_file():
+        raise ValueError(f"model.pretrained: {path} is not a file; the pretrain stage writes "
+                         f"artifacts/pretrain/model.pt (dvc repro pretrain, or python -m pipeline.pretrain)")
+    return params.model_copy(update={"model": m.model_copy(update={"pretrained": str(path)})})
+
+
 def run_warmup(params: Params, root: Path, artifacts: Path | None = None) -> Path:
-    """Warm-up phase (no memory) from scratch or from its last checkpoint; writes art/warmup/state.pt."""
+    """Warm-up phase (no memory) from model.pretrained, or from its last checkpoint; writes art/warmup/state.pt."""
     out = stage_dir(root, "warmup", artifacts)
     folder = out / "checkpoints"
     t = params.train
     seed_everything(t.seed)
     splits = _splits(params, root)
+    params = resolve_pretrained(params, root)
     model = build_model(params.model)
     found = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_budget)
     path = out / "state.pt"
@@ -158,7 +205,7 @@ def _warmup_state(root: Path, warmup: Path | None) -> dict[str, Any]:
 def _trainer_after_warmup(params: Params, root: Path, warmup: Path | None, sink,
                           state: dict[str, Any] | None = None) -> Trainer:
     state = state or _warmup_state(root, warmup)
-    trainer = Trainer(params, build_model(params.model), _splits(params, root), sink)
+    trainer = Trainer(params, build_model(params.model, load_weights=False), _splits(params, root), sink)
     trainer.load_state_dict(state)  # the XBM phase then sets its own lr (train.lr), whatever the warm-up's was
     return trainer
 
@@ -242,7 +289,7 @@ def load_model(params: Params, root: Path, artifacts: Path | None = None) -> tup
     if state["model_params"] != _model_params(params):
         raise ValueError(f"the trained model was built with model = {state['model_params']}, the params say "
                          f"{_model_params(params)}: run the train_xbm stage again")
-    model = build_model(params.model)
+    model = build_model(params.model, load_weights=False)
     model.load_state_dict(state["model"])
     return model, int(state["step"])
 
@@ -350,7 +397,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     if not is_main_process():
         logging.getLogger("pipeline").setLevel(logging.WARNING)  # one rank speaks
         logging.getLogger("xbmcore").setLevel(logging.WARNING)
-    fn = {"download": run_download, "warmup": run_warmup, "memory_init": run_memory_init,
+    fn = {"download": run_download, "pretrain": run_pretrain, "warmup": run_warmup, "memory_init": run_memory_init,
           "train_xbm": run_train_xbm, "evaluate": run_evaluate}[stage]
     try:
         fn(params, root)

@@ -30,6 +30,9 @@ class SyntheticParams(_Section):
     classes_per_superclass: int = Field(10, ge=1)
     image_size: int = Field(32, ge=16, le=256)
     seed: int = 0
+    # Classes rendered after the num_classes of train, val and test, in super-classes of their own: the `pretrain`
+    # split, the same image family with other classes (as ImageNet is to SOP), for the pretrain stage.
+    pretrain_classes: int = Field(0, ge=0, le=20000)
 
     @model_validator(mode="after")
     def _range(self) -> "SyntheticParams":
@@ -37,6 +40,12 @@ class SyntheticParams(_Section):
             raise ValueError(
                 f"images_per_class_max ({self.images_per_class_max}) must be >= images_per_class_min "
                 f"({self.images_per_class_min})"
+            )
+        if self.pretrain_classes and self.num_classes % self.classes_per_superclass:
+            raise ValueError(
+                f"num_classes ({self.num_classes}) must be a multiple of classes_per_superclass "
+                f"({self.classes_per_superclass}) with pretrain_classes: no super-class may hold both pretraining "
+                f"classes and classes of train, val or test"
             )
         return self
 
@@ -83,7 +92,9 @@ class DataParams(_Section):
 class ModelParams(_Section):
     backbone: Literal["smallcnn", "resnet18", "resnet50"] = "smallcnn"
     embedding_dim: int = Field(128, ge=2)
-    pretrained: Literal["none", "imagenet"] = "none"
+    # none, imagenet (torchvision's weights for the ResNets), or the path of a local weights file: the pretrain
+    # stage's output, or any state dict of this model or of its backbone (a torchvision checkpoint, say).
+    pretrained: str = "none"
     freeze_bn: bool = False
     # smallcnn's normalisation: batch statistics (BatchNorm) or per-image channel groups (GroupNorm), which does
     # not depend on what else is in the batch and so trains the same at any batch size.
@@ -91,6 +102,25 @@ class ModelParams(_Section):
     # With several processes, BatchNorm over the whole global batch (SyncBatchNorm) instead of each rank's part:
     # what one process with the global batch computes. A training choice: the saved model has plain BatchNorm.
     sync_bn: bool = False
+
+    @model_validator(mode="after")
+    def _pretrained(self) -> "ModelParams":
+        if not self.pretrained.strip():
+            raise ValueError("pretrained: expected none, imagenet or the path of a weights file, got an empty string")
+        return self
+
+
+class PretrainParams(_Section):
+    """The pretrain stage: the model trained as a classifier with a normalised softmax (cosine logits over one
+    learned proxy per class, divided by a temperature) on the dataset's pretrain split."""
+
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    temperature: float = Field(0.05, gt=0.0)
+    seed: int = 0
+    num_threads: int | None = Field(None, ge=1)
 
 
 class LossParams(_Section):
@@ -133,6 +163,8 @@ class TrainParams(_Section):
     warmup_steps: int | Literal["auto"] = 300
     warmup_drift: float = Field(0.35, gt=0.0)
     warmup_drift_dt: int = Field(100, ge=1)
+    # auto: the rule reads the mean of D over this many consecutive probes (1: the last probe alone).
+    warmup_drift_window: int = Field(3, ge=1)
     warmup_min_steps: int = Field(200, ge=0)
     warmup_max_steps: int = Field(3000, ge=1)
     # The drift probe (xbmcore.drift): D(t; dt) of `drift_probe` fixed training images (0: off) every
@@ -289,6 +321,7 @@ class ServeParams(_Section):
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
     loss: LossParams = LossParams()
     memory: MemoryParams = MemoryParams()
     train: TrainParams = TrainParams()

@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ import torchvision
 from torch import nn
 
 from xbmcore.config import ModelParams
+from xbmcore.pretrain import SKIPPED
 
 # torchvision builder and weights enum per backbone; the feature width is read off the built network.
 _RESNETS = {
@@ -107,13 +109,57 @@ def _load_imagenet(net: nn.Module, backbone: str, weights: torchvision.models.We
     net.load_state_dict(state)
 
 
-def build_model(p: ModelParams) -> EmbeddingNet:
-    """Build the embedding network described by the `model` section of params.yaml."""
+def load_pretrained(net: EmbeddingNet, path: str | Path) -> None:
+    """Load a local weights file into `net`: a state dict of the whole model (keys backbone.*, head.*: the pretrain
+    stage's output), or of its backbone alone, such as a torchvision checkpoint (its classifier fc.* is left out,
+    as with imagenet). A dict that wraps it under "model" or "state_dict", and DDP's "module." prefix, are
+    accepted. Any other missing or unexpected key, or a shape that differs, is an error that names it."""
+    path = Path(path)
+    where = f"model.pretrained: {path}"
+    if not path.is_file():
+        raise ValueError(f"{where} is not a file (expected none, imagenet or the path of a weights file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or pickled objects beyond tensors
+        raise ValueError(f"{where} could not be read as torch weights ({type(err).__name__}: {err})") from err
+    if isinstance(state, dict) and isinstance(state.get(SKIPPED), str):
+        raise ValueError(f"{where} holds no weights: {state[SKIPPED]}")
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{where} holds no state dict (expected a mapping of parameter names to tensors)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith(("backbone.", "head.")) for k in state):
+        target, what = net, "the model"
+    else:
+        target, what = net.backbone, "the backbone"
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = target.state_dict()
+
+    def names(keys: list[str]) -> str:  # a whole other architecture would list hundreds
+        return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    problems = [f"missing {names(missing)}" if missing else "",
+                f"unexpected {names(unexpected)}" if unexpected else "",
+                names([f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+                       for k, v in own.items() if k in state and state[k].shape != v.shape])]
+    problems = [x for x in problems if x]
+    if problems:
+        raise ValueError(f"{where} does not fit {what} ({type(target).__name__}): {'; '.join(problems)}")
+    target.load_state_dict(state)
+
+
+def build_model(p: ModelParams, load_weights: bool = True) -> EmbeddingNet:
+    """Build the embedding network described by the `model` section of params.yaml, with its pretrained weights
+    unless `load_weights` is False (a caller that loads trained weights next needs neither the download nor the
+    file)."""
+    local = p.pretrained not in ("none", "imagenet")
     if p.backbone == "smallcnn":
-        if p.pretrained != "none":
-            raise ValueError(
-                f"model.pretrained: smallcnn has no pretrained weights, expected 'none', got {p.pretrained!r}"
-            )
+        if p.pretrained == "imagenet":
+            raise ValueError("model.pretrained: smallcnn has no ImageNet weights; expected none or the path of a "
+                             "weights file (the pretrain stage's, say), got 'imagenet'")
         backbone: nn.Module = SmallCNN(norm=p.norm)
         feat_dim = backbone.out_channels
     elif p.backbone in _RESNETS:
@@ -122,7 +168,7 @@ def build_model(p: ModelParams) -> EmbeddingNet:
                              f"BatchNorm (use model.freeze_bn with pretrained weights and small batches)")
         builder, weights = _RESNETS[p.backbone]
         net = builder(weights=None)
-        if p.pretrained == "imagenet":
+        if p.pretrained == "imagenet" and load_weights:
             _load_imagenet(net, p.backbone, weights)
         feat_dim = net.fc.in_features
         # Everything up to the last stage; our pooling and head replace avgpool and fc.
@@ -137,4 +183,7 @@ def build_model(p: ModelParams) -> EmbeddingNet:
             "freezing is meant for pretrained backbones",
             stacklevel=2,
         )
-    return EmbeddingNet(backbone, feat_dim, p.embedding_dim, freeze_bn=p.freeze_bn)
+    model = EmbeddingNet(backbone, feat_dim, p.embedding_dim, freeze_bn=p.freeze_bn)
+    if local and load_weights:
+        load_pretrained(model, p.pretrained)
+    return model

@@ -74,8 +74,8 @@ _OBJECTIVE = ("loss", "loss_batch", "loss_memory", "pos_pairs", "neg_pairs", "me
 # with a message rather than silently started over.
 _OPERATIONAL = ("checkpoint_every", "eval_every", "num_threads", "device", "precision", "log_every", "nproc")
 # The drift probe's and the auto warm-up's: they decide what is computed only when the warm-up ends on drift.
-_DRIFT = ("drift_probe", "drift_every", "drift_dts", "warmup_drift", "warmup_drift_dt", "warmup_min_steps",
-          "warmup_max_steps")
+_DRIFT = ("drift_probe", "drift_every", "drift_dts", "warmup_drift", "warmup_drift_dt", "warmup_drift_window",
+          "warmup_min_steps", "warmup_max_steps")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,6 +146,10 @@ def training_digest(params: Params, phase: str) -> str:
     keeps a warm-up checkpoint valid.
     """
     d = params.model_dump(mode="json")
+    weights = Path(d["model"]["pretrained"])
+    if d["model"]["pretrained"] not in ("none", "imagenet") and weights.is_file():
+        # The file's bytes, not its name: a warm-up begun from other pretrained weights must not be resumed.
+        d["model"]["pretrained"] = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
     skip = _OPERATIONAL + (() if d["train"]["warmup_steps"] == "auto" else _DRIFT)
     train = {k: v for k, v in d["train"].items() if k not in skip}
     keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train, "code": code_fingerprint()}
@@ -369,19 +373,25 @@ class StopOnSignals(Hook):
 class DriftMonitor(Hook):
     """The drift probe (xbmcore.drift) as a hook: it observes the model where a phase (re)starts and after every
     step, emits a `drift` event per probe step, and ends an auto warm-up (`train.warmup_steps: auto`) at the
-    first probe step t >= warmup_min_steps with D(t; warmup_drift_dt) < warmup_drift; the phase's own length,
-    warmup_max_steps, bounds it from above."""
+    first probe step t >= warmup_min_steps where the mean of D(t; warmup_drift_dt) over the last
+    warmup_drift_window probes is below warmup_drift; the phase's own length, warmup_max_steps, bounds it from
+    above."""
 
     def on_phase_start(self, trainer: "Trainer") -> None:
         self._observe(trainer)
 
     def on_step(self, trainer: "Trainer") -> None:
         D, t = self._observe(trainer), trainer.params.train
-        if D is None or trainer.phase != "warmup" or t.warmup_steps != "auto" or trainer.step < t.warmup_min_steps \
-                or not D.get(t.warmup_drift_dt, float("inf")) < t.warmup_drift:
+        if D is None or trainer.phase != "warmup" or t.warmup_steps != "auto" or trainer.step < t.warmup_min_steps:
             return
-        log.info("warm-up ends at step %d: D(t; %d) = %.4g < train.warmup_drift = %g", trainer.step,
-                 t.warmup_drift_dt, D[t.warmup_drift_dt], t.warmup_drift)
+        # The mean over the last warmup_drift_window probes: one probe's D of a few images is noisy, and a single
+        # low value would end the warm-up at a dip rather than where drift has settled.
+        last = [h["D"][t.warmup_drift_dt] for h in trainer.probe.history
+                if t.warmup_drift_dt in h["D"]][-t.warmup_drift_window:]
+        if len(last) < t.warmup_drift_window or not sum(last) / len(last) < t.warmup_drift:
+            return
+        log.info("warm-up ends at step %d: D(t; %d) = %.4g over the last %d probes < train.warmup_drift = %g",
+                 trainer.step, t.warmup_drift_dt, sum(last) / len(last), len(last), t.warmup_drift)
         trainer.state.warmup_end = trainer.step
         trainer.last_checkpoint = None  # rewrite this step's checkpoint with the end in it: a resume stops here
         trainer.checkpoint()

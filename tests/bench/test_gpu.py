@@ -108,6 +108,7 @@ def test_quick_knn_equals_float64_reference(quick):
 def test_quick_end_to_end_learns(quick):
     e2e = quick[0]["sections"]["end_to_end"]
     assert e2e["warmup_steps"] == 40 and e2e["xbm_steps"] == 40
+    assert set(e2e["phase_seconds"]) == {"pretrain", "warmup", "memory_init", "xbm", "evaluate_test"}
     assert e2e["memory_fill"] == 1.0
     assert e2e["images_per_s_median"]["xbm"] > 0
     chance = e2e["chance_recall_at_1"]

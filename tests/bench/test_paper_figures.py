@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import csv
+import json
 
 from bench import paper_figures
 
 TINY = ["-S", "data.synthetic.num_classes=24", "-S", "data.synthetic.image_size=16", "-S", "data.train_size=16",
         "-S", "data.test_resize=16", "-S", "data.test_size=16", "-S", "data.val_fraction=0.25",
         "-S", "train.drift_probe=8", "-S", "train.warmup_steps=4", "-S", "train.xbm_steps=4",
-        "-S", "train.drift_every=2", "-S", "train.drift_dts=[2,4]"]
+        "-S", "train.drift_every=2", "-S", "train.drift_dts=[2,4]", "-S", "data.synthetic.pretrain_classes=0",
+        "-S", "model.pretrained=none"]
 
 
 def rows(out):
@@ -35,6 +37,13 @@ def test_runs_rows_resume_and_figures(tmp_path, capsys):
     with open(out / "drift" / f"{drift['key']}.csv", newline="") as f:
         hist = list(csv.DictReader(f))
     assert [h["step"] for h in hist] == ["0", "2", "4", "6", "8"] and hist[-1]["D_2"] and hist[-1]["D_4"]
+    # The Markdown drift table holds the CSV's values at the probe steps it picks (step 0 has none yet).
+    capsys.readouterr()
+    assert paper_figures.main([*argv, "--plot", "--markdown"]) == 0
+    table = [x for x in capsys.readouterr().err.splitlines() if x.startswith("| ") and "D(t" not in x]
+    want = {f"| {h['step']}{' (memory on)' if h['step'] == drift['warmup_end'] else ''} | {float(h['D_2']):.3f} | "
+            + (f"{float(h['D_4']):.3f} |" if h["D_4"] else " |") for h in hist if h["D_2"]}
+    assert want <= set(table) and len(want) == 4
     assert sorted(p.name for p in docs.iterdir()) == ["paper_drift.png", "paper_fig1a_batch.png",
                                                        "paper_fig1b_ratio.png"]
     # Run again: every row is there, so nothing is trained and the CSV is unchanged.
@@ -85,3 +94,21 @@ def test_order_ablation_reuses_the_rows_of_a_csv_from_before_the_setting(tmp_pat
     off, after, before = (float(r["recall@1"]) for r in got if r["norm"] == "batch")
     line = next(x for x in md.splitlines() if x.startswith("| 8 | 0 |"))
     assert line == f"| 8 | 0 | {off:.4f} | {after:.4f} | {before:.4f} | {100 * (before - after):+.1f} |"
+
+
+def test_validation_runs_are_rows_of_their_own_and_stay_out_of_the_figures(tmp_path, capsys):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    base = ["--out", str(out), "--docs", str(docs), "--batches", "8", "--seeds", "0", "--only", "fig1a",
+            "--warmup-steps", "3", "--xbm-steps", "3", *TINY]
+    assert paper_figures.main([*base, "--split", "val"]) == 0
+    assert paper_figures.main(base) == 0
+    got = rows(out)
+    val, test = [r for r in got if r["split"] == "val"], [r for r in got if r["split"] == "test"]
+    assert len(val) == len(test) == 4  # BatchNorm and GroupNorm, with and without XBM: the same runs, twice
+    assert {r["key"] for r in val} == {r["key"] + "-val" for r in test}
+    assert {r["recall@1"] for r in val} != {r["recall@1"] for r in test}  # other classes, other values
+    capsys.readouterr()
+    assert paper_figures.main([*base, "--plot", "--markdown"]) == 0
+    summary = capsys.readouterr().out
+    seen = {v for row in json.loads(summary)["table"] for v in row["recall@1"]["runs"]}
+    assert seen == {float(r["recall@1"]) for r in test}

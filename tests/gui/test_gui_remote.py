@@ -35,14 +35,15 @@ def step_event(step: int) -> dict:
 class ServerRunLog:
     """A training run on 'another machine': params and per-step metrics sent as the pipeline sends them."""
 
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, experiment: str, warmup_steps: int | str = WARMUP):
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment) or None
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
         run = self.client.create_run(exp_id, run_name=f"{experiment}-run", tags={"xbm.stage": "train_xbm"})
         self.run_id = run.info.run_id
-        for k, v in {"train.warmup_steps": WARMUP, "train.xbm_steps": XBM, "memory.enabled": True,
-                     "data.name": "synthetic", "loss.name": "contrastive"}.items():
+        for k, v in {"train.warmup_steps": warmup_steps, "train.warmup_max_steps": 3 * WARMUP,
+                     "train.xbm_steps": XBM, "memory.enabled": True, "data.name": "synthetic",
+                     "loss.name": "contrastive"}.items():
             self.client.log_param(self.run_id, k, v)
 
     def log(self, steps, evals=()) -> None:
@@ -53,6 +54,24 @@ class ServerRunLog:
             sink.emit(make_event("eval", s, phase="xbm", split="val", metrics={"recall@1": v}))
         sink.close()
         assert sink.dropped == 0
+
+
+def test_a_run_with_an_auto_warmup_is_followed_by_its_warmup_end_tag(mlflow_server):
+    run = ServerRunLog(mlflow_server.uri, "remote-auto", warmup_steps="auto")
+    run.log(range(1, 16))
+    remote = RemoteRun(Server(mlflow_server.uri), run.run_id)
+    events = remote.poll()  # the warm-up still running: its end is not known yet, every step is the warm-up's
+    assert events[0]["total_steps"] == 3 * WARMUP + XBM  # at most warmup_max_steps + the XBM phase
+    assert {e["phase"] for e in events if e["kind"] == "step"} == {"warmup"}
+    assert [e["step"] for e in events if e["kind"] == "step"] == list(range(1, 16))
+    # The warm-up stage tags where it ended; the XBM phase's steps follow.
+    run.client.set_tag(run.run_id, "warmup_end", str(WARMUP))
+    run.log(range(16, 26))
+    events = remote.poll()
+    assert [(e["phase"], e["step"]) for e in events if e["kind"] == "phase"] == \
+        [("memory_init", WARMUP), ("xbm", WARMUP)]
+    assert [(e["step"], e["phase"]) for e in events if e["kind"] == "step"] == \
+        [(s, "warmup" if s <= WARMUP else "xbm") for s in range(16, 26)]
 
 
 def test_remote_run_reads_only_new_steps(mlflow_server):

@@ -26,8 +26,9 @@ def test_dvc_repro_on_a_folder_of_jpegs(tmp_path):
     git(root, "commit", "-qm", "project")
 
     out = dvc(root, "repro")
-    for stage in ("download", "warmup", "memory_init", "train_xbm", "evaluate"):
+    for stage in ("download", "pretrain", "warmup", "memory_init", "train_xbm", "evaluate"):
         assert f"Running stage '{stage}'" in out.stdout
+    assert "pretrain: skipped: the folder dataset has no pretrain split" in out.stderr + out.stdout
     prepared = root / "data" / "prepared" / "folder"
     meta = json.loads((prepared / "meta.json").read_text())
     assert meta["storage"] == "cache" and meta["num_images"] == 48

@@ -27,10 +27,10 @@ def git(root, *args) -> None:
                    check=True, capture_output=True)
 
 
-def project(root):
-    """A git + DVC project with the tiny params, committed."""
+def project(root, **sections):
+    """A git + DVC project with the tiny params (and `sections`), committed."""
     copy_project(root)
-    write_params(root)
+    write_params(root, **sections)
     (root / ".gitignore").write_text(GITIGNORE)
     git(root, "init", "-q")
     dvc(root, "init", "-q")
@@ -40,10 +40,10 @@ def project(root):
 
 
 def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
-    root = project(tmp_path)
+    root = project(tmp_path, model={"pretrained": "artifacts/pretrain/model.pt"})  # the committed chain
 
     out = dvc(root, "repro")
-    for stage in ("download", "warmup", "memory_init", "train_xbm", "evaluate"):
+    for stage in ("download", "pretrain", "warmup", "memory_init", "train_xbm", "evaluate"):
         assert f"Running stage '{stage}'" in out.stdout
     metrics = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     test = next(iter(metrics.values()))["data"]["metrics.json"]["data"]["test"]  # the workspace
@@ -73,7 +73,8 @@ def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
     assert data["params"]["params.yaml"]["data"]["memory"]["ratio"] == 0.2
     assert "recall@1" in data["metrics"]["metrics.json"]["data"]["test"]
     # The memory and the XBM phase's length are not the warm-up's business: changing them leaves it cached.
-    write_params(root, memory={"ratio": 0.3}, loss={"margin": 0.4}, train={"xbm_steps": 10})
+    write_params(root, model={"pretrained": "artifacts/pretrain/model.pt"}, memory={"ratio": 0.3},
+                 loss={"margin": 0.4}, train={"xbm_steps": 10})
     changed = json.loads(dvc(root, "status", "--json").stdout)
     assert set(changed) == {"memory_init", "train_xbm"}  # evaluate follows once model.pt changes
 

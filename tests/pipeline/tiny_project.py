@@ -1,4 +1,5 @@
-"""A tiny configuration of the pipeline for tests: 24 synthetic classes of 16 px images, a few steps per phase."""
+"""A tiny configuration of the pipeline for tests: 24 synthetic classes of 16 px images (and 8 to pretrain on), a
+few steps per phase."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 TINY = {
-    "data": {"train_size": 16, "test_resize": 16, "test_size": 16, "train_crop_scale": [0.8, 1.0],
+    "data": {"train_size": 16, "test_resize": 16, "test_size": 16, "train_crop_scale": [0.8, 1.0], "val_fraction": 0.2,
              "synthetic": {"num_classes": 24, "images_per_class_min": 4, "images_per_class_max": 6,
-                           "classes_per_superclass": 4, "image_size": 16}},
-    "model": {"embedding_dim": 16},
+                           "classes_per_superclass": 4, "image_size": 16, "pretrain_classes": 8}},
+    # From scratch: a test that wants the pretrained start runs the pretrain stage and sets model.pretrained.
+    "model": {"embedding_dim": 16, "pretrained": "none"},
+    "pretrain": {"steps": 6, "batch_size": 8, "num_threads": 1},
     "train": {"batch_size": 8, "images_per_class": 2, "warmup_steps": 6, "xbm_steps": 8, "checkpoint_every": 4,
               "eval_every": 4, "num_threads": 1, "lr": 0.003, "warmup_lr": 0.003,
               "lr_schedule": "cosine", "drift_probe": 8, "drift_every": 2, "drift_dts": [2, 4]},
@@ -79,6 +82,7 @@ def run_pipeline_in_process(root: Path):
         os.environ.pop(var, None)
     p = validate_params(tiny_params())
     stages.run_download(p, root)
+    stages.run_pretrain(p, root)
     stages.run_warmup(p, root)
     stages.run_memory_init(p, root)
     stages.run_train_xbm(p, root)

@@ -5,6 +5,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,12 @@ from xbmcore.data.synthetic import _exp2, _log2, _sincos, _superellipse, generat
 # metrics.json, the README's figures) must be measured again.
 SMALL = dict(num_classes=40, classes_per_superclass=5, image_size=16, seed=7)
 SMALL_SHA = "9cd7d80f4cce49543e73b90b59c5e0de4c2ab2da58a3556f1f58e171e3d8cfe8"
+# The same with 10 pretraining classes after the 40 (their own 2 super-classes): other bytes for every class,
+# as the random stream now draws 50 classes' parameters.
+SMALL_PRETRAIN_SHA = "6bd5400ce1ebf31c10c12f4e73e10a7fea0f18f90170e58bc6255591f5832b9b"
 DEFAULT_SHA = "0c5d9ee1c2d316b8600a97e6834c82c1c4dfc453097d737fe33a6dc154502def"
+# params.yaml's benchmark: 9,000 classes plus 2,000 pretraining classes, 57,740 images.
+BENCHMARK_SHA = "beecaa8d247d005816de326077221a0872a75a09df30c3a929dd85ff012b3724"
 # numpy's SIMD levels whose transcendental kernels gave other bytes before the generator avoided them.
 DISPATCH_OFF = ["X86_V4 AVX512_ICL AVX512_SPR", "X86_V3 X86_V4 AVX512_ICL AVX512_SPR"]
 _HASH = """
@@ -71,6 +77,25 @@ def test_structure_counts_and_disjoint_splits(tmp_path):
     assert (s.train.num_classes, s.val.num_classes, s.test.num_classes) == (15, 5, 20)
     assert len(s.train) + len(s.val) + len(s.test) == len(images)
     assert s.query is None and s.gallery is None
+
+
+def test_the_pretrain_split_shares_no_class_or_super_class_with_the_others(tmp_path):
+    p = tiny(tmp_path, val_fraction=0.25, synthetic={"pretrain_classes": 15})
+    out = prepare_dataset(p, tmp_path, progress=False)
+    index = read_index(out, array_backed=True)
+    assert len(index) == num_images(p.synthetic) == len(np.load(out / "images.npy", mmap_mode="r"))
+    classes = {s: set(index.labels[index.splits == s].tolist()) for s in ("train", "val", "test", "pretrain")}
+    supers = {s: set(index.super_labels[index.splits == s].tolist()) for s in classes}
+    # The 40 classes split as without pretraining classes; the 15 more, in 3 super-classes of their own, pretrain.
+    assert classes == {"train": set(range(15)), "val": set(range(15, 20)), "test": set(range(20, 40)),
+                       "pretrain": set(range(40, 55))}
+    assert supers["pretrain"] == {8, 9, 10}
+    assert not supers["pretrain"] & (supers["train"] | supers["val"] | supers["test"])
+    s = open_splits(out, p)
+    assert s.pretrain.num_classes == 15 and s.pretrain.train and not s.test.train  # augmented like train
+    assert sorted(set(s.pretrain.labels.tolist())) == list(range(15))  # contiguous, for a classifier
+    with pytest.raises(ValueError, match=r"num_classes \(42\) must be a multiple of classes_per_superclass \(5\)"):
+        SyntheticParams(num_classes=42, classes_per_superclass=5, pretrain_classes=10)
 
 
 def test_generate_matches_prepared_array_and_images_vary(tmp_path):
@@ -172,7 +197,16 @@ def set_sha(**kw) -> str:
 
 def test_golden_bytes():
     assert set_sha(**SMALL) == SMALL_SHA
-    assert set_sha() == DEFAULT_SHA  # the default benchmark (6,698 images, ~5 s)
+    assert set_sha(**SMALL, pretrain_classes=10) == SMALL_PRETRAIN_SHA
+    assert set_sha() == DEFAULT_SHA  # the schema's defaults (6,698 images, ~5 s)
+
+
+def test_golden_bytes_of_the_committed_benchmark():
+    import yaml
+
+    params_yaml = Path(__file__).resolve().parents[2] / "params.yaml"
+    synthetic = yaml.safe_load(params_yaml.read_text())["data"]["synthetic"]
+    assert set_sha(**synthetic) == BENCHMARK_SHA  # ~25 s of one core
 
 
 @pytest.mark.parametrize("disabled", DISPATCH_OFF)

@@ -90,24 +90,35 @@ def _reference_drift(steps: int) -> dict[int, float]:
     return {h["step"]: h["D"][2] for h in trainer.probe.history if 2 in h["D"]}
 
 
-def test_auto_warmup_stops_at_the_first_probe_under_the_threshold_within_its_bounds():
-    D = _reference_drift(40)
+def _smoothed(D: dict[int, float], window: int) -> dict[int, float]:
+    """Per probe step, the mean of D over it and the window - 1 probes before it (where there are that many)."""
     steps = sorted(D)
-    # A threshold that the series first crosses after step 10: the warm-up must stop exactly there.
+    return {t: float(np.mean([D[u] for u in steps[i + 1 - window:i + 1]]))
+            for i, t in enumerate(steps) if i + 1 >= window}
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_auto_warmup_stops_at_the_first_probe_under_the_threshold_within_its_bounds(window):
+    D = _smoothed(_reference_drift(40), window)
+    steps = sorted(D)
+    # A threshold that the (smoothed) series first crosses after step 10: the warm-up must stop exactly there.
     lo = 12
     thr = float(np.nextafter(min(D[t] for t in steps if t >= lo), np.inf))
     first = next(t for t in steps if t >= 6 and D[t] < thr)
     assert first >= lo
-    trainer, sink = make(_auto(warmup_drift=thr, warmup_min_steps=6, warmup_max_steps=40))
+    trainer, sink = make(_auto(warmup_drift=thr, warmup_min_steps=6, warmup_max_steps=40,
+                               warmup_drift_window=window))
     trainer.train_phase("warmup", trainer.params.train.warmup_budget)
     assert trainer.step == trainer.warmup_end == first
     assert [e["step"] for e in sink.of("step")][-1] == first
     # The lower bound: under the threshold early on, but not before warmup_min_steps.
-    trainer, _ = make(_auto(warmup_drift=1e9, warmup_min_steps=7, warmup_max_steps=40))
+    trainer, _ = make(_auto(warmup_drift=1e9, warmup_min_steps=7, warmup_max_steps=40,
+                            warmup_drift_window=window))
     trainer.train_phase("warmup", 40)
     assert trainer.step == 8  # the first probe step >= 7
     # The upper bound: never under it, so the phase's length (warmup_max_steps) ends it.
-    trainer, _ = make(_auto(warmup_drift=1e-12, warmup_min_steps=0, warmup_max_steps=14))
+    trainer, _ = make(_auto(warmup_drift=1e-12, warmup_min_steps=0, warmup_max_steps=14,
+                            warmup_drift_window=window))
     trainer.train_phase("warmup", 14)
     assert trainer.step == trainer.warmup_end == 14
 

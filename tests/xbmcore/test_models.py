@@ -103,9 +103,79 @@ def test_pretrained_weights_are_loaded(monkeypatch):
                                rtol=0, atol=0)
 
 
-def test_smallcnn_has_no_pretrained_weights():
-    with pytest.raises(ValueError, match="smallcnn has no pretrained weights"):
+def test_smallcnn_has_no_imagenet_weights():
+    with pytest.raises(ValueError, match="smallcnn has no ImageNet weights"):
         build_model(ModelParams(backbone="smallcnn", pretrained="imagenet"))
+
+
+def _random_state(module):
+    return {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("wrap", [None, "model", "state_dict", "module."])
+def test_a_local_file_of_the_whole_model_is_loaded(tmp_path, wrap):
+    source = smallcnn(embedding_dim=16)
+    state = _random_state(source)
+    if wrap == "module.":  # saved from a DistributedDataParallel
+        saved = {f"module.{k}": v for k, v in state.items()}
+    else:
+        saved = state if wrap is None else {wrap: state, "step": torch.tensor(3)}
+    torch.save(saved, tmp_path / "w.pt")
+    model = smallcnn(embedding_dim=16, pretrained=str(tmp_path / "w.pt"))
+    assert _same(model.state_dict(), state)
+    # A caller that loads trained weights next does not need the file.
+    (tmp_path / "w.pt").unlink()
+    assert not _same(build_model(ModelParams(embedding_dim=16, pretrained=str(tmp_path / "w.pt")),
+                                 load_weights=False).state_dict(), state)
+
+
+def test_a_torchvision_checkpoint_loads_into_the_backbone_without_its_classifier(tmp_path):
+    state = _random_state(torchvision.models.resnet18())  # conv1.* ... layer4.*, fc.* as torchvision saves it
+    torch.save(state, tmp_path / "resnet18.pth")
+    torch.manual_seed(0)
+    model = build_model(ModelParams(backbone="resnet18", embedding_dim=8, pretrained=str(tmp_path / "resnet18.pth")))
+    torch.testing.assert_close(model.backbone.conv1.weight, state["conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.backbone.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"],
+                               rtol=0, atol=0)
+
+
+def test_a_file_that_does_not_fit_is_named_with_its_keys_and_shapes(tmp_path):
+    state = _random_state(smallcnn(embedding_dim=16))
+    bad = {k: v for k, v in state.items() if k != "head.bias"}
+    bad["head.extra"] = torch.zeros(2)
+    bad["backbone.0.0.weight"] = torch.zeros(5, 3, 3, 3)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError) as info:
+        smallcnn(embedding_dim=16, pretrained=str(tmp_path / "bad.pt"))
+    msg = str(info.value)
+    assert f"model.pretrained: {tmp_path / 'bad.pt'} does not fit the model (EmbeddingNet)" in msg
+    assert "missing head.bias" in msg and "unexpected head.extra" in msg
+    assert "backbone.0.0.weight has shape (5, 3, 3, 3), expected (32, 3, 3, 3)" in msg
+    # A backbone-only file of another architecture: the backbone's own key names come back.
+    torch.save(_random_state(torchvision.models.resnet18()), tmp_path / "resnet18.pth")
+    with pytest.raises(ValueError, match=r"does not fit the backbone \(SmallCNN\): missing 0\.0\.weight, .* and 16 more; "
+                                         r"unexpected bn1\.bias, .* and \d+ more$"):
+        smallcnn(embedding_dim=16, pretrained=str(tmp_path / "resnet18.pth"))
+
+
+def test_a_missing_or_unreadable_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"model.pretrained: .*nothere.pt is not a file \(expected none, imagenet"):
+        smallcnn(pretrained=str(tmp_path / "nothere.pt"))
+    (tmp_path / "text.pt").write_text("not weights")
+    with pytest.raises(ValueError, match=r"text.pt could not be read as torch weights"):
+        smallcnn(pretrained=str(tmp_path / "text.pt"))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list.pt holds no state dict"):
+        smallcnn(pretrained=str(tmp_path / "list.pt"))
+    torch.save({"pretrain_skipped": "the sop dataset has no pretrain split"}, tmp_path / "skipped.pt")
+    with pytest.raises(ValueError, match=r"skipped.pt holds no weights: the sop dataset has no pretrain split"):
+        smallcnn(pretrained=str(tmp_path / "skipped.pt"))
+    with pytest.raises(ValueError, match="pretrained: expected none, imagenet or the path"):
+        ModelParams(pretrained=" ")
 
 
 def test_group_norm_smallcnn_does_not_depend_on_the_rest_of_the_batch():

@@ -35,7 +35,8 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.csv"
 META_FILE = "meta.json"
 ARRAY_FILE = "images.npy"
-SPLITS = ("train", "val", "test", "query", "gallery")
+# pretrain: classes kept apart from the others for the pretrain stage (the synthetic set's pretrain_classes).
+SPLITS = ("train", "val", "test", "query", "gallery", "pretrain")
 COLUMNS = ("item", "label", "split", "super_label")
 
 

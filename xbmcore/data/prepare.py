@@ -47,6 +47,7 @@ class Splits:
     test: ImageDataset | None = None
     query: ImageDataset | None = None
     gallery: ImageDataset | None = None
+    pretrain: ImageDataset | None = None  # classes of their own, for the pretrain stage (augmented like train)
     name: str = ""
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
     class_names: list[str] | None = None  # name of class id k (own layouts), None where ids are the dataset's own
@@ -131,8 +132,10 @@ def _prepare_synthetic(out: Path, p: DataParams, recipe: dict) -> None:
         arr.flush()
         del arr
     seconds = time.perf_counter() - t0
-    # Zero-shot protocol: the first half of the classes train, the second half test.
-    splits = np.where(data.labels < sp.num_classes // 2, "train", "test").astype(object)
+    # Zero-shot protocol: the first half of the classes train, the second half test; the pretraining classes
+    # come after both.
+    splits = np.select([data.labels < sp.num_classes // 2, data.labels < sp.num_classes], ["train", "test"],
+                       "pretrain").astype(object)
     index = carve_val(Index(np.arange(len(data.labels), dtype=np.int64), data.labels, splits, data.super_labels),
                       p.val_fraction)
     # No timing in meta.json: the folder must be byte-identical for the same params (DVC hashes it).
@@ -307,12 +310,12 @@ def open_splits(prepared_dir: Path, p: DataParams) -> Splits:
             raise ValueError(f"{prepared_dir}: the cache was built at data.cache_size {meta['cache_size']}, but "
                              f"data.cache_size is {p.cache_size}; prepare it again (python -m pipeline.download)")
     sets: dict[str, ImageDataset] = {}
-    for split in ("train", "val", "test", "query", "gallery"):
+    for split in ("train", "val", "test", "query", "gallery", "pretrain"):
         m = index.splits == split
         if not m.any():
             continue
         sub = index.select(m)
-        train = split == "train"
+        train = split in ("train", "pretrain")
         if array_backed:
             sets[split] = ImageDataset.from_array(images, sub.items, sub.labels, p, train, split, sub.super_labels)
         else:

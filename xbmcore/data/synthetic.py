@@ -12,6 +12,9 @@ reproduces that structure:
                jitter, an occluder on some images, pixel noise.
 
 So siblings inside a super-class are hard negatives, and classes of different super-classes are easy ones.
+`pretrain_classes` more classes follow the `num_classes`, in super-classes of their own: a pretraining split of
+the same image family whose classes and super-classes no other split holds. With none, the bytes are those of a
+generator without them.
 Rendering is vectorised with numpy over chunks of images (anti-aliased signed-distance shapes), float32 until a
 single rounding to uint8.
 
@@ -121,17 +124,22 @@ class SyntheticSet:
     super_labels: np.ndarray  # N int64 super-class ids
 
 
+def total_classes(p: SyntheticParams) -> int:
+    """Classes rendered: num_classes (train, val, test), then pretrain_classes (the pretrain split)."""
+    return p.num_classes + p.pretrain_classes
+
+
 def images_per_class(p: SyntheticParams, rng: np.random.Generator) -> np.ndarray:
     # Skewed towards the minimum (n = min + floor(span * u^2), mean ~ min + span/3) like SOP's long tail of
-    # classes with few images: about 7 on average for the default 4..12.
+    # classes with few images: about 7 on average for 4..12, 5.25 for 4..8 (SOP: 5.3).
     span = p.images_per_class_max - p.images_per_class_min + 1
-    u = rng.random(p.num_classes)
+    u = rng.random(total_classes(p))
     return p.images_per_class_min + np.minimum((span * u * u).astype(np.int64), span - 1)
 
 
 def _describe_classes(p: SyntheticParams, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Shape and colour parameters of every class (object units: the object radius is 1)."""
-    C = p.num_classes
+    C = total_classes(p)
     S_n = -(-C // p.classes_per_superclass)
     sup = np.arange(C) // p.classes_per_superclass  # class -> super-class
     u = lambda lo, hi, size=S_n: _uniform(rng, lo, hi, size)  # noqa: E731
@@ -287,7 +295,7 @@ def generate(p: SyntheticParams, out: np.ndarray | None = None) -> SyntheticSet:
     rng = np.random.default_rng(p.seed)
     counts = images_per_class(p, rng)
     cls = _describe_classes(p, rng)
-    labels = np.repeat(np.arange(p.num_classes, dtype=np.int64), counts)
+    labels = np.repeat(np.arange(total_classes(p), dtype=np.int64), counts)
     N = len(labels)
     im = _describe_images(N, rng)
     shape = (N, 3, p.image_size, p.image_size)
