@@ -4,9 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup browser run test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Headless Chromium for the tests that look at pages (dvc plots show offline); they skip without it. Installed
+# where we are root (CI on a fresh machine); elsewhere a note.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "note: chromium is not installed; the page tests skip"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

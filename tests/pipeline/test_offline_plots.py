@@ -18,8 +18,6 @@ from headless import DeadProxy, chromium, needs_chromium
 from test_dvc_pipeline import dvc, git
 from tiny_project import REPO
 
-pytestmark = needs_chromium
-
 STEPS = 21  # points per curve
 # Chromium's own services, which it calls through the proxy whatever the page holds; any other host is the page's.
 BROWSER_HOSTS = re.compile(r"(^|\.)(google\.com|googleapis\.com|gvt1\.com)$")
@@ -132,6 +130,7 @@ def test_the_project_page_template_is_the_default_and_holds_no_external_script()
         assert f"<!-- {pkg}@" in page
 
 
+@needs_chromium
 def test_dvc_plots_show_draws_every_curve_offline(tiny_dvc, tmp_path):
     out = dvc(tiny_dvc, "plots", "show")  # no flag: the template comes from .dvc/config
     page = tiny_dvc / "dvc_plots" / "index.html"
@@ -150,6 +149,7 @@ def test_dvc_plots_show_draws_every_curve_offline(tiny_dvc, tmp_path):
     assert lines == {} and "cdn.jsdelivr.net" in hosts
 
 
+@needs_chromium
 def test_dvc_plots_diff_draws_two_experiments_offline(tiny_dvc):
     dvc(tiny_dvc, "plots", "diff", "exp-a", "exp-b")
     lines, hosts = render(tiny_dvc / "dvc_plots" / "index.html")
