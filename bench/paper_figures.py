@@ -47,7 +47,7 @@ from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("key", "figure", "loss", "norm", "batch", "memory", "ratio", "seed", "warmup", "warmup_end", "xbm_steps",
-           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split")
+           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split", "lr")
 
 
 class _NullSink:
@@ -125,7 +125,8 @@ def groups(args) -> list[dict[str, Any]]:
                 runs = []
                 if "fig1a" in args.only:
                     for enabled in (False, True):
-                        runs.append(("fig1a", [*warm, f"memory.enabled={str(enabled).lower()}", "memory.ratio=1.0"],
+                        runs.append(("fig1a", [*warm, f"memory.enabled={str(enabled).lower()}", "memory.ratio=1.0",
+                                               *([] if enabled else args.baseline_set)],
                                      dict(batch=b, memory=enabled, ratio=1.0 if enabled else 0.0)))
                 if "fig1b" in args.only and b == b0 and norm == "batch":
                     for r in args.ratios:
@@ -137,7 +138,7 @@ def groups(args) -> list[dict[str, Any]]:
         if "order" in args.only:
             for b in args.order_batches:
                 warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", "model.norm=batch"]
-                runs = [("order", [*warm, "memory.enabled=false", "memory.ratio=1.0"],
+                runs = [("order", [*warm, "memory.enabled=false", "memory.ratio=1.0", *args.baseline_set],
                          dict(batch=b, memory=False, ratio=0.0))]
                 runs += [("order", [*warm, "memory.enabled=true", "memory.ratio=1.0", f"memory.enqueue={e}"],
                           dict(batch=b, memory=True, ratio=1.0)) for e in ("before", "after")]
@@ -145,7 +146,8 @@ def groups(args) -> list[dict[str, Any]]:
         per_seed.append(mine)
     drift = [] if "drift" not in args.only else [
         {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}"], "drift": True,
-         "runs": [("drift", [f"train.seed={seed}", f"memory.enabled={str(e).lower()}"], dict(memory=e))
+         "runs": [("drift", [f"train.seed={seed}", f"memory.enabled={str(e).lower()}",
+                             *([] if e else args.baseline_set)], dict(memory=e))
                   for e in ((False, True) if args.drift_baseline else (True,))]} for seed in args.drift_seeds]
     auto = [] if "auto" not in args.only else [
         {"name": f"auto-seed{seed}", "warm": [f"train.seed={seed}", "train.warmup_steps=auto"], "drift": True,
@@ -234,7 +236,7 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
                "warmup": p.train.warmup_steps, "warmup_end": int(warm["step"]), "xbm_steps": p.train.xbm_steps,
                "recall@1": round(m["recall@1"], 4), "recall@10": round(m["recall@10"], 4),
                "map@r": round(m["map@r"], 4), "seconds": round(time.time() - t0, 1), "commit": _commit(),
-               "enqueue": p.memory.enqueue, "split": args.split, **extra}
+               "enqueue": p.memory.enqueue, "split": args.split, "lr": p.train.lr, **extra}
         if group.get("drift") and trainer.probe is not None:
             _write_drift(out / "drift" / f"{row['key']}.csv", trainer.probe.history, p.train.drift_dts)
         _append(csv_path, row)
@@ -509,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.paper_figures", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more overrides for the runs without memory: the baseline's own tuned settings (train.lr), "
+                         "after the warm-up both share")
     ap.add_argument("--only", nargs="+", default=["fig1a", "fig1b", "drift", "auto", "order"],
                     choices=["fig1a", "fig1b", "drift", "auto", "order"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

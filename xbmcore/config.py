@@ -250,8 +250,8 @@ class TuneSpace(_Section):
     # w in L = L(batch) + w * L(memory); log scale, 1.0 (the paper) in the middle.
     memory_weight: Range | None = (0.25, 2.0)
     # train.lr, the XBM phase's learning rate (log scale; train.warmup_lr is not tuned, so the warm-up is shared).
-    # Around the default 3e-4: the memory pays only while embeddings drift slowly, and at 1e-3 it hardly did.
-    lr: Range | None = (1e-4, 1e-3)
+    # Around the default 3e-5 of a pretrained start: the memory pays only while embeddings drift slowly.
+    lr: Range | None = (1e-5, 3e-4)
     # Multi-similarity parameters, used when loss.name is multi_similarity (the MS paper's values lie inside).
     ms_alpha: Range | None = (1.0, 4.0)
     ms_beta: Range | None = (20.0, 60.0)

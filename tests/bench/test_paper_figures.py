@@ -99,13 +99,16 @@ def test_order_ablation_reuses_the_rows_of_a_csv_from_before_the_setting(tmp_pat
 def test_validation_runs_are_rows_of_their_own_and_stay_out_of_the_figures(tmp_path, capsys):
     out, docs = tmp_path / "out", tmp_path / "docs"
     base = ["--out", str(out), "--docs", str(docs), "--batches", "8", "--seeds", "0", "--only", "fig1a",
-            "--warmup-steps", "3", "--xbm-steps", "3", *TINY]
+            "--warmup-steps", "3", "--xbm-steps", "3", "--baseline-set", "train.lr=0.0005", *TINY,
+            "-S", "train.lr=0.003"]
     assert paper_figures.main([*base, "--split", "val"]) == 0
     assert paper_figures.main(base) == 0
     got = rows(out)
     val, test = [r for r in got if r["split"] == "val"], [r for r in got if r["split"] == "test"]
     assert len(val) == len(test) == 4  # BatchNorm and GroupNorm, with and without XBM: the same runs, twice
     assert {r["key"] for r in val} == {r["key"] + "-val" for r in test}
+    # The baseline at its own lr (--baseline-set), XBM at the params' (-S).
+    assert {(r["memory"], r["lr"]) for r in got} == {("False", "0.0005"), ("True", "0.003")}
     assert {r["recall@1"] for r in val} != {r["recall@1"] for r in test}  # other classes, other values
     capsys.readouterr()
     assert paper_figures.main([*base, "--plot", "--markdown"]) == 0

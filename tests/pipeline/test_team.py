@@ -202,7 +202,7 @@ def test_a_study_name_reused_with_another_space_is_refused(tmp_path, postgres):
     msg = str(err.value)
     assert "study 'xbm'" in msg and "another search space" in msg
     assert "memory.ratio: [0.01, 1] log -> [0.1, 0.5] log" in msg
-    assert "train.lr: [0.0001, 0.001] log -> not searched" in msg
+    assert "train.lr: [1e-05, 0.0003] log -> not searched" in msg
     assert "loss.margin: [0.3, 0.7] -> not searched" in msg and "loss.ms_alpha: not searched -> [1, 4]" in msg
     assert len(optuna.load_study(study_name="xbm", storage=url).trials) == 2  # nothing added
     # The same space again (a bigger budget) resumes the study.
