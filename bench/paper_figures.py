@@ -456,24 +456,38 @@ def markdown(args, rows: list[dict[str, str]]) -> str:
 def _drift_table(args, rows: list[dict[str, str]]) -> list[str]:
     """D(t; dt) of each seed's drift run with the memory, at about a dozen probe steps: every warm-up probe up to
     ten, the warm-up's end, then evenly through the XBM phase."""
-    out = []
-    for r in sorted((r for r in rows if r["figure"] == "drift" and r["memory"] == "True"), key=lambda r: r["seed"]):
+    def read(r) -> list[dict[str, str]]:
         path = Path(args.out) / "drift" / f"{r['key']}.csv"
         if not path.is_file():
-            continue
+            return []
         with open(path, newline="") as f:
-            hist = list(csv.DictReader(f))
+            return list(csv.DictReader(f))
+
+    out = []
+    for r in sorted((r for r in rows if r["figure"] == "drift" and r["memory"] == "True"), key=lambda r: r["seed"]):
+        hist = read(r)
+        if not hist:
+            continue
         cols = [c for c in hist[0] if c.startswith("D_")]
+        # The same schedule without the memory (--drift-baseline), its D(t; 100) beside: what the memory adds.
+        base = next((read(b) for b in rows if b["figure"] == "drift" and b["memory"] == "False"
+                     and b["seed"] == r["seed"]), [])
+        base_d = {h["step"]: h.get("D_100", "") for h in base}
         end = int(r["warmup_end"])
         warm = [h for h in hist if int(h["step"]) <= end]
         after = [h for h in hist if int(h["step"]) > end]
         pick = warm[:: max(1, len(warm) // 10)] + after[max(1, len(after) // 8) - 1:: max(1, len(after) // 8)]
         pick = sorted({int(h["step"]): h for h in [*pick, warm[-1]] if any(h[c] for c in cols)}.items())
+        extra = ["D(t; 100) without memory"] if base_d else []
         out += [f"D(t; dt) of the drift run, seed {r['seed']} (memory on at step {end}; test R@1 {r['recall@1']})",
-                "", "| step | " + " | ".join(f"D(t; {c[2:]})" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+                "", "| step | " + " | ".join([*(f"D(t; {c[2:]})" for c in cols), *extra]) + " |",
+                "|---" * (len(cols) + len(extra) + 1) + "|"]
         for step, h in pick:
             name = f"{step:,}" + (" (memory on)" if step == end else "")
-            out.append(f"| {name} | " + " | ".join(f"{float(h[c]):.3f}" if h[c] else "" for c in cols) + " |")
+            cells = [f"{float(h[c]):.3f}" if h[c] else "" for c in cols]
+            if base_d:
+                cells.append(f"{float(base_d[h['step']]):.3f}" if base_d.get(h["step"]) else "")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     return out
 
