@@ -86,19 +86,15 @@ def _run_params(args, overrides: list[str]):
     from xbmcore.config import load_params
     p = load_params(args.params, [*args.overrides, "train.device=cpu", "train.eval_every=0",
                                   "train.checkpoint_every=100000", *overrides])
-    m = p.model
-    if m.pretrained in ("none", "imagenet"):
-        return p
-    path = Path(args.params).resolve().parent / m.pretrained  # relative to the params file, as in the pipeline
-    if not path.is_file():
-        raise ValueError(f"model.pretrained: {path} is not a file; make it first (dvc repro pretrain)")
-    return p.model_copy(update={"model": m.model_copy(update={"pretrained": str(path)})})
+    from pipeline.stages import resolve_pretrained
+    return resolve_pretrained(p, Path(args.params).resolve().parent)  # relative to the params file, as the stages
 
 
 def _key(p, split: str = "test") -> str:
     d = p.model_dump(mode="json")
-    if d["model"]["pretrained"] not in ("none", "imagenet"):  # the weights' bytes, not where they lie
-        d["model"]["pretrained"] = hashlib.sha256(Path(d["model"]["pretrained"]).read_bytes()).hexdigest()
+    from xbmcore.models import pretrained_sha256
+    if sha := pretrained_sha256(d["model"]["pretrained"]):  # the weights' bytes, not where they lie
+        d["model"]["pretrained"] = sha
     # `after` was the only order before the setting existed: its rows keep their keys; a baseline has no memory
     # to enqueue into, so one run serves both orders.
     if d["memory"]["enqueue"] == "after" or not d["memory"]["enabled"]:

@@ -59,6 +59,7 @@ from xbmcore.evaluate import compute_embeddings, evaluate_model, retrieval_metri
 from xbmcore.events import HISTORY_FIELDS, StepRecord, make_event
 from xbmcore.losses import XBMObjective, build_loss
 from xbmcore.memory import CrossBatchMemory
+from xbmcore.models import pretrained_sha256
 from xbmcore.sampler import PKSampler
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,9 @@ def training_digest(params: Params, phase: str) -> str:
     keeps a warm-up checkpoint valid.
     """
     d = params.model_dump(mode="json")
-    weights = Path(d["model"]["pretrained"])
-    if d["model"]["pretrained"] not in ("none", "imagenet") and weights.is_file():
+    if sha := pretrained_sha256(d["model"]["pretrained"]):
         # The file's bytes, not its name: a warm-up begun from other pretrained weights must not be resumed.
-        d["model"]["pretrained"] = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+        d["model"]["pretrained"] = "sha256:" + sha
     skip = _OPERATIONAL + (() if d["train"]["warmup_steps"] == "auto" else _DRIFT)
     train = {k: v for k, v in d["train"].items() if k not in skip}
     keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train, "code": code_fingerprint()}

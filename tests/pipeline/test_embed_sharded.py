@@ -68,7 +68,7 @@ def _wait_for(condition, proc, what: str, timeout: float = 240) -> None:
     while not condition():
         assert proc.poll() is None, f"the embed ended (rc {proc.returncode}) before {what}"
         assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval of the wait on `condition`, not a synchronisation
 
 
 def _rank(proc: subprocess.Popen, rank: int) -> psutil.Process | None:
