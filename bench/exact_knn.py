@@ -14,14 +14,15 @@ import json
 import os
 import time
 
-import xbmcore  # noqa: F401  (before faiss: picks the BLAS core)
-import faiss
 import numpy as np
 import torch
-from faiss import swig_ptr
 
 from bench.evaluate import make_embeddings
+from xbmcore.blas import load_faiss
 from xbmcore.knn import exact_knn
+
+faiss = load_faiss()
+swig_ptr = faiss.swig_ptr
 
 
 def timed(fn):

@@ -18,13 +18,14 @@ import shutil
 import time
 from pathlib import Path
 
-import xbmcore  # noqa: F401  (before faiss: picks the BLAS core)
-import faiss
 import numpy as np
 import psutil
 
 from pipeline import store as st
-from xbmcore.embedding_store import ModelCard
+from xbmcore.blas import load_faiss
+
+faiss = load_faiss()
+from pipeline.embedding_store import ModelCard
 
 D, Q, K = 128, 1000, 10
 

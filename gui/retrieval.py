@@ -34,7 +34,7 @@ from xbmcore.data.index import read_meta
 from xbmcore.data.prepare import params_recipe
 from xbmcore.data.transforms import pil_transform
 from xbmcore.evaluate import embed_split, eval_sets
-from xbmcore.figures import OTHER, SAME
+from pipeline.figures import OTHER, SAME
 from xbmcore.retrieval import first_relevant_rank, nearest, worst_first
 
 from . import theme

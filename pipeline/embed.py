@@ -36,9 +36,9 @@ import torch
 from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.store import CHUNK_ROWS, INDEX_KINDS, PQ_CODE_BYTES, ChunkWriter, check_code_bytes, items_digest
 from pipeline.tracking import configure_logging
-from xbmcore.collection import read_collection
+from pipeline.collection import read_collection
 from xbmcore.distributed import Dist, init_process_group, launched_by_torchrun
-from xbmcore.embedding_store import Embedder
+from pipeline.embedding_store import Embedder
 
 log = logging.getLogger(__name__)
 URI_SCHEMES = ("models:/", "runs:/")

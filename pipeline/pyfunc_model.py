@@ -4,7 +4,7 @@
     mlflow models serve -m <uri> --env-manager local       # POST /invocations, base64 images -> embeddings
 
 Input: a DataFrame with an `image` column (encoded image bytes, or base64 strings as JSON carries them), or a
-list of either. Output: the L2-normalised embeddings, n x D float32, equal to the library's (xbmcore.embedding_store.
+list of either. Output: the L2-normalised embeddings, n x D float32, equal to the library's (pipeline.embedding_store.
 Embedder: the same weights and the same test transform).
 
 Logged as a model from code (pipeline/pyfunc_code.py builds it; no pickled object): the model folder carries its
@@ -60,7 +60,7 @@ class ImageEmbedder(mlflow.pyfunc.PythonModel):
         import torch
 
         from xbmcore.data.decode import DEFAULT_MAX_PIXELS
-        from xbmcore.embedding_store import Embedder
+        from pipeline.embedding_store import Embedder
 
         config = {"max_images": MAX_IMAGES, "max_pixels": DEFAULT_MAX_PIXELS, **(context.model_config or {})}
         for key in ("max_images", "max_pixels"):
@@ -98,7 +98,7 @@ class ImageEmbedder(mlflow.pyfunc.PythonModel):
 
 def log_embedding_model(embedder, name: str = "model", pip_requirements: list[str] | None = None,
                         max_images: int = MAX_IMAGES):
-    """Log `embedder` (xbmcore.embedding_store.Embedder) as a pyfunc model from code under `name` in the active
+    """Log `embedder` (pipeline.embedding_store.Embedder) as a pyfunc model from code under `name` in the active
     run, with its limits (embedder.max_pixels, max_images) as the model's config; returns MLflow's ModelInfo."""
     import torch
     from mlflow.models import ModelSignature

@@ -23,8 +23,8 @@ from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.embed import load_embedder
 from pipeline.store import EmbeddingStore
 from pipeline.tracking import configure_logging
-from xbmcore.collection import read_collection
-from xbmcore.data.index import atomic_path
+from pipeline.collection import read_collection
+from xbmcore.atomic import atomic_path
 
 
 def search(store: EmbeddingStore, embedder, query: Path, k: int, ef_search: int | None = None,

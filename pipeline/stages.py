@@ -33,13 +33,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from xbmcore.atomic import write_text
 from xbmcore.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from xbmcore.config import Params
 from xbmcore.data import open_splits, prepare_dataset
 from xbmcore.data.index import SPLITS
 from xbmcore.events import make_event
 from xbmcore.evaluate import embed_split, eval_sets, retrieval_metrics
-from xbmcore.figures import RETRIEVAL_PNG, save_png, split_figure
+from pipeline.figures import RETRIEVAL_PNG, save_png, split_figure
 from xbmcore.models import build_model
 from xbmcore.pretrain import SKIPPED, pretrain
 from xbmcore.events import HISTORY_FIELDS
@@ -74,13 +75,6 @@ def _splits(params: Params, root: Path):
     return open_splits(Path(root) / params.data.prepared / params.data.name, params.data)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_plots(history: dict[str, list], evals: list[dict[str, Any]], folder: Path,
                 drift: list[dict[str, Any]] = (), dts: list[int] = ()) -> None:
     """plots/train.csv (one row per step), plots/val.csv (one row per evaluation) and plots/drift.csv (one row
@@ -90,20 +84,20 @@ def write_plots(history: dict[str, list], evals: list[dict[str, Any]], folder: P
     w.writerow(HISTORY_FIELDS)
     for row in zip(*(history[k] for k in HISTORY_FIELDS)):
         w.writerow("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row)
-    _write_text(folder / "train.csv", buf.getvalue())
+    write_text(folder / "train.csv", buf.getvalue())
     metric_keys = sorted({k for e in evals for k in e} - {"step", "phase", "split"})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["step", "phase", *metric_keys])
     for e in evals:
         w.writerow([e["step"], e["phase"], *(f"{e[k]:.6g}" if e.get(k) is not None else "" for k in metric_keys)])
-    _write_text(folder / "val.csv", buf.getvalue())
+    write_text(folder / "val.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["step", *(f"D_{dt}" for dt in dts)])
     for h in drift:
         w.writerow([h["step"], *(f"{h['D'][dt]:.6g}" if dt in h["D"] else "" for dt in dts)])
-    _write_text(folder / "drift.csv", buf.getvalue())
+    write_text(folder / "drift.csv", buf.getvalue())
 
 
 # ---- stages ----
@@ -314,7 +308,7 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
         metrics = retrieval_metrics(*embedded, recall_at=e.recall_at, nmi=True, device=device)
         run.sink.emit(make_event("eval", step, phase="evaluate", split=split, metrics=metrics))
         path = _outputs_dir(root, artifacts) / "metrics.json"
-        _write_text(path, json.dumps({split: metrics, "step": step}, indent=2) + "\n")
+        write_text(path, json.dumps({split: metrics, "step": step}, indent=2) + "\n")
         if final:  # what the model retrieves for a fixed sample of test queries: a DVC image plot and in MLflow
             figure = split_figure(*eval_sets(splits, split), *embedded)
             png = save_png(figure.image, _outputs_dir(root, artifacts) / "plots" / RETRIEVAL_PNG)
@@ -334,7 +328,7 @@ def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path
 
     from pipeline.pyfunc_model import log_embedding_model
     from pipeline.tracking import tracking_uri
-    from xbmcore.embedding_store import Embedder
+    from pipeline.embedding_store import Embedder
 
     embedder = Embedder(model.cpu().eval(), params.model.model_dump(), params.data.test_resize,
                         params.data.test_size, source=str(stage_dir(root, "train_xbm") / "model.pt"),

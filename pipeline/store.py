@@ -15,7 +15,7 @@
 
 A chunk is a fixed range of the collection whoever computes it, so one process and the ranks of a torchrun job
 write the same files, and a killed run of any size resumes from the chunks that finished. Every file goes
-through a temporary name, an fsync and a rename (xbmcore.data.index.atomic_path).
+through a temporary name, an fsync and a rename (xbmcore.atomic.atomic_path).
 
 Search opens the shards memory-mapped and never loads the whole matrix:
   exact  no index: each shard in turn scored against the queries (xbmcore.knn), the top k merged;
@@ -37,14 +37,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
-from xbmcore.data.index import atomic_path
-from xbmcore.embedding_store import ModelCard
+from xbmcore.atomic import atomic_path
+from xbmcore.blas import load_faiss
 from xbmcore.knn import exact_knn
+from pipeline.embedding_store import ModelCard
 
+faiss = load_faiss()
 log = logging.getLogger(__name__)
 
 FORMAT = 2

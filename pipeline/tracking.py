@@ -22,13 +22,13 @@ import queue
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xbmcore.atomic import write_text
 from xbmcore.config import Params
 from xbmcore.events import METRIC_FIELDS, JsonlSink, MultiSink, NullSink, ProgressSink, make_event
 
@@ -140,14 +140,6 @@ def open_experiment(client, name: str) -> str:
 
 def events_path(params: Params, root: Path, key: str) -> Path:
     return project_home(root) / params.tracking.runs_dir / key / EVENTS_FILE
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def git_commit(root: Path) -> str | None:
@@ -388,7 +380,7 @@ class StageRun:
         self.key = run_key(params)
         self.events_path = events_path(params, self.root, self.key)
         self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(project_home(self.root) / params.tracking.runs_dir / LATEST_FILE, self.key + "\n")
+        write_text(project_home(self.root) / params.tracking.runs_dir / LATEST_FILE, self.key + "\n")
         self.mlflow: TrackedRun | None = None
         try:
             self.mlflow = attach_run(params, self.root, stage, fresh_start, model_sha256)

@@ -3,8 +3,10 @@
 The faiss-cpu wheel bundles its own OpenBLAS (0.3.15 in faiss-cpu 1.8-1.15), built for every x86 core and picking
 one at load time from the CPU's model number. A CPU newer than that release (a recent AVX-512 Xeon) is not in its
 table, and it falls back to the generic "Prescott" (SSE3) kernels: exact search then ran at 5.6x its GEMM floor
-instead of 1.0x. OpenBLAS reads OPENBLAS_CORETYPE when it loads, so `select_openblas_core` (run when xbmcore is
-first imported) sets it from the CPU's instruction sets, unless the user already has: SkylakeX on a CPU with the
+instead of 1.0x. OpenBLAS reads OPENBLAS_CORETYPE once, when it loads, so the project imports faiss only through
+`load_faiss`, which first calls `select_openblas_core`: the variable is set at the one moment it counts, and
+importing xbmcore changes nothing in the environment. `select_openblas_core` sets it from the CPU's instruction
+sets, unless the user already has: SkylakeX on a CPU with the
 AVX-512 subsets its sgemm kernels use, Haswell on one with AVX2 + FMA. Newer cores (Cooper Lake, Sapphire Rapids)
 add bf16 / AMX kernels only, which float32 search never calls. Nothing is set on other CPUs (ARM, older x86) or
 when faiss is already loaded (too late: the core is chosen once per process).
@@ -14,6 +16,7 @@ suite and `bench.evaluate` check that it is empty.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -55,6 +58,15 @@ def select_openblas_core() -> str | None:
     if core is not None:
         os.environ[ENV] = core
     return core
+
+
+@functools.cache
+def load_faiss():
+    """Import faiss, its OpenBLAS core chosen first (select_openblas_core); raises ImportError without faiss."""
+    select_openblas_core()
+    import faiss
+
+    return faiss
 
 
 def generic_blas() -> list[dict]:

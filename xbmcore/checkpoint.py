@@ -6,37 +6,25 @@ Periodic checkpoints of a phase live in one folder as `step_<global step>.pt`; t
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from xbmcore.atomic import atomic_path
+
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write `state` to `path` atomically: a temp file in the same folder, fsync, then os.replace.
-
-    A reader (or a run killed half-way through the write) sees the old file or the new one, never a torn one.
-    """
+    """Write `state` to `path` atomically (xbmcore.atomic): a reader, or a run killed half-way through the
+    write, sees the old file or the new one, never a torn one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

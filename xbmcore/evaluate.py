@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import Callable, Literal, Sequence
 
-import faiss
 import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch.utils.data import DataLoader, Dataset
 
+from xbmcore.blas import load_faiss
 from xbmcore.data.batch import collate_for, to_device
 
 NMI_SEED = 0
@@ -82,7 +82,7 @@ def _as_embeddings(name: str, x, labels) -> tuple[np.ndarray, np.ndarray]:
     x = np.array(x, dtype=np.float32, order="C")  # a copy: normalised in place below
     if not np.isfinite(x).all():
         raise ValueError(f"{name}: {int((~np.isfinite(x).all(1)).sum())} rows contain NaN or inf")
-    faiss.normalize_L2(x)  # a no-op up to rounding for model outputs; makes IP the cosine for any input
+    load_faiss().normalize_L2(x)  # a no-op up to rounding for model outputs; makes IP the cosine for any input
     return x, labels.astype(np.int64, copy=False)
 
 
@@ -229,7 +229,7 @@ def nmi_score(emb: np.ndarray, labels: np.ndarray, seed: int = NMI_SEED) -> floa
     C = len(np.unique(labels))
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     # min_points_per_centroid=1: retrieval test sets have ~5 items per class, far below faiss's default 39.
-    km = faiss.Kmeans(emb.shape[1], C, niter=NMI_NITER, seed=seed, min_points_per_centroid=1, verbose=False)
+    km = load_faiss().Kmeans(emb.shape[1], C, niter=NMI_NITER, seed=seed, min_points_per_centroid=1, verbose=False)
     km.train(emb)
     _, assign = km.index.search(emb, 1)
     return float(normalized_mutual_info_score(labels, assign[:, 0]))

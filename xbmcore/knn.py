@@ -20,6 +20,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from xbmcore.blas import load_faiss
+
 # Result buffers of one chunk (similarities float32 + ids int64 per neighbour) stay under this many bytes, so
 # 100k x 512 queries with k ~ 1000 neighbours fit in a few GB.
 RESULT_BYTES = 256 << 20
@@ -34,10 +36,9 @@ TORCH_SIM_BYTES = 1 << 30
 
 def _faiss():
     try:
-        import faiss
+        return load_faiss()
     except ImportError:
         return None
-    return faiss
 
 
 @contextmanager

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +13,7 @@ from typing import Any, Callable
 import optuna
 import yaml
 
+from xbmcore.atomic import atomic_path, write_bytes
 from xbmcore.config import Params
 from pipeline.study import space
 from pipeline.study.mlflow_runs import RUN_ATTR
@@ -25,21 +24,6 @@ log = logging.getLogger(__name__)
 
 # evaluate_test(trial params, trial artifacts dir) -> test-split metrics of that trial's model
 EvaluateTest = Callable[[Params, Path], dict[str, float]]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; reports are for everyone on the host
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def dvc_command(best_params: dict[str, float]) -> str:
@@ -63,11 +47,8 @@ def _save_plot(path: Path, plot: Callable[[], Any]) -> bool:
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
         fig.set_size_inches(9, 5)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         return True
     except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. too few trials for this plot
@@ -91,7 +72,7 @@ def plots(study: optuna.Study, out_dir: Path, target: str) -> tuple[list[Path], 
         importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (ValueError, RuntimeError) as err:
         log.warning("parameter importances not computed: %s", err)
-    write_atomic(out_dir / "importances.json", (json.dumps(importances, indent=2) + "\n").encode())
+    write_bytes(out_dir / "importances.json", (json.dumps(importances, indent=2) + "\n").encode())
     out.append(out_dir / "importances.json")
     return out, importances
 
@@ -123,7 +104,7 @@ def finalize(worker: Worker, evaluate_test: EvaluateTest | None) -> dict[str, An
             summary.update(best_trial=best.number, best_value=best.value, best_params=best.params,
                            command=dvc_command(best.params),
                            warmup_kept=space.warmup_keys(worker.params, best.params))
-            write_atomic(out_dir / "best_params.yaml", yaml.safe_dump(dict(sorted(best.params.items())),
+            write_bytes(out_dir / "best_params.yaml", yaml.safe_dump(dict(sorted(best.params.items())),
                                                                      sort_keys=False).encode())
             if old.get("test") and (old.get("best_trial"), old.get("best_params")) == (best.number, best.params):
                 test = old["test"]
@@ -137,7 +118,7 @@ def finalize(worker: Worker, evaluate_test: EvaluateTest | None) -> dict[str, An
                                 trial_dir)
             summary["test"] = test
         files, summary["importances"] = plots(study, out_dir, f"val {tune.metric}")
-        write_atomic(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+        write_bytes(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
         if worker.tracker is not None:
             paths = files + [summary_path] + ([out_dir / "best_params.yaml"] if best is not None else [])
             worker.tracker.update_best(best, worker.n_finished())

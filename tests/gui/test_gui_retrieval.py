@@ -18,7 +18,7 @@ from tests.pipeline.tiny_project import tiny_params, write_params
 from xbmcore.config import validate_params
 from xbmcore.data.transforms import pil_transform
 from xbmcore.evaluate import compute_embeddings
-from xbmcore.figures import OTHER, SAME
+from pipeline.figures import OTHER, SAME
 
 torch.set_num_threads(1)
 WAIT_MS = 120_000  # loading a model and embedding on a loaded 2-core machine; returns as soon as it is done

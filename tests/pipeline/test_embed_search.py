@@ -13,7 +13,7 @@ from pipeline import embed, search
 from pipeline.store import EmbeddingStore
 from tiny_project import write_params
 from xbmcore.checkpoint import save_checkpoint
-from xbmcore.collection import load_rgb
+from pipeline.collection import load_rgb
 from xbmcore.config import DataParams, ModelParams
 from xbmcore.data.transforms import pil_transform
 from xbmcore.models import build_model

@@ -20,7 +20,7 @@ from pipeline.pyfunc_model import log_embedding_model
 from pipeline.store import EmbeddingStore
 from test_embed_search import make_images, run_embed, save_model
 from tiny_project import stage_env, write_params
-from xbmcore.embedding_store import Embedder
+from pipeline.embedding_store import Embedder
 
 torch.set_num_threads(1)
 COMMON = ["--workers", "0", "--batch-size", "2", "--chunk-size", "2"]  # 12 images: 6 chunks, 3 per rank

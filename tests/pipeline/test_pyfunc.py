@@ -29,7 +29,7 @@ from pipeline.pyfunc_model import log_embedding_model
 from pipeline.store import EmbeddingStore
 from test_embed_search import make_images, save_model
 from tiny_project import stage_env, write_params
-from xbmcore.embedding_store import Embedder
+from pipeline.embedding_store import Embedder
 
 torch.set_num_threads(1)
 

@@ -18,7 +18,7 @@ from pipeline import stages
 from pipeline.tracking import tracking_uri
 from tiny_project import REPO, run_pipeline_in_process, stage_env, write_params
 from xbmcore.evaluate import compute_embeddings
-from xbmcore.figures import BACKGROUND, FIGURE_K, FIGURE_QUERIES, FIGURE_SEED, OTHER, QUERY, SAME, split_figure
+from pipeline.figures import BACKGROUND, FIGURE_K, FIGURE_QUERIES, FIGURE_SEED, OTHER, QUERY, SAME, split_figure
 from xbmcore.retrieval import sample_queries
 
 torch.set_num_threads(1)
@@ -91,7 +91,7 @@ def test_dvc_declares_the_figure_as_an_image_plot(run):
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert {"plots/retrieval.png": {"cache": False}} in spec["stages"]["evaluate"]["outs"]
     assert "plots/retrieval.png" in spec["plots"]
-    for dep in ("xbmcore/figures.py", "xbmcore/retrieval.py"):
+    for dep in ("pipeline/figures.py", "xbmcore/retrieval.py"):
         assert dep in spec["stages"]["evaluate"]["deps"]
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     write_params(root)

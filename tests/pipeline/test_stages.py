@@ -17,7 +17,7 @@ from pipeline.tracking import run_key, tracking_uri
 from tiny_project import run_pipeline_in_process, tiny_params
 from xbmcore.checkpoint import load_checkpoint
 from xbmcore.config import validate_params
-from xbmcore.embedding_store import Embedder
+from pipeline.embedding_store import Embedder
 from xbmcore.events import read_events
 
 torch.set_num_threads(1)

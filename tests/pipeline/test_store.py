@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 
 from pipeline import embed
 from pipeline import store as st
-from xbmcore.embedding_store import ModelCard
+from pipeline.store import faiss
+from pipeline.embedding_store import ModelCard
 
 N, D, K = 10_000, 32, 10
 CHUNK = 2048  # 5 shards, the last one shorter

@@ -12,7 +12,7 @@ from bench.serve import blank_png
 from xbmcore.config import ModelParams
 from xbmcore.data import decode, open_splits, prepare_dataset
 from xbmcore.data.decode import ImageTooLarge, decode_rgb, open_image
-from xbmcore.embedding_store import Embedder
+from pipeline.embedding_store import Embedder
 from xbmcore.models import build_model
 
 from test_data_own import class_folder, params

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from xbmcore.blas import cpu_flags, core_for, generic_blas
+from xbmcore.blas import cpu_flags, core_for, generic_blas, load_faiss
 from xbmcore.knn import exact_knn, iter_exact_knn
 
 
@@ -77,7 +77,7 @@ def test_core_chosen_from_cpu_features():
 def test_faiss_blas_is_not_a_generic_fallback():
     """Fails when the OpenBLAS that faiss (or numpy) loaded runs generic pre-AVX2 kernels on a CPU with AVX2:
     exact search is then several times slower than its GEMM floor."""
-    import faiss  # noqa: F401  (loaded after xbmcore, as everywhere in the project)
+    load_faiss()  # as everywhere in the project
 
     assert generic_blas() == []
 
@@ -85,16 +85,24 @@ def test_faiss_blas_is_not_a_generic_fallback():
 @pytest.mark.skipif("avx2" not in cpu_flags(), reason="the check only applies to CPUs with AVX2")
 def test_generic_fallback_is_detected():
     """The check above can fail: with OpenBLAS forced onto Prescott, generic_blas names faiss's library."""
-    code = "import xbmcore, faiss; from xbmcore.blas import generic_blas; " \
+    code = "from xbmcore.blas import generic_blas, load_faiss; load_faiss(); " \
            "print(sorted(l['filepath'] for l in generic_blas()))"
     env = dict(os.environ, OPENBLAS_CORETYPE="Prescott")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "faiss" in out.stdout, out
 
 
+def test_importing_the_library_leaves_the_environment_alone():
+    code = "import os, xbmcore.evaluate, xbmcore.knn, xbmcore.trainer; print(os.environ.get('OPENBLAS_CORETYPE'))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+
+
 def test_core_is_set_before_faiss_loads():
-    code = "import os, xbmcore; print(os.environ.get('OPENBLAS_CORETYPE'))"
+    code = ("import os, sys; from xbmcore.blas import load_faiss; load_faiss(); "
+            "print(os.environ.get('OPENBLAS_CORETYPE'), 'faiss' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     want = core_for(cpu_flags()) if os.uname().machine in ("x86_64", "amd64") else None
-    assert out.stdout.strip() == str(want)
+    assert out.stdout.split() == [str(want), "True"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xbmcore.figures import BACKGROUND, OTHER, QUERY, SAME, draw_retrieval
+from pipeline.figures import BACKGROUND, OTHER, QUERY, SAME, draw_retrieval
 from xbmcore import retrieval
 from xbmcore.retrieval import first_relevant_rank, nearest, sample_queries, worst_first
 
@@ -149,7 +149,7 @@ class _Images:
 
 def test_split_figure_query_against_gallery():
     """In-Shop's protocol: queries searched in a separate gallery; nothing is excluded."""
-    from xbmcore.figures import split_figure
+    from pipeline.figures import split_figure
 
     rng = np.random.default_rng(3)
     g, q = _unit(rng, 40, 8).astype(np.float32), _unit(rng, 12, 8).astype(np.float32)

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xbmcore.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
-from xbmcore.data.index import atomic_path
+from xbmcore.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -15,21 +15,20 @@ A prepared dataset is a folder (data/prepared/<name>/) holding
               files the content was made from), per-split counts and sha256 of the files above.
 
 Every file is written to a temporary name in the same folder and renamed into place (os.replace), so a killed
-run never leaves a half-written file under the final name.
+run never leaves a half-written file under the final name (xbmcore.atomic).
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from xbmcore.atomic import atomic_path
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.csv"
@@ -98,23 +97,6 @@ def carve_val(index: Index, val_fraction: float) -> Index:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `final`; on success rename it to `final`, on error delete it. The bytes are
-    fsynced before the rename: without it, a crash soon after can leave `final` renamed but empty."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()

@@ -27,7 +27,8 @@ from xbmcore.data import layouts, synthetic
 from xbmcore.data.cache import CACHE_DIR, PIXELS_FILE, SHAPES_FILE, ImageCache, build_cache
 from xbmcore.data.decode import ImageTooLarge, open_image
 from xbmcore.data.dataset import ImageDataset
-from xbmcore.data.index import (ARRAY_FILE, FORMAT_VERSION, INDEX_FILE, META_FILE, Index, atomic_path, carve_val,
+from xbmcore.atomic import atomic_path
+from xbmcore.data.index import (ARRAY_FILE, FORMAT_VERSION, INDEX_FILE, META_FILE, Index, carve_val,
                                 read_index, read_meta, sha256_file, write_index, write_meta)
 from xbmcore.data.sources import ensure_raw, get_source
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from xbmcore.data.index import atomic_path
+from xbmcore.atomic import atomic_path
 from xbmcore.retrieval import nearest, sample_queries
 
 # 8 queries x top 5: one screen, and enough rows to see both successes and failures.

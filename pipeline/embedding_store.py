@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from xbmcore.collection import embed_files
+from pipeline.collection import embed_files
 from xbmcore.config import DataParams, ModelParams
 from xbmcore.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
 from xbmcore.data.transforms import pil_transform
