@@ -9,35 +9,22 @@ replacing that file cannot change a running study's warm-up).
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from xbmcore.checkpoint import load_checkpoint
 from xbmcore.config import Params
 from xbmcore.data import prepare_dataset
 from xbmcore.trainer import TrainingStopped, training_digest
 from pipeline import stages
+from pipeline.filelock import file_lock
 from pipeline.study.mlflow_runs import StudyTracker
 from pipeline.study.runner import env
 from pipeline.tracking import public_params
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _digest_of(state_path: Path) -> str | None:
@@ -63,7 +50,7 @@ class StageObjective:
         A warm-up that has to run logs into its own run nested under the study's parent run.
         """
         state = self.warmup / "state.pt"
-        with _file_lock(self.warmup_root.with_name(f"{self.digest}.lock")):
+        with file_lock(self.warmup_root.with_name(f"{self.digest}.lock")):
             prepare_dataset(self.params.data, self.root, progress=False)
             if state.exists():
                 log.info("shared warm-up %s (digest %s)", state, self.digest)

@@ -7,7 +7,6 @@ and a relative SQLite URL would silently open a fresh, empty study there.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
+from pipeline.filelock import file_lock
 from pipeline.tracking import redact
 
 # Key of the PostgreSQL advisory lock that serialises the workers' count-then-ask: any 64-bit number would do,
@@ -75,12 +75,8 @@ class StudyStorage:
             else:
                 yield
             return
-        with open(self.lock_path, "a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        with file_lock(self.lock_path):
+            yield
 
 
     @contextlib.contextmanager
