@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if (loaded := load_cli_params(args)) is None:
         return 2
     params, root = loaded
-    from xbmcore.trainer import resolve_device
+    from xbmcore.device import resolve_device
 
     device = resolve_device(args.device)
     if launched_by_torchrun():

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if (loaded := load_cli_params(args)) is None:
                 return 2
             params, root = loaded
-        from xbmcore.trainer import resolve_device
+        from xbmcore.device import resolve_device
 
         embedder = load_embedder(args.model or store.model.source, params, root, str(resolve_device(args.device)))
         found = search(store, embedder, args.query, args.k, args.ef_search, args.strict, args.nprobe, args.rerank)

@@ -44,9 +44,11 @@ from pipeline.figures import RETRIEVAL_PNG, save_png, split_figure
 from xbmcore.models import build_model
 from xbmcore.pretrain import SKIPPED, pretrain
 from xbmcore.events import HISTORY_FIELDS
-from xbmcore.trainer import (
-    NonFiniteLossError, OutOfMemory, Trainer, TrainingStopped, build_memory, resolve_device, resumable_checkpoint,
-)
+from xbmcore.checkpoint import resumable_checkpoint
+from xbmcore.device import OutOfMemory, resolve_device
+from xbmcore.hooks import TrainingStopped
+from xbmcore.memory import build_memory
+from xbmcore.trainer import NonFiniteLossError, Trainer
 from pipeline.cli import add_params_arguments, load_cli_params
 from pipeline.tracking import MODEL_TAG, StageRun, configure_logging, file_sha256, is_main_process, stage_run
 from xbmcore.distributed import init_process_group, launched_by_torchrun

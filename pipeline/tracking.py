@@ -437,9 +437,9 @@ class StageRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # Without the trainer imported (download, evaluate), nothing can have raised its TrainingStopped.
-        trainer = sys.modules.get("xbmcore.trainer")
-        stopped = exc_type is not None and trainer is not None and issubclass(exc_type, trainer.TrainingStopped)
+        # Without the trainer's hooks imported (download, evaluate), nothing can have raised their TrainingStopped.
+        hooks = sys.modules.get("xbmcore.hooks")
+        stopped = exc_type is not None and hooks is not None and issubclass(exc_type, hooks.TrainingStopped)
         step = self.sink.last_step
         if exc_type is not None and not self.sink.ended:  # the trainer reports its own stops and failures
             status = "stopped" if issubclass(exc_type, KeyboardInterrupt) else "failed"

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, params, root: Path) -> int:
     # torch and the stages are imported only here: the study's bookkeeping does not need them.
-    from xbmcore.trainer import TrainingStopped
+    from xbmcore.hooks import TrainingStopped
     from pipeline.study.objective import StageObjective
 
     t0 = time.time()

@@ -1,11 +1,18 @@
-"""Training checkpoints: written atomically, read back with `torch.load(weights_only=True)`.
+"""Training checkpoints: written atomically, read back with `torch.load(weights_only=True)`, and found again.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so the safe unpickler reads it: no
 code runs when a checkpoint is loaded. RNG states are stored as tensors and ints for the same reason.
-Periodic checkpoints of a phase live in one folder as `step_<global step>.pt`; the newest valid one is resumed.
+Periodic checkpoints of a phase live in one folder as `step_<global step>.pt`. `resumable_checkpoint` picks the
+newest one that continues a phase: same format, phase, starting step and `training_digest` (the parameters that
+decide the result, and `code_fingerprint`, this library's sources).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -15,6 +22,22 @@ import numpy as np
 import torch
 
 from xbmcore.atomic import atomic_path
+from xbmcore.config import Params
+from xbmcore.distributed import world_size
+from xbmcore.models import pretrained_sha256
+
+log = logging.getLogger(__name__)
+
+# 2: the sampler position is no longer stored (it follows from the step); RNG states are one per rank.
+# 3: the warm-up's end step and the drift probe's snapshots and history.
+CHECKPOINT_FORMAT = 3
+# Train params that change how a run is operated, not what it computes (evaluation runs on a forked RNG). nproc
+# does change it (the global batch) and is checked on its own, so that a resume with another nproc is refused
+# with a message rather than silently started over.
+_OPERATIONAL = ("checkpoint_every", "eval_every", "num_threads", "device", "precision", "log_every", "nproc")
+# The drift probe's and the auto warm-up's: they decide what is computed only when the warm-up ends on drift.
+_DRIFT = ("drift_probe", "drift_every", "drift_dts", "warmup_drift", "warmup_drift_dt", "warmup_drift_window",
+          "warmup_min_steps", "warmup_max_steps")
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -66,6 +89,78 @@ def prune_checkpoints(folder: str | Path, keep: int = 2) -> None:
         p.unlink(missing_ok=True)
 
 
+# ---- which checkpoint continues a phase ----
+
+@functools.cache
+def code_fingerprint() -> str:
+    """Hash of this library's sources. A phase killed and run again by the same code resumes; after a code
+    change (DVC reruns the stage because its code deps changed) it starts over instead of finishing a run begun
+    by other code."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def training_digest(params: Params, phase: str) -> str:
+    """Hash of what a phase's result depends on (parameters and code); a checkpoint resumes only a run with the
+    same digest.
+
+    The warm-up depends neither on the memory nor on the XBM phase's length, lr and schedule, so changing those
+    keeps a warm-up checkpoint valid.
+    """
+    d = params.model_dump(mode="json")
+    if sha := pretrained_sha256(d["model"]["pretrained"]):
+        # The file's bytes, not its name: a warm-up begun from other pretrained weights must not be resumed.
+        d["model"]["pretrained"] = "sha256:" + sha
+    skip = _OPERATIONAL + (() if d["train"]["warmup_steps"] == "auto" else _DRIFT)
+    train = {k: v for k, v in d["train"].items() if k not in skip}
+    keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train, "code": code_fingerprint()}
+    if phase == "warmup":
+        for k in ("xbm_steps", "lr", "lr_schedule"):  # the XBM phase's
+            train.pop(k)
+    else:
+        keep["memory"] = d["memory"]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: int, end: int,
+                         delete_stale: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest checkpoint in `folder` that continues this phase: same phase, same digest
+    (training_digest), same starting step, step within [start, end]. Others are stale (other parameters or code,
+    or a phase that started elsewhere); `delete_stale` removes them, with a warning, so they cannot pile up."""
+    folder = Path(folder)
+    digest = training_digest(params, phase)
+    stale, found = [], None
+    nproc = world_size()
+    for step, path in reversed(list_checkpoints(folder)):
+        try:
+            state = load_checkpoint(path)
+        except ValueError as err:
+            log.warning("skipping %s", err)
+            stale.append(path)
+            continue
+        if (state.get("format"), state.get("phase"), state.get("digest"), state.get("phase_start")) == \
+                (CHECKPOINT_FORMAT, phase, digest, start) and start <= step <= end:
+            if state.get("nproc") != nproc:
+                raise ValueError(
+                    f"{path}: written by a run of {state.get('nproc')} process(es), this run has {nproc}; the "
+                    f"global batch (processes x train.batch_size) and the data each rank sees would change "
+                    f"mid-phase. Run again with -S train.nproc={state.get('nproc')} (on one node) to resume, or "
+                    f"delete {folder} to start the {phase} phase over")
+            found = (path, state)
+            break
+        stale.append(path)
+    if delete_stale and stale:
+        if found is None:
+            log.warning("%s: %d checkpoint(s) of other parameters, other code or another starting step; deleted, "
+                        "the %s phase starts over", folder, len(stale), phase)
+        for p in stale:
+            p.unlink(missing_ok=True)
+    return found
+
+
 # ---- RNG states (global generators the data pipeline and the model may draw from) ----
 
 def rng_state() -> dict[str, Any]:
@@ -90,3 +185,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block (evaluation) without moving the global RNG streams, so training does not depend on it."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

@@ -116,7 +116,6 @@ def retrieval_metrics(
     ks = list(recall_at)
     if not ks or any(not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1 for k in ks):
         raise ValueError(f"recall_at: expected a non-empty list of integers >= 1, got {recall_at}")
-    n_gallery = len(g) - self_excluded  # candidates per query
 
     above, ap, rp, R = _rank_counts(q, ql, g, gl, self_excluded, max(ks), device)
 

@@ -22,13 +22,17 @@ needs the item -> slot map that ``num_items`` enables.
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from xbmcore.config import Params
+
 MODES = ("queue", "index")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# memory.dtype's names -> the storage dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CrossBatchMemory(nn.Module):
@@ -63,8 +67,8 @@ class CrossBatchMemory(nn.Module):
             raise ValueError("memory mode 'index': expected num_items (the training-set size), got None")
         if num_items is not None and (not _is_int(num_items) or num_items < 1):
             raise ValueError(f"memory num_items: expected an integer >= 1 or None, got {num_items!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"memory dtype: expected one of {DTYPES}, got {dtype!r}")
+        if dtype not in DTYPES.values():
+            raise ValueError(f"memory dtype: expected one of {tuple(DTYPES.values())}, got {dtype!r}")
         self.K, self.dim, self.mode = int(size), int(dim), mode
         self.num_items = None if num_items is None else int(num_items)
 
@@ -285,6 +289,16 @@ class CrossBatchMemory(nn.Module):
             self._ptr = int(self.ptr)
         else:
             self._seq = int(self.seq[: self._fill].max()) + 1 if self._fill else 0
+
+
+def build_memory(params: "Params", num_items: int, dim: int, device: torch.device | str) -> CrossBatchMemory:
+    """The (empty) memory the `memory` section describes, for a train set of `num_items` images."""
+    m = params.memory
+    if m.size is not None:
+        return CrossBatchMemory(m.size, dim, mode=m.mode, num_items=num_items, dtype=DTYPES[m.dtype],
+                                device=device)
+    return CrossBatchMemory.from_ratio(m.ratio, num_items, dim, mode=m.mode, dtype=DTYPES[m.dtype],
+                                       device=device)
 
 
 def _last_position(indices: Tensor) -> Tensor:

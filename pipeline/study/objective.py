@@ -14,10 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
-from xbmcore.checkpoint import load_checkpoint
+from xbmcore.checkpoint import load_checkpoint, training_digest
 from xbmcore.config import Params
 from xbmcore.data import prepare_dataset
-from xbmcore.trainer import TrainingStopped, training_digest
+from xbmcore.hooks import TrainingStopped
 from pipeline import stages
 from pipeline.filelock import file_lock
 from pipeline.study.mlflow_runs import StudyTracker

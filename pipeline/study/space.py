@@ -101,7 +101,7 @@ def warmup_keys(params: Params, values: dict[str, Any]) -> dict[str, Any]:
 
     `dvc exp run -S` with such a key trains the warm-up with the tuned value too, which the trial did not.
     """
-    from xbmcore.trainer import training_digest  # torch: only when a report is written
+    from xbmcore.checkpoint import training_digest  # torch: only when a report is written
 
     base = training_digest(params, "warmup")
     flat = params.flat()

@@ -9,7 +9,7 @@ from pipeline import stages
 from tiny_project import tiny_params
 from xbmcore.checkpoint import load_checkpoint
 from xbmcore.config import validate_params
-from xbmcore.trainer import training_digest
+from xbmcore.checkpoint import training_digest
 
 torch.set_num_threads(1)
 OUT = "artifacts/pretrain/model.pt"

@@ -160,12 +160,12 @@ def test_stages_of_one_execution_share_a_run_until_it_finishes(store, request):
 
 
 def test_failure_and_stop_leave_the_run_open_for_a_rerun(store, request):
-    from xbmcore.trainer import TrainingStopped
+    from xbmcore.hooks import TrainingStopped
 
     p = params(request)
     with pytest.raises(TrainingStopped):
         with StageRun(p, store, "warmup", progress=False) as a:
-            raise TrainingStopped(15, "stopped by SIGTERM")
+            raise TrainingStopped(15, 3, "xbm")
     assert a.mlflow.client.get_run(a.run_id).info.status == "KILLED"
     with pytest.raises(ZeroDivisionError):
         with StageRun(p, store, "warmup", progress=False) as b:

@@ -132,7 +132,7 @@ def compare_memory(memory_state, ref, mode, atol):
 def record(trainer):
     """Record every training step of `trainer` from here on: the weights before it, its batch (this rank's
     images, labels, indices), and after it the gradients and the memory. Returns the list the records go to."""
-    from xbmcore.trainer import Hook
+    from xbmcore.hooks import Hook
 
     steps = []
     to_device = trainer.to_device

@@ -24,7 +24,8 @@ from algorithm1 import record  # noqa: E402
 from ddp_setup import TOTAL, WARMUP, XBM, blob_splits, ddp_params, Net  # noqa: E402
 from xbmcore.distributed import init_process_group  # noqa: E402
 from xbmcore.events import NullSink  # noqa: E402
-from xbmcore.trainer import Hook, Trainer  # noqa: E402
+from xbmcore.hooks import Hook  # noqa: E402
+from xbmcore.trainer import Trainer  # noqa: E402
 
 
 class KillRank(Hook):

@@ -11,7 +11,8 @@ from ddp_setup import WARMUP, XBM, Net, blob_splits, torchrun
 from test_trainer import Blobs, Splits, TinyNet
 from xbmcore.config import Params
 from xbmcore.events import NullSink
-from xbmcore.trainer import Trainer, build_memory
+from xbmcore.memory import build_memory
+from xbmcore.trainer import Trainer
 
 torch.set_num_threads(1)
 COUNTS = ("pos_pairs", "neg_pairs", "mem_pos_pairs", "mem_neg_pairs")

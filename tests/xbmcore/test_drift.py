@@ -11,7 +11,7 @@ from xbmcore.checkpoint import list_checkpoints
 from xbmcore.config import Params
 from xbmcore.drift import DriftProbe
 from xbmcore.events import make_event
-from xbmcore.trainer import Hook
+from xbmcore.hooks import Hook
 
 PROBE = dict(drift_probe=20, drift_every=2, drift_dts=[2, 4])
 

@@ -14,8 +14,12 @@ from torch import nn
 
 from xbmcore.checkpoint import list_checkpoints, load_checkpoint
 from xbmcore.config import Params
-import xbmcore.trainer as trainer_module
-from xbmcore.trainer import NonFiniteLossError, Trainer, TrainingStopped, build_memory, resolve_device
+from xbmcore.hooks import Hook
+import xbmcore.checkpoint as checkpoint_module
+from xbmcore.device import resolve_device
+from xbmcore.hooks import TrainingStopped
+from xbmcore.memory import build_memory
+from xbmcore.trainer import NonFiniteLossError, Trainer
 
 torch.set_num_threads(1)
 
@@ -281,8 +285,8 @@ def test_checkpoints_of_other_code_are_not_resumed(tmp_path, monkeypatch):
     assert sink.of("phase")[0]["resumed"] is True  # same params, same code: resumed
     trainer, _ = make(params())
     trainer.train_phase("warmup", 5, checkpoint_dir=tmp_path / "b")
-    fingerprint = trainer_module.code_fingerprint()
-    monkeypatch.setattr(trainer_module, "code_fingerprint", lambda: "edited" + fingerprint[6:])
+    fingerprint = checkpoint_module.code_fingerprint()
+    monkeypatch.setattr(checkpoint_module, "code_fingerprint", lambda: "edited" + fingerprint[6:])
     edited, sink = make(params())
     edited.train_phase("warmup", 5, checkpoint_dir=tmp_path / "b")
     assert sink.of("phase")[0]["resumed"] is False
@@ -292,13 +296,13 @@ def test_checkpoints_of_other_code_are_not_resumed(tmp_path, monkeypatch):
 def test_code_fingerprint_covers_the_library_sources(tmp_path, monkeypatch):
     lib = tmp_path / "xbmcore"
     (lib / "data").mkdir(parents=True)
-    (lib / "trainer.py").write_text("x = 1\n")
+    (lib / "checkpoint.py").write_text("x = 1\n")
     (lib / "data" / "prepare.py").write_text("y = 2\n")
-    monkeypatch.setattr(trainer_module, "__file__", str(lib / "trainer.py"))
+    monkeypatch.setattr(checkpoint_module, "__file__", str(lib / "checkpoint.py"))
 
     def fingerprint():
-        trainer_module.code_fingerprint.cache_clear()
-        return trainer_module.code_fingerprint()
+        checkpoint_module.code_fingerprint.cache_clear()
+        return checkpoint_module.code_fingerprint()
 
     try:
         a = fingerprint()
@@ -307,7 +311,7 @@ def test_code_fingerprint_covers_the_library_sources(tmp_path, monkeypatch):
         assert fingerprint() != a
     finally:
         monkeypatch.undo()
-        trainer_module.code_fingerprint.cache_clear()
+        checkpoint_module.code_fingerprint.cache_clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
@@ -336,7 +340,7 @@ def test_resumed_phase_says_from_which_step_it_continues(tmp_path):
     assert (resumed["resumed"], resumed["start_step"], resumed["resume_from"]) == (True, 6, 12)
 
 
-class Recorder(trainer_module.Hook):
+class Recorder(Hook):
     """A caller's hook: what it saw, in order."""
 
     def __init__(self):

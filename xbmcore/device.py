@@ -1,0 +1,61 @@
+"""Where and in what precision training runs: `train.device` and `train.precision` resolved for this machine,
+and the out-of-memory error that says which params to lower."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from xbmcore.config import Params
+    from xbmcore.memory import CrossBatchMemory
+
+_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory; the message says which params to lower."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`train.device`: auto (CUDA when torch sees a GPU, else CPU), cpu, or cuda (an error without a GPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"train.device: 'cuda' was asked for, but torch sees no CUDA GPU (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}, torch.cuda.is_available() is False). Set train.device to "
+            f"auto (the GPU when there is one) or cpu, e.g. `dvc exp run -S train.device=cpu`, or make the GPU "
+            f"visible (driver, CUDA_VISIBLE_DEVICES)."
+        )
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"train.device: expected auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of `train.precision`, None for float32. auto: bfloat16 on a GPU that has it, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if name == "float32":
+        return None
+    if name == "float16" and device.type != "cuda":
+        raise ValueError("train.precision: float16 needs a CUDA device (the CPU autocasts to bfloat16); "
+                         "set train.precision to auto, float32 or bfloat16")
+    return _PRECISIONS[name]
+
+
+def oom_message(err: BaseException, params: "Params", device: torch.device, memory: "CrossBatchMemory | None",
+                step: int, phase: str | None) -> str:
+    """What an OutOfMemory says: where it happened and the params that lower the memory use."""
+    p = params
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    mem = ""
+    if memory is not None:
+        gb = memory.K * memory.dim * memory.get()[0].element_size() / 2**30
+        mem = (f", the memory size (memory.ratio / memory.size; now K = {memory.K} x D = {memory.dim}, "
+               f"{gb:.2f} GiB) or use memory.dtype: bfloat16")
+    return (f"CUDA out of memory at step {step} ({phase} phase) on "
+            f"{torch.cuda.get_device_name()} ({total:.0f} GiB): lower train.batch_size (now "
+            f"{p.train.batch_size}) or eval.batch_size (now {p.eval.batch_size}){mem}, use train.precision: "
+            f"bfloat16, or a smaller model.backbone (now {p.model.backbone}). ({err})")
