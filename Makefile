@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser run test bench clean
+.PHONY: setup browser run test bench docs docs-serve clean
 
 setup: $(STAMP) browser
 
@@ -31,6 +31,14 @@ bench: setup
 	$(BIN)/python -m bench.evaluate
 	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.train_step
+
+# The documentation site (mkdocs.yml, pages in docs/): built strictly into site/, so a broken link or an API symbol
+# that no longer exists is an error here as in the tests; docs-serve rebuilds on every change, on this machine only.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
 
 clean:
 	rm -rf $(VENV)

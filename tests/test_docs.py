@@ -1,0 +1,118 @@
+"""The documentation site and the README: the site builds strictly (a broken link or anchor, a missing page or an
+API symbol that no longer exists fails), the README stays one screen or two with links that resolve, and the
+figures the docs quote are the committed ones."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+# Markdown links and images: [text](target) and ![alt](target); a target with a scheme is not ours to check.
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _relative_links(text: str) -> list[str]:
+    return [t for t in LINK.findall(text) if not re.match(r"^[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+
+
+def test_site_builds_strictly(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    site = tmp_path / "site"
+    t0 = time.monotonic()
+    # cwd = the project root: pymdownx.snippets reads the generated tables relative to it (base_path: docs).
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
+                           str(ROOT / "mkdocs.yml"), "--site-dir", str(site)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert seconds < 60, f"mkdocs build took {seconds:.0f} s"
+    # The API pages hold the library's own symbols, rendered from the docstrings.
+    memory = (site / "api" / "memory" / "index.html").read_text()
+    assert "CrossBatchMemory" in memory and "from_ratio" in memory
+    # The generated tables are included, not left as snippet markers.
+    results = (site / "results" / "index.html").read_text()
+    assert "--8&lt;--" not in results and "--8<--" not in results
+    fig1a = (DOCS / "paper_figures" / "tables.md").read_text().splitlines()[4]  # Fig. 1a's first row
+    assert fig1a.split("|")[3].strip() in results
+    serve = (site / "embedding" / "index.html").read_text()
+    assert "hostile stream" in serve and "--8&lt;--" not in serve
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = README.read_text()
+    assert len(text.encode()) <= 10 * 1024, f"README.md is {len(text.encode())} bytes; move the detail to docs/"
+    links = _relative_links(text)
+    assert links, "the README links to the documentation pages"
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for target in links:
+        path = (ROOT / target.split("#")[0]).resolve()
+        assert path.is_file(), f"README.md links to {target}, which does not exist"
+        if path.suffix == ".md":  # a page: it must be in the site too, so the link resolves there as well
+            assert path.is_relative_to(DOCS), target
+            assert str(path.relative_to(DOCS)) in nav, f"{target} is not in mkdocs.yml's nav"
+
+
+def test_every_xbmcore_module_has_an_api_page():
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts)
+               for p in (ROOT / "xbmcore").rglob("*.py") if not p.name.startswith("_")}
+    modules |= {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "xbmcore").rglob("__init__.py")}
+    modules.discard("xbmcore")  # the package's page is the API index
+    documented = {m for page in (DOCS / "api").glob("*.md")
+                  for m in re.findall(r"^::: (\S+)", page.read_text(), flags=re.M)}
+    assert modules - documented == set(), "modules without an API page (docs/api/<module>.md, mkdocs.yml's nav)"
+    assert documented - modules == set(), "API pages of modules that no longer exist"
+
+
+def test_quoted_figures_are_the_committed_ones():
+    """The README and the pages quote `make run`'s test metrics and Fig. 1a's table: the same numbers as the
+    committed metrics.json and the generated docs/paper_figures/tables.md."""
+    test = json.loads((ROOT / "metrics.json").read_text())["test"]
+    row = "| test | " + " | ".join(f"{test[k]:.4f}" for k in
+                                     ("recall@1", "recall@10", "recall@100", "map@r", "r_precision", "nmi")) + " |"
+    for page in (README, DOCS / "index.md", DOCS / "results.md"):
+        assert row in page.read_text(), f"{page.name} does not quote metrics.json's test row {row}"
+    tables = (DOCS / "paper_figures" / "tables.md").read_text()
+    fig1a = [line for line in README.read_text().splitlines() if re.match(r"\| \d+ \| 0 1 2 \|", line)]
+    assert len(fig1a) >= 4 and all(line in tables for line in fig1a)
+
+
+def test_selection_table_matches_its_runs():
+    """The validation grid that chose the learning rates (docs/results.md) against the runs in docs/selection/."""
+    runs = {}
+    for path in (DOCS / "selection").glob("*.csv"):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                runs[(float(r["warmup_lr"]), float(r["lr"]), r["memory"] == "True")] = float(r["recall@1"])
+    text = (DOCS / "results.md").read_text()
+    rows = re.findall(r"^\| ([\d.e-]+) \| ([\d.e-]+) \| \**([\d.]+)\** \| \**([\d.]+)\** \| ([+-][\d.]+) \|$",
+                      text, flags=re.M)
+    assert len(rows) == 7
+    for warm, lr, off, on, gain in rows:
+        key = (float(warm), float(lr))
+        assert runs[(*key, False)] == float(off) and runs[(*key, True)] == float(on), key
+        assert f"{100 * (float(on) - float(off)):+.1f}" == gain, key
+
+
+def test_paper_figure_tables_are_generated(tmp_path):
+    """docs/paper_figures/tables.md is what bench.paper_figures writes from the committed results (no training)."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "tables.md"
+    proc = subprocess.run([sys.executable, "-m", "bench.paper_figures", "--plot", "--out",
+                           str(DOCS / "paper_figures"), "--docs", str(tmp_path), "--markdown-out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_text() == (DOCS / "paper_figures" / "tables.md").read_text(), \
+        "regenerate: python -m bench.paper_figures --plot --out docs/paper_figures " \
+        "--markdown-out docs/paper_figures/tables.md"
