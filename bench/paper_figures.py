@@ -3,7 +3,8 @@
     python -m bench.paper_figures --jobs 2                 # all figures, params.yaml as the base, seeds 0 1 2
     python -m bench.paper_figures --only fig1a --batches 16 32 --xbm-steps 3000   # a longer XBM phase, dashed
     python -m bench.paper_figures --lock /path/heavy.lock  # each training phase under an exclusive file lock
-    python -m bench.paper_figures --plot --markdown        # only redraw the PNGs and print the README's tables
+    python -m bench.paper_figures --plot --markdown        # only redraw the PNGs and print the docs' tables
+    python -m bench.paper_figures --plot --out docs/paper_figures --markdown-out docs/paper_figures/tables.md
     python -m bench.paper_figures --only fig1a --batches 16 --seeds 0 --split val -S train.lr=1e-4   # choose
 
 Figures:
@@ -547,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--plot", action="store_true", help="only draw the figures from the results CSV")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (to stderr)")
+    ap.add_argument("--markdown-out", default=None, metavar="PATH",
+                    help="also write the tables as Markdown to PATH (the docs include docs/paper_figures/*.md)")
     args = ap.parse_args(argv)
     from xbmcore.config import load_params
 
@@ -576,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     if args.markdown:
         print(markdown(args, rows), file=sys.stderr)
+    if args.markdown_out:
+        from xbmcore.atomic import write_text
+        write_text(args.markdown_out, markdown(args, rows) + "\n")
     return 0
 
 
