@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -38,17 +39,35 @@ class FailingStore:
         raise ConnectionError("database is locked")
 
 
-def test_slow_store_does_not_stall_training():
-    store = SlowStore(delay=0.5)
+class BlockedStore:
+    """A store whose calls block until `gate` is set; it records the thread of every call (one from the test's
+    own thread returns at once, so that a sink that logs synchronously fails the test instead of hanging it)."""
+
+    def __init__(self):
+        self.gate, self.in_call, self.threads = threading.Event(), threading.Event(), []
+
+    def log_batch(self, run_id, metrics=(), synchronous=None):
+        self.threads.append(threading.current_thread())
+        if threading.current_thread() is threading.main_thread():
+            return
+        self.in_call.set()
+        self.gate.wait()
+        self.in_call.clear()
+
+
+def test_a_blocked_store_does_not_stall_training():
+    store = BlockedStore()
     sink = MLflowSink(store, "run", flush_s=0.05, close_timeout_s=0.2)
-    t0 = time.perf_counter()
-    for s in range(1, 2001):
-        sink.emit(step_event(s))
-    assert time.perf_counter() - t0 < 1.0  # 2000 steps x 12 metrics, enqueued only
-    t0 = time.perf_counter()
-    sink.close()
-    assert time.perf_counter() - t0 < 1.0  # gives up after close_timeout_s, does not wait for the store
-    sink._thread.join(2.0)
+    try:
+        for s in range(1, 2001):  # 2000 steps x 12 metrics: enqueued while the store hangs in its first call
+            sink.emit(step_event(s))
+        assert store.in_call.wait(30)
+        assert threading.current_thread() not in store.threads  # no call from the training thread
+        sink.close()  # gives up after close_timeout_s instead of waiting for the store:
+        assert store.in_call.is_set() and len(store.threads) == 1  # it returned with the call still in flight
+    finally:
+        store.gate.set()
+    sink._thread.join(30)
     assert not sink._thread.is_alive()  # and the thread ends after the call in flight
 
 

@@ -221,7 +221,7 @@ def objective(params, trial_dir, report):
         time.sleep(0.05)  # lets the test line workers up (both busy at once)
     v = 1.0 - abs(params.memory.ratio - 0.3)
     for i in range(1, 4):
-        time.sleep(step_s)
+        time.sleep(step_s)  # the trial's work
         report(memory_on_step(params) + i * params.train.eval_every, v)
     return v
 
@@ -245,14 +245,14 @@ def wait_until(cond, timeout: float, proc: subprocess.Popen) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"worker exited early:\n{proc.stdout.read().decode()}")
         assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval
 
 
 def test_resume_after_kill(tmp_path):
     raw = tiny(tmp_path, n_trials=4, pruner="none")
     proc = spawn(tmp_path, raw, step_s=0.3)
+    # Trial 2's objective has begun (it touches the file first) and runs 3 x 0.3 s more: killed inside it.
     wait_until(lambda: (tmp_path / "started" / "0002").exists(), 90, proc)
-    time.sleep(0.2)  # inside trial 2's objective
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = load(tmp_path).trials
