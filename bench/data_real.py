@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from bench.data import RandomBatches
 from xbmcore.config import DataParams
 
 SIZE = (500, 400)
@@ -118,19 +119,6 @@ def make_folder_dataset(root: Path, classes: int, per_class: int, seed: int = 0,
 
 # ----------------------------------------------------------------------------------------------- measuring
 
-class RandomBatches(torch.utils.data.Sampler[list[int]]):
-    def __init__(self, num_items: int, size: int, n: int, seed: int = 0):
-        self.num_items, self.size, self.n, self.seed = num_items, size, n, seed
-
-    def __iter__(self):
-        rng = np.random.default_rng(self.seed)
-        for _ in range(self.n):
-            yield rng.choice(self.num_items, self.size, replace=False).tolist()
-
-    def __len__(self) -> int:
-        return self.n
-
-
 def _rate(batches, device: torch.device, convert=None) -> float:
     """Images/s over the iterator after its first batch (worker start-up and first touch excluded)."""
     it = iter(batches)
@@ -164,8 +152,6 @@ class JpegCache(torch.utils.data.Dataset):
     """The alternative format: each cached image re-encoded as a JPEG, decoded per batch in the loader."""
 
     def __init__(self, ds, quality: int = 90):
-        from xbmcore.data.batch import ImageBatch  # noqa: F401 (the items it builds)
-
         self.ds = ds
         self.blobs = []
         for i in range(len(ds)):

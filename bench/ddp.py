@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import PARAMS, ROOT, data_root, quiet_trainer
+from pipeline.cli import add_params_arguments
 
 
 def _worker(args) -> None:
@@ -37,9 +38,6 @@ def _worker(args) -> None:
     from xbmcore.config import load_params
     from xbmcore.data import open_splits
     from xbmcore.distributed import Dist, init_process_group
-    from xbmcore.events import NullSink
-    from xbmcore.models import build_model
-    from xbmcore.trainer import Trainer
 
     if device_is_cpu := args.device == "cpu":
         torch.set_num_threads(1)  # one core per rank
@@ -47,8 +45,7 @@ def _worker(args) -> None:
     device = torch.device("cpu" if device_is_cpu else "cuda")
     init_process_group(device)
     splits = open_splits(Path(args.data_root) / p.data.prepared / p.data.name, p.data)
-    torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, NullSink())
+    trainer = quiet_trainer(p, splits)
     memory = trainer.init_memory()
 
     def sync():
@@ -86,9 +83,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc: int | None, args, data_root: Path, out: Path) -> dict:
+def _launch(nproc: int | None, args, root: Path, out: Path) -> dict:
     """nproc None: the plain path (no torchrun); else a torchrun job of nproc ranks on 127.0.0.1."""
-    worker = ["-m", "bench.ddp", "--worker", str(out), "--data-root", str(data_root), "--params", args.params,
+    worker = ["-m", "bench.ddp", "--worker", str(out), "--data-root", str(root), "--params", args.params,
               "--device", args.device, "--steps", str(args.steps), "--warm", str(args.warm),
               *[a for ov in args.overrides for a in ("-S", ov)]]
     if nproc is not None:
@@ -101,8 +98,7 @@ def _launch(nproc: int | None, args, data_root: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ddp", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(ap, params=PARAMS)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=100, help="timed steps per job")
     ap.add_argument("--warm", type=int, default=10, help="untimed steps first (allocator, autotuning)")
@@ -118,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     from xbmcore.data import prepare_dataset
 
     p = load_params(args.params, args.overrides)
-    data_root = ROOT if (ROOT / p.data.prepared / p.data.name).is_dir() else Path(tempfile.mkdtemp(prefix="bench_"))
-    prepare_dataset(p.data, data_root, progress=False)
+    root = data_root(p)
+    prepare_dataset(p.data, root, progress=False)
     configs = {"plain": None, "ranks_1": 1} | ({"ranks_2": 2} if args.device == "cpu" else {})
     runs: dict[str, list[dict]] = {k: [] for k in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, nproc in configs.items():
-                runs[name].append(_launch(nproc, args, data_root, Path(tmp) / f"{name}_{r}.json"))
+                runs[name].append(_launch(nproc, args, root, Path(tmp) / f"{name}_{r}.json"))
     b = p.train.batch_size
     out = {"device": args.device, "model": p.model.backbone, "image_size": p.data.train_size,
            "batch_per_rank": b, "steps": args.steps, "rounds": args.rounds, "configs": {}}

@@ -16,43 +16,27 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class _NullSink:
-    def emit(self, event) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from bench.common import PARAMS, prepared_splits, quiet_trainer
+from pipeline.cli import add_params_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.drift_probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(ap, params=PARAMS)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
 
     from xbmcore.config import load_params
-    from xbmcore.data import open_splits, prepare_dataset
-    from xbmcore.models import build_model
-    from xbmcore.trainer import Trainer
 
     p = load_params(args.params, ["train.device=cpu", "train.eval_every=0", *args.overrides])
     t = p.train
     if not t.drift_probe:
         raise SystemExit("train.drift_probe is 0: nothing to measure (set -S train.drift_probe=512)")
-    data_root = ROOT if (ROOT / p.data.prepared / p.data.name).is_dir() else Path(tempfile.mkdtemp())
-    splits = open_splits(prepare_dataset(p.data, data_root, progress=False), p.data)
-    torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, _NullSink())
+    trainer = quiet_trainer(p, prepared_splits(p))
     monitor = trainer.hooks[-1]
     probe = trainer.probe
     embeds = [0]

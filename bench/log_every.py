@@ -14,19 +14,17 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import PARAMS, prepared_splits, quiet_trainer
+from pipeline.cli import add_params_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.log_every", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(ap, params=PARAMS)
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: train.device")
     ap.add_argument("--every", type=int, default=50, help="the deferred configuration's log_every")
     ap.add_argument("--steps", type=int, default=100, help="steps per configuration per round")
@@ -34,17 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from xbmcore.config import load_params
-    from xbmcore.data import open_splits, prepare_dataset
-    from xbmcore.events import NullSink
-    from xbmcore.models import build_model
-    from xbmcore.trainer import Trainer
 
     overrides = [*args.overrides, "train.eval_every=0"] + ([f"train.device={args.device}"] if args.device else [])
     p = load_params(args.params, overrides)
-    data_root = ROOT if (ROOT / p.data.prepared / p.data.name).is_dir() else Path(tempfile.mkdtemp(prefix="bench_"))
-    splits = open_splits(prepare_dataset(p.data, data_root, progress=False), p.data)
-    torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, NullSink())
+    trainer = quiet_trainer(p, prepared_splits(p))
     memory = trainer.init_memory()
     dev = trainer.device
     variants = {n: p.model_copy(update={"train": p.train.model_copy(update={"log_every": n})})

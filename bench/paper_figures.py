@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -44,33 +43,19 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import PARAMS, ROOT
+from pipeline.cli import add_params_arguments
+from pipeline.filelock import file_lock
+
 COLUMNS = ("key", "figure", "loss", "norm", "batch", "memory", "ratio", "seed", "warmup", "warmup_end", "xbm_steps",
            "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split", "lr")
 
 
-class _NullSink:
-    def emit(self, event) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _locked(path: str | Path | None) -> Iterator[None]:
+def _locked(path: str | Path | None) -> contextlib.AbstractContextManager:
     """An exclusive flock on `path` for the block (nothing when None): one heavy job at a time on a shared box."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return contextlib.nullcontext() if path is None else file_lock(path)
 
 
 def _commit() -> str:
@@ -163,10 +148,9 @@ def _done(csv_path: Path) -> dict[str, dict[str, str]]:
 
 
 def _append(csv_path: Path, row: dict[str, Any]) -> None:
-    from xbmcore.data.index import atomic_path
+    from xbmcore.atomic import atomic_path
 
-    with open(csv_path.with_suffix(".lock"), "a") as lock:  # workers append one whole row at a time
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(csv_path.with_suffix(".lock")):  # workers append one whole row at a time
         new = not csv_path.is_file()
         if not new:
             with open(csv_path, newline="") as f:
@@ -193,8 +177,10 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
     from pipeline.stages import seed_everything
     from xbmcore.checkpoint import load_checkpoint, save_checkpoint
     from xbmcore.data import open_splits, prepare_dataset
+    from xbmcore.events import NullSink
     from xbmcore.models import build_model
-    from xbmcore.trainer import Trainer, training_digest
+    from xbmcore.checkpoint import training_digest
+    from xbmcore.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -212,7 +198,7 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
     if not warm_path.is_file():
         with _locked(args.lock):
             seed_everything(base.train.seed)
-            trainer = Trainer(base, build_model(base.model), splits, _NullSink())
+            trainer = Trainer(base, build_model(base.model), splits, NullSink())
             trainer.train_phase("warmup", base.train.warmup_budget)
             save_checkpoint(trainer.state_dict(), warm_path)
     rows = []
@@ -221,7 +207,7 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
         with _locked(args.lock):
             t0 = time.time()
             seed_everything(p.train.seed)
-            trainer = Trainer(p, build_model(p.model), splits, _NullSink())
+            trainer = Trainer(p, build_model(p.model), splits, NullSink())
             warm = load_checkpoint(warm_path)  # each run from the warm-up's own bytes
             trainer.load_state_dict(warm)
             memory = trainer.init_memory() if p.memory.enabled else None
@@ -244,7 +230,7 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _write_drift(path: Path, history: list[dict], dts: list[int]) -> None:
-    from xbmcore.data.index import atomic_path
+    from xbmcore.atomic import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
@@ -520,8 +506,7 @@ def _order_table(args, rows: list[dict[str, str]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.paper_figures", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(ap, params=PARAMS)
     ap.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
                     help="more overrides for the runs without memory: the baseline's own tuned settings (train.lr), "
                          "after the warm-up both share")

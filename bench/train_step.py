@@ -17,27 +17,17 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class _NullSink:
-    def emit(self, event) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from bench.common import PARAMS, prepared_splits, quiet_trainer
+from pipeline.cli import add_params_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(ap, params=PARAMS)
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: train.device")
     ap.add_argument("--steps", type=int, default=50, help="steps per configuration per round")
     ap.add_argument("--rounds", type=int, default=9)
@@ -50,18 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from xbmcore.config import load_params
-    from xbmcore.data import open_splits, prepare_dataset
-    from xbmcore.models import build_model
-    from xbmcore.trainer import Trainer, build_memory
+    from xbmcore.memory import build_memory
 
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     p = load_params(args.params, overrides)
-    data_root = Path(args.data_root) if args.data_root else ROOT
-    if not (data_root / p.data.prepared / p.data.name).is_dir():
-        data_root = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    splits = open_splits(prepare_dataset(p.data, data_root, progress=False), p.data)
-    torch.manual_seed(0)
-    trainer = Trainer(p, build_model(p.model, load_weights=False), splits, _NullSink())
+    splits = prepared_splits(p, args.data_root)
+    trainer = quiet_trainer(p, splits)
     N, D, dev = len(splits.train), trainer.model.embedding_dim, trainer.device
     default = build_memory(p, N, D, dev)
     full = type(default)(N, D, mode=p.memory.mode, num_items=N, dtype=default.get()[0].dtype, device=dev)

@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import PARAMS
+from pipeline.cli import add_params_arguments
 
 
 def _summary(values: list[float]) -> dict:
@@ -32,8 +33,7 @@ def _summary(values: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.xbm_gain", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_params_arguments(ap, params=PARAMS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reductions", nargs="+", default=["mean_active", "sum_over_batch"],
                     choices=["mean_active", "sum_over_batch"])

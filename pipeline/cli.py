@@ -8,8 +8,10 @@ from pathlib import Path
 from xbmcore.config import Params, load_params
 
 
-def add_params_arguments(ap: argparse.ArgumentParser, example: str = "") -> None:
-    ap.add_argument("--params", default="params.yaml",
+def add_params_arguments(ap: argparse.ArgumentParser, example: str = "", params: str = "params.yaml") -> None:
+    """`--params` (default `params`: the stages take it relative to where they run, a bench its own project's)
+    and the repeatable `-S KEY=VALUE` into `args.overrides`."""
+    ap.add_argument("--params", default=params,
                     help="params file; its folder is the project root (default: %(default)s)")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help=f"override a param, like `dvc exp run -S`{example} (repeatable)")

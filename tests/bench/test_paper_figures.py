@@ -4,7 +4,9 @@ from __future__ import annotations
 import csv
 import json
 
+import xbmcore.evaluate
 from bench import paper_figures
+from reference64 import metrics_float64
 
 TINY = ["-S", "data.synthetic.num_classes=24", "-S", "data.synthetic.image_size=16", "-S", "data.train_size=16",
         "-S", "data.test_resize=16", "-S", "data.test_size=16", "-S", "data.val_fraction=0.25",
@@ -18,8 +20,28 @@ def rows(out):
         return list(csv.DictReader(f))
 
 
-def test_runs_rows_resume_and_figures(tmp_path, capsys):
+def record_evaluations(monkeypatch) -> dict[str, tuple]:
+    """Each row's evaluation embeddings by the row's key, (query, labels, gallery, gallery labels): those of the
+    last evaluation of its split (xbmcore.evaluate.embed_split wrapped) when the row is appended."""
+    last, by_key = {}, {}
+    embed_split, append = xbmcore.evaluate.embed_split, paper_figures._append
+
+    def recorded(model, splits, which, *args, **kwargs):
+        last[which] = embed_split(model, splits, which, *args, **kwargs)
+        return last[which]
+
+    def appended(csv_path, row):
+        by_key[row["key"]] = last.pop(row["split"])
+        append(csv_path, row)
+
+    monkeypatch.setattr(xbmcore.evaluate, "embed_split", recorded)
+    monkeypatch.setattr(paper_figures, "_append", appended)
+    return by_key
+
+
+def test_runs_rows_resume_and_figures(tmp_path, capsys, monkeypatch):
     out, docs = tmp_path / "out", tmp_path / "docs"
+    evaluated = record_evaluations(monkeypatch)
     argv = ["--out", str(out), "--docs", str(docs), "--batches", "8", "--seeds", "0", "--ratios", "0.5", "1.0",
             "--warmup-steps", "3", "--xbm-steps", "3", "--only", "fig1a", "fig1b", "drift",
             "--lock", str(tmp_path / "heavy.lock"), *TINY]
@@ -30,7 +52,15 @@ def test_runs_rows_resume_and_figures(tmp_path, capsys):
                     ("fig1b", "batch", "True", "0.5"), ("fig1a", "group", "False", "0.0"),
                     ("fig1a", "group", "True", "1.0"), ("drift", "batch", "True", "1.0")}
     assert len({r["key"] for r in got}) == len(got) == 6
-    assert all(0 <= float(r["recall@1"]) <= 1 for r in got)
+    # Each row's metrics are its own model's, on the test split: recomputed in float64 from the embeddings of its
+    # evaluation, equal to the CSV's 4 decimals (a query within float32 rounding of a flip may differ, if any).
+    for r in got:
+        q, labels, gallery, _ = evaluated[r["key"]]
+        assert gallery is None  # query = gallery
+        ref, ties, unsure = metrics_float64(q, labels, (1, 10))
+        for k in ("recall@1", "recall@10"):
+            assert abs(float(r[k]) - ref[k]) <= 5e-5 + ties[k] / len(q), (r["figure"], k)
+        assert abs(float(r["map@r"]) - ref["map@r"]) <= 5e-5 + unsure, r["figure"]
     fig1 = [r for r in got if r["figure"] != "drift"]
     assert {r["warmup_end"] for r in fig1} == {"3"} and {r["xbm_steps"] for r in fig1} == {"3"}
     drift = next(r for r in got if r["figure"] == "drift")
