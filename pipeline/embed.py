@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="exact: every item scored, no index (fine to ~1M items); hnsw: a graph over the full "
                          "vectors, in RAM (~0.8 GB per million 128-d items); ivfpq: compressed codes in RAM (~40 B "
                          "per item), the best candidates re-ranked from the stored vectors: past what RAM holds for "
-                         "hnsw. Figures: README, bench.search (default: %(default)s)")
+                         "hnsw. Figures: docs/performance.md, bench.search (default: %(default)s)")
     ap.add_argument("--code-bytes", type=int, default=PQ_CODE_BYTES,
                     help="ivfpq: bytes of code per item, a divisor of the embedding dimension: more is a closer "
                          "approximation and a larger index (default: %(default)s)")

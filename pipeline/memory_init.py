@@ -2,7 +2,7 @@
 model's embeddings of a random memory.ratio of the train set.
 
 A DVC stage (dvc.yaml); the work is pipeline.stages.run_memory_init.
-With train.nproc > 1 it starts itself again under torchrun, one process per rank (README: distributed training).
+With train.nproc > 1 it starts itself again under torchrun, one process per rank (docs/distributed.md).
 """
 import sys
 

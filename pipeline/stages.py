@@ -350,7 +350,7 @@ TRAINING_STAGES = ("warmup", "memory_init", "train_xbm")
 
 def _torchrun(stage: str, argv: list[str], nproc: int) -> int:
     """Run the stage as `nproc` processes on this node (torchrun --standalone); SIGTERM/SIGINT are passed on, so
-    every rank stops after the same step with a checkpoint. On several nodes, start torchrun yourself (README)."""
+    every rank stops after the same step with a checkpoint. On several nodes, start torchrun yourself (docs/distributed.md)."""
     import signal
     import subprocess
 

@@ -2,7 +2,7 @@
 memory.enabled: false the same schedule without memory (the baseline).
 
 A DVC stage (dvc.yaml); the work is pipeline.stages.run_train_xbm.
-With train.nproc > 1 it starts itself again under torchrun, one process per rank (README: distributed training).
+With train.nproc > 1 it starts itself again under torchrun, one process per rank (docs/distributed.md).
 """
 import sys
 

@@ -2,7 +2,7 @@
 from scratch or from its last checkpoint.
 
 A DVC stage (dvc.yaml); the work is pipeline.stages.run_warmup.
-With train.nproc > 1 it starts itself again under torchrun, one process per rank (README: distributed training).
+With train.nproc > 1 it starts itself again under torchrun, one process per rank (docs/distributed.md).
 """
 import sys
 

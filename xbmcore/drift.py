@@ -5,7 +5,7 @@
 f_t is the model after step t, and x a fixed set of `train.drift_probe` training images seen through the test
 transform (one clean view each, so D is the model's change alone; the per-step drift of re-entering memory entries
 also mixes two augmentations). The paper's argument for the memory is that D(t; dt) becomes small after a short
-warm-up; `train.warmup_steps: auto` ends the warm-up when it has (xbmcore.trainer.DriftMonitor, the probe's hook
+warm-up; `train.warmup_steps: auto` ends the warm-up when it has (xbmcore.hooks.DriftMonitor, the probe's hook
 of the training loop).
 
 Cost: D(t; dt) is reported at the probe steps t = 0, every, 2 every, ...; it needs the embeddings at t and at t - dt

@@ -17,7 +17,7 @@ from xbmcore.data.index import read_index, read_meta, write_meta
 from xbmcore.data.synthetic import _exp2, _log2, _sincos, _superellipse, generate, num_images
 
 # sha256 of images, labels and super-labels. A change here changes the benchmark: every recorded result (dvc.lock,
-# metrics.json, the README's figures) must be measured again.
+# metrics.json, the docs' figures) must be measured again.
 SMALL = dict(num_classes=40, classes_per_superclass=5, image_size=16, seed=7)
 SMALL_SHA = "9cd7d80f4cce49543e73b90b59c5e0de4c2ab2da58a3556f1f58e171e3d8cfe8"
 # The same with 10 pretraining classes after the 40 (their own 2 super-classes): other bytes for every class,
