@@ -308,7 +308,8 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
         splits = _splits(params, root)
         embedded = embed_split(model, splits, split, e.batch_size, device, params.data.num_workers)
         metrics = retrieval_metrics(*embedded, recall_at=e.recall_at, nmi=True, device=device)
-        run.sink.emit(make_event("eval", step, phase="evaluate", split=split, metrics=metrics))
+        evaluation = make_event("eval", step, phase="evaluate", split=split, metrics=metrics)
+        run.sink.emit(evaluation)
         path = _outputs_dir(root, artifacts) / "metrics.json"
         write_text(path, json.dumps({split: metrics, "step": step}, indent=2) + "\n")
         if final:  # what the model retrieves for a fixed sample of test queries: a DVC image plot and in MLflow
@@ -317,20 +318,29 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
             if run.mlflow is not None:
                 run.safe("logging the retrieval figure", run.mlflow.client.log_artifact, run.mlflow.run_id, str(png))
         if run.mlflow is not None and (final if log_model is None else log_model):
-            run.safe("logging the model", _log_model, run, model, params, root)
+            run.safe("logging the model", _log_model, run, model, params, root, evaluation)
     return metrics
 
 
-def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path) -> None:
+def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path,
+               evaluation: dict[str, Any] | None = None) -> None:
     """An mlflow.pyfunc model that embeds encoded images (pipeline/pyfunc_model.py): the weights, the test
     transform and the code they need, so `mlflow models serve` answers an image with its embedding, and its
-    limits (data.max_pixels, serve.max_images)."""
+    limits (data.max_pixels, serve.max_images).
+
+    `evaluation` (the stage's eval event) becomes the LoggedModel's own metrics, linked to the run and to the
+    split it was measured on (a dataset named <data.name>/<split>, digest of the prepared dataset's meta file), so
+    the model's page in `mlflow ui` shows its test recall. They are the run's metrics: the same names, values,
+    step and timestamp as MLflowSink logs them, so the run's history keeps one point (MLflow drops the exact
+    duplicate) and the model gets the link."""
     import mlflow
     import torchvision
+    from mlflow.entities import Dataset
 
     from pipeline.pyfunc_model import log_embedding_model
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import MLflowSink, tracking_uri
     from pipeline.embedding_store import Embedder
+    from xbmcore.data.index import META_FILE
 
     embedder = Embedder(model.cpu().eval(), params.model.model_dump(), params.data.test_resize,
                         params.data.test_size, source=str(stage_dir(root, "train_xbm") / "model.pt"),
@@ -340,7 +350,16 @@ def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
             "pillow", "pydantic", "pandas"]
     with mlflow.start_run(run_id=run.mlflow.run_id, nested=mlflow.active_run() is not None):
-        log_embedding_model(embedder, name="model", pip_requirements=reqs, max_images=params.serve.max_images)
+        info = log_embedding_model(embedder, name="model", pip_requirements=reqs,
+                                   max_images=params.serve.max_images)
+        if evaluation is not None:
+            prepared = (Path(root) / params.data.prepared / params.data.name).resolve()
+            data = Dataset(name=f"{params.data.name}/{evaluation['split']}", source_type="local",
+                           digest=(file_sha256(prepared / META_FILE) or params.digest(("data",)))[:12],
+                           source=json.dumps({"uri": str(prepared)}))
+            mlflow.log_metrics(MLflowSink.metrics_of(evaluation), step=evaluation["step"], run_id=run.mlflow.run_id,
+                               timestamp=int(evaluation["time"] * 1000), model_id=info.model_id, dataset=data,
+                               synchronous=True)
 
 
 # ---- entry point ----

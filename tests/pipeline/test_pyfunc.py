@@ -4,6 +4,7 @@ names the row or the cap."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -24,12 +25,15 @@ import pytest
 import torch
 
 from bench.serve import blank_png
-from pipeline import embed
+from pipeline import embed, stages
 from pipeline.pyfunc_model import log_embedding_model
 from pipeline.store import EmbeddingStore
+from pipeline.tracking import StageRun, tracking_uri
 from test_embed_search import make_images, save_model
 from tiny_project import stage_env, write_params
 from pipeline.embedding_store import Embedder
+from xbmcore.config import load_params
+from xbmcore.events import make_event
 
 torch.set_num_threads(1)
 
@@ -194,3 +198,37 @@ def test_mlflow_models_serve_answers_an_image_with_its_embedding_and_hostile_req
             server.wait()
     want, _, _ = embedder.embed_files(paths[:3], num_workers=0)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_evaluate_stage_links_its_metrics_to_the_logged_model(tmp_path, monkeypatch):
+    """The LoggedModel's own metrics (its page in `mlflow ui`) are the evaluation's, equal to the run's, at its
+    step, linked to the run and to the test split as a dataset; the run's history keeps one point per metric."""
+    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    params = load_params(write_params(tmp_path))
+    prepared = tmp_path / params.data.prepared / params.data.name
+    prepared.mkdir(parents=True)
+    (prepared / "meta.json").write_text('{"dataset": "synthetic"}\n')
+    model = save_model(tmp_path / "model.pt")
+    metrics = {"recall@1": 0.625, "recall@2": 0.75, "map@r": 0.3125, "nmi": 0.5}  # exact in binary
+    before = mlflow.get_tracking_uri()  # _log_model sets the project's; the module's fixture uses its own
+    try:
+        with StageRun(params, tmp_path, "evaluate", finish=True, progress=False) as run:
+            evaluation = make_event("eval", 14, phase="evaluate", split="test", metrics=metrics)
+            run.sink.emit(evaluation)  # as run_evaluate does: the sink logs the run's metrics in the background
+            stages._log_model(run, model, params, tmp_path, evaluation)
+        client = mlflow.MlflowClient(tracking_uri(params, tmp_path))
+        got = client.get_run(run.run_id)
+        [logged] = mlflow.search_logged_models(experiment_ids=[got.info.experiment_id], output_format="list")
+        linked = mlflow.get_logged_model(logged.model_id).metrics
+        history = client.get_metric_history(run.run_id, "test/recall_at_1")
+    finally:
+        mlflow.set_tracking_uri(before)
+    want = {"test/recall_at_1": 0.625, "test/recall_at_2": 0.75, "test/map_at_r": 0.3125, "test/nmi": 0.5}
+    assert {m.key: m.value for m in linked} == want == {k: got.data.metrics[k] for k in want}
+    assert logged.source_run_id == run.run_id
+    digest = hashlib.sha256((prepared / "meta.json").read_bytes()).hexdigest()[:12]
+    assert {(m.step, m.run_id, m.dataset_name, m.dataset_digest) for m in linked} == {
+        (14, run.run_id, "synthetic/test", digest)}
+    assert [(d.dataset.name, d.dataset.digest) for d in got.inputs.dataset_inputs] == [("synthetic/test", digest)]
+    assert [(m.step, m.value) for m in history] == [(14, 0.625)]  # the model's link added no second point
