@@ -374,7 +374,7 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
 
 
 def markdown(args, rows: list[dict[str, str]]) -> str:
-    """The README's tables from the results CSV: Fig. 1a (R@1 per batch with and without XBM, the paired gain per
+    """The docs' tables from the results CSV: Fig. 1a (R@1 per batch with and without XBM, the paired gain per
     seed), Fig. 1b (R@1 per memory ratio at the smallest batch) and auto against the fixed warm-up."""
     def cell(vals: list[float]) -> str:
         if not vals:
