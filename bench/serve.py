@@ -2,6 +2,7 @@
 
     python -m bench.serve [--model artifacts/train_xbm/model.pt | models:/<id>] [--params params.yaml]
                           [--clients 4] [--rounds 3] [--hostile-rounds 2] [--no-hostile] [--workers 1]
+                          [--launcher mlflow|direct] [--malloc-arena-max 2] [--markdown docs/generated/serve.md]
 
 Starts `mlflow models serve` on 127.0.0.1 for the model (a model.pt is first logged, with the params' limits
 data.max_pixels and serve.max_images, into a temporary MLflow store; an MLflow URI is served as it is, from
@@ -10,13 +11,21 @@ MLFLOW_TRACKING_URI), then `clients` threads each send `rounds` x requests of 1,
 (~400 KB), an 80 MP PNG, a 1 x 200,000 px strip, a truncated JPEG, bytes that are no image, bad base64, and
 max_images + 1 images in one body. Then it checks /ping and stops the server.
 
+The process tree: `mlflow models serve` is a launcher (~0.24 GB: the Python objects of MLflow's CLI) that starts
+uvicorn as its child and waits for it; `--launcher direct` starts that same uvicorn command and environment
+(mlflow.pyfunc.scoring_server.get_cmd) alone, as a container's entry point would. In the worker, importing the CUDA
+build of torch takes ~0.5 GB and torchvision (which imports torch._dynamo, sympy and triton) ~0.15 GB. The server
+runs with MALLOC_ARENA_MAX=2 unless told otherwise: with glibc's default (8 arenas per core) each request thread
+keeps its own arena of freed JSON and image buffers.
+
 JSON: legit images/s over the load, p50 / p99 latency per request size, the counts of 2xx, 4xx and 5xx, each
 hostile kind's status codes, the server tree's RSS idle and at its peak (sampled every 20 ms, and the sum of its
 processes' own peaks, VmHWM, which no sample can miss) with its anonymous part (RssAnon: what requests allocate;
-the rest is mostly shared libraries mapped from disk), whether the server stayed up, and the targets: no 5xx,
-every legitimate request a 2xx, every hostile one a 4xx, the server up, VmHWM sum under 1.5 GB. The tree is the
-`mlflow models serve` launcher and the uvicorn worker(s); with the CUDA build of torch that this project installs,
-importing torch alone takes ~0.65 GB of a worker's RSS.
+the rest is libraries mapped from disk, whose resident share depends on the kernel and its page cache), each
+process's own RSS, the tree's PSS (sampled every 100 ms; a page shared by the launcher and the worker counts once),
+whether the server stayed up, and the targets: no 5xx, every legitimate request a 2xx, every hostile one a 4xx,
+the server up, VmHWM sum under 1.5 GB. `--markdown` puts the run's row into a table (one row per load and
+launcher), the generated file that the docs include.
 """
 from __future__ import annotations
 
@@ -142,6 +151,31 @@ def _status(procs: list[psutil.Process], *fields: str) -> list[int]:
     return total
 
 
+def _pss(procs: list[psutil.Process]) -> int:
+    """Sum of the processes' PSS (bytes): a page shared by k processes counts 1/k in each, so unlike summed RSS it
+    does not count twice the libraries that the launcher and the worker both map."""
+    total = 0
+    for p in procs:
+        try:
+            for line in Path(f"/proc/{p.pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def _by_process(procs: list[psutil.Process], root: psutil.Process, launcher: str, field: str) -> dict[str, int]:
+    """One /proc status field (MB) of each process, named: the `mlflow models serve` launcher, the uvicorn server."""
+    out = {}
+    for k, p in enumerate(procs):
+        name = "launcher" if launcher == "mlflow" and p.pid == root.pid else "server"
+        key = name if name not in out else f"{name}_{k}"
+        out[key] = round(_status([p], field)[0] / 2**20)
+    return out
+
+
 def _ping(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as r:
@@ -172,6 +206,74 @@ def _model_uri(args, tmp: Path) -> tuple[str, dict[str, str], int]:
     return info.model_uri, {"MLFLOW_TRACKING_URI": uri}, params.serve.max_images
 
 
+def _server_command(args, uri: str, port: int, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """The server's command line and the environment it adds. `mlflow`: `mlflow models serve`, a launcher process
+    that execs nothing itself: it starts uvicorn as its child and waits. `direct`: the very command and environment
+    MLflow builds for that child (mlflow.pyfunc.scoring_server.get_cmd), started on its own, as a container's
+    entry point would."""
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           # mlflow starts `uvicorn` by name: this interpreter's scripts first
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    if args.malloc_arena_max:  # glibc's default is 8 arenas per core, each keeping what its threads freed
+        env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    if args.launcher == "mlflow":
+        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                "-h", "127.0.0.1", "-p", str(port), "-w", str(args.workers)], env
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+
+    local = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp / "served"))
+    cmd, cmd_env = scoring_server.get_cmd(local, port=port, host="127.0.0.1", nworkers=args.workers)
+    added = {k: v for k, v in cmd_env.items() if os.environ.get(k) != v}  # the model path and the timeout
+    return ["bash", "-c", f"exec {cmd}"], {**added, **env}
+
+
+def _launcher_label(args) -> str:
+    return "mlflow models serve" if args.launcher == "mlflow" else "uvicorn alone"
+
+
+MARKDOWN_HEADER = ("| load | launcher | images/s | p50 / p99, 1 image | 8 images | 64 images | 2xx / 4xx / 5xx | "
+                   "peak RSS (idle) | launcher + server peak RSS | peak PSS (idle) | of RSS anonymous (idle) | up |",
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_row(out: dict) -> str:
+    """One table row of a run's JSON (bench.serve --markdown)."""
+    def ms(n: str) -> str:
+        lat = out["latency"].get(n)
+        if not lat:
+            return "-"
+        if lat["p50_ms"] >= 1000:
+            return f"{lat['p50_ms'] / 1000:.2f} / {lat['p99_ms'] / 1000:.2f} s"
+        return f"{lat['p50_ms']:.0f} / {lat['p99_ms']:.0f} ms"
+
+    r, st = out["rss_mb"], out["status"]
+    per = " + ".join(f"{v:,}" for v in out["peak_rss_by_process_mb"].values())
+    return (f"| hostile stream {'on' if out['hostile'] else 'off'} | {out['launcher']} | {out['images_per_s']:.0f} | "
+            f"{ms('1')} | {ms('8')} | {ms('64')} | {st['2xx']} / {st['4xx']} / {st['5xx'] + st['no_answer']} | "
+            f"{r['peak_vmhwm_sum']:,} MB ({r['idle']:,}) | {per} MB | {r['pss_peak_sampled']:,} MB "
+            f"({r['pss_idle']:,}) | {r['anon_peak_sampled']:,} MB ({r['anon_idle']:,}) | "
+            f"{'yes' if out['server_up'] else '**no**'} |")
+
+
+def write_markdown(path: Path, out: dict) -> None:
+    """Put this run's row into the table at `path` (a generated file the docs include), replacing the row of the
+    same load and launcher and keeping the others: the table fills from one run per configuration."""
+    from xbmcore.atomic import write_text
+
+    row = markdown_row(out)
+    key = row.split("|")[1:3]
+    rows = []
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()  # rows of this table's columns only
+                if line.startswith("| hostile stream") and line.count("|") == row.count("|")
+                and line.split("|")[1:3] != key]
+    # mlflow models serve first, then the server alone; the hostile stream on before off
+    rows = sorted([*rows, row], key=lambda line: (line.split("|")[2] != " mlflow models serve ",
+                                                   line.split("|")[1] != " hostile stream on "))
+    write_text(path, "\n".join([*MARKDOWN_HEADER, *rows]) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="artifacts/train_xbm/model.pt", help="a train_xbm model.pt or an MLflow URI")
@@ -182,6 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-hostile", action="store_true", help="the same load without the hostile stream")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes (mlflow models serve -w)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per server process (OMP_NUM_THREADS)")
+    ap.add_argument("--launcher", choices=("mlflow", "direct"), default="mlflow",
+                    help="mlflow: `mlflow models serve` (its launcher process stays, ~0.24 GB); direct: the uvicorn "
+                         "command it would start, alone")
+    ap.add_argument("--malloc-arena-max", type=int, default=2,
+                    help="MALLOC_ARENA_MAX for the server (0: glibc's default, 8 per core); the request threads "
+                         "of a worker otherwise each keep an arena of freed JSON and image buffers")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="also put this run's row into this Markdown table (docs/generated/serve.md)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="xbm-serve-"))
@@ -196,13 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
     random.Random(0).shuffle(hostile)
 
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port), "-w", str(args.workers)],
-        env={**os.environ, **env, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-             # mlflow starts `uvicorn` by name: this interpreter's scripts first
-             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])},
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "wb"), start_new_session=True)
+    cmd, server_env = _server_command(args, uri, port, tmp)
+    server = subprocess.Popen(cmd, env={**os.environ, **env, **server_env}, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp / "server.log", "wb"), start_new_session=True)
     results: list[tuple[str, int, float, int]] = []  # kind, status, seconds, images
     lock = threading.Lock()
     try:
@@ -213,12 +319,19 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(0.5)
         root = psutil.Process(server.pid)
         idle = _status(_tree(root), "VmRSS", "RssAnon")
-        peak = list(idle)
+        idle_by_process = _by_process(_tree(root), root, args.launcher, "VmRSS")
+        idle_pss = _pss(_tree(root))
+        peak, peak_pss = list(idle), [idle_pss]
         done = threading.Event()
 
-        def monitor() -> None:
+        def monitor() -> None:  # RSS every 20 ms; PSS (a walk of the page tables) every 100 ms
+            k = 0
             while not done.wait(0.02):
-                peak[:] = [max(a, b) for a, b in zip(peak, _status(_tree(root), "VmRSS", "RssAnon"))]
+                procs = _tree(root)
+                peak[:] = [max(a, b) for a, b in zip(peak, _status(procs, "VmRSS", "RssAnon"))]
+                k += 1
+                if k % 5 == 0:
+                    peak_pss[0] = max(peak_pss[0], _pss(procs))
 
         def client(jobs: list[tuple[object, bytes]]) -> None:
             for kind, body in jobs:
@@ -240,7 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.perf_counter() - t0
         done.set()
         mon.join()
-        hwm = _status(_tree(root), "VmHWM")[0]
+        procs = _tree(root)
+        hwm = _status(procs, "VmHWM")[0]
+        hwm_by_process = _by_process(procs, root, args.launcher, "VmHWM")
         up = server.poll() is None and _ping(port)
     finally:
         try:
@@ -267,12 +382,15 @@ def main(argv: list[str] | None = None) -> dict:
     count["no_answer"] = sum(1 for r in results if r[1] == 0)
     out = {
         "model": uri if args.model.startswith(("models:/", "runs:/")) else args.model,
-        "clients": args.clients, "workers": args.workers, "threads": args.threads, "hostile": not args.no_hostile,
+        "launcher": _launcher_label(args), "clients": args.clients, "workers": args.workers,
+        "threads": args.threads, "malloc_arena_max": args.malloc_arena_max or None, "hostile": not args.no_hostile,
         "images_per_s": round(sum(r[3] for r in ok) / wall, 1), "wall_s": round(wall, 1),
         "latency": latency, "status": count, "hostile_status": hostile_status,
         "rss_mb": {"idle": round(idle[0] / 2**20), "peak_sampled": round(peak[0] / 2**20),
                    "peak_vmhwm_sum": round(hwm / 2**20), "anon_idle": round(idle[1] / 2**20),
-                   "anon_peak_sampled": round(peak[1] / 2**20)},
+                   "anon_peak_sampled": round(peak[1] / 2**20), "pss_idle": round(idle_pss / 2**20),
+                   "pss_peak_sampled": round(peak_pss[0] / 2**20)},
+        "idle_rss_by_process_mb": idle_by_process, "peak_rss_by_process_mb": hwm_by_process,
         "server_up": up,
     }
     out["targets"] = {"no_5xx": count["5xx"] == 0 and count["no_answer"] == 0,
@@ -282,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
                       f"peak_rss_under_{RSS_TARGET_MB}_mb": hwm / 2**20 < RSS_TARGET_MB}
     out["targets_met"] = all(out["targets"].values())
     print(json.dumps(out, indent=1))
+    if args.markdown:
+        write_markdown(args.markdown, out)
     return out
 
 
