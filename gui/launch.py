@@ -1,13 +1,13 @@
 """The launch form: the tunable params, prefilled from params.yaml, checked with the stages' own schema.
 
-What the form changes becomes `dvc exp run -S key=value` overrides; before anything starts, the overrides are
-applied to params.yaml's content and validated by `xbmcore.config.validate_params`, and each error is shown
-under the field it names. Nothing is launched while there is one.
+What the form changes becomes `dvc exp run -S key=value` overrides; on each edit, the overrides are applied to
+params.yaml's content and validated by `xbmcore.config.validate_params`, and each of the schema's error records
+is shown under the fields it names (a rule across fields at each of them). Nothing is launched while there is one.
+params.yaml itself is read and validated once per change of the file (`load_base`).
 """
 from __future__ import annotations
 
 import copy
-import re
 import shlex
 import typing
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from xbmcore.config import Params, set_dotted, validate_params
+from xbmcore.config import ParamError, Params, ParamsError, set_dotted, validate_params
 
 # The margin each loss actually uses (the form shows one "margin" field and edits the right key).
 MARGIN_KEY = {"contrastive": "loss.margin", "triplet": "loss.triplet_margin", "multi_similarity": "loss.ms_epsilon"}
@@ -54,7 +54,6 @@ FIELDS = (
 )
 
 EXTRA = "_extra"  # key of the other-overrides text in state()
-_ERROR_LINE = re.compile(r"^  (\S+): (.*)$")
 
 
 def _annotation(key: str) -> Any:
@@ -88,8 +87,7 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def load_base(path: Path) -> tuple[dict[str, Any], Params, str | None]:
-    """params.yaml as raw mapping and validated; on a bad file, the schema defaults and the error."""
+def _read_base(path: Path) -> tuple[dict[str, Any], Params, str | None]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
@@ -101,27 +99,45 @@ def load_base(path: Path) -> tuple[dict[str, Any], Params, str | None]:
         return {}, Params(), str(err)
 
 
-def check(base_raw: dict[str, Any], assignments: list[str]) -> tuple[Params | None, dict[str, str]]:
+_bases: dict[Path, tuple[tuple[int, int, int] | None, tuple[dict[str, Any], Params, str | None]]] = {}
+
+
+def load_base(path: Path) -> tuple[dict[str, Any], Params, str | None]:
+    """params.yaml as raw mapping and validated; on a bad file, the schema defaults and the error.
+
+    Read and validated once per change of the file: each call costs one stat (modification time, size, inode),
+    so the panels and the form may ask on every refresh. The raw mapping is shared: copy it before changing it."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        stamp = None
+    cached = _bases.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    base = _read_base(path)
+    _bases[path] = (stamp, base)
+    return base
+
+
+def check(base_raw: dict[str, Any], assignments: list[str]) -> tuple[Params | None, dict[str, ParamError]]:
     """Apply `key=value` assignments to a copy of params.yaml's content and validate with the stages' schema.
 
-    Returns (params, {}) or (None, {dotted key: message}); a message about a whole section (a cross-field rule)
-    is keyed by the section.
+    Returns (params, {}) or (None, {dotted path: the schema's error record}); a rule across fields is keyed by
+    its section and names the fields in the record's `fields`.
     """
     raw = copy.deepcopy(base_raw)
     for a in assignments:
         try:
             set_dotted(raw, a)
         except ValueError as err:  # no "=", or a key through a non-section: keyed by what was assigned
-            return None, {a.split("=", 1)[0].strip(): str(err)}
+            key = a.split("=", 1)[0].strip()
+            return None, {key: ParamError(key, str(err), a)}
     try:
         return validate_params(raw, "form"), {}
-    except ValueError as err:
-        errors: dict[str, str] = {}
-        for line in str(err).splitlines()[1:] or [f"  <root>: {err}"]:
-            m = _ERROR_LINE.match(line)
-            if m:
-                errors.setdefault(m.group(1), m.group(2))
-        return None, errors or {"<root>": str(err)}
+    except ParamsError as err:
+        return None, {e.path: e for e in err.errors}
 
 
 def _error_label() -> QLabel:
@@ -327,7 +343,7 @@ class LaunchForm(QWidget):
 
     # --- validation ---------------------------------------------------------------------------------------
 
-    def overrides(self) -> tuple[list[str], dict[str, str]]:
+    def overrides(self) -> tuple[list[str], dict[str, ParamError]]:
         """(overrides, errors by key): the fields that differ from params.yaml, then the other overrides as
         typed; [] and the errors when the schema rejects the result."""
         self._read_base()
@@ -335,10 +351,10 @@ class LaunchForm(QWidget):
         try:
             extra = self.extra_assignments()
         except ValueError as err:  # unbalanced quotes
-            return [], {EXTRA: str(err)}
+            return [], {EXTRA: ParamError(EXTRA, str(err), self.extra.text())}
         bad = [a for a in extra if "=" not in a]
         if bad:
-            return [], {EXTRA: f"expected key=value, got {' '.join(bad)}"}
+            return [], {EXTRA: ParamError(EXTRA, f"expected key=value, got {' '.join(bad)}", bad)}
         params, errors = check(self.base_raw, [f"{k}={v}" for k, v in values.items()] + extra)
         if params is None:
             return [], errors
@@ -348,30 +364,28 @@ class LaunchForm(QWidget):
                    if k not in extra_keys and flat[k] != self._base_flat[k]]
         return changed + extra, {}
 
-    def _show_errors(self, errors: dict[str, str]) -> None:
+    def _show_errors(self, errors: dict[str, ParamError]) -> None:
+        """Each error at the fields it names (a rule across fields at each of them), those about keys typed in
+        the other overrides under that line, the rest under the form."""
         shown = set()
         for f in FIELDS:
             key = self.resolved_key(f.key)
-            section, name = key.rsplit(".", 1)
-            msg = errors.get(key)
-            if msg:
-                shown.add(key)
-            elif re.search(rf"\b{name}\b", errors.get(section, "")):
-                msg = errors[section]  # a cross-field rule is keyed by its section; show it at the fields it names
-                shown.add(section)
-            _mark(self.editors[f.key], self.errors[f.key], msg)
+            hit = next((e for e in errors.values() if key in e.keys()), None)
+            if hit is not None:
+                shown.add(hit.path)
+            _mark(self.editors[f.key], self.errors[f.key], hit.message if hit else None)
         try:
             typed = tuple(a.split("=", 1)[0].strip() for a in self.extra_assignments())
         except ValueError:
             typed = ()
         at_extra, rest = [], []
-        for k, m in errors.items():
-            if k == EXTRA:
-                at_extra.append(m)
-            elif k in typed or k.startswith(tuple(t + "." for t in typed)):
-                at_extra.append(f"{k}: {m}")
-            elif k not in shown:
-                rest.append(f"{k}: {m}")
+        for path, e in errors.items():
+            if path == EXTRA:
+                at_extra.append(e.message)
+            elif any(k in typed or k.startswith(tuple(t + "." for t in typed)) for k in e.keys()):
+                at_extra.append(f"{path}: {e.message}")
+            elif path not in shown:
+                rest.append(f"{path}: {e.message}")
         _mark(self.extra, self.extra_error, "\n".join(at_extra))
         self.section_error.setText("\n".join(rest))
         self.section_error.setVisible(bool(rest))

@@ -1,18 +1,21 @@
 """One typed schema for params.yaml, shared by the stages, the Optuna study and the GUI.
 
 Every section forbids unknown keys, so a typo stops a run at start with the key's dotted name instead of being
-silently ignored. `load_params` and `validate_params` turn pydantic's errors into one ValueError that names the
-file, the key, what was expected and what came.
+silently ignored. `load_params` and `validate_params` turn pydantic's errors into one ParamsError (a ValueError):
+its `errors` are records of the dotted key, what was expected and what came (a rule across fields, raised with
+`_rule`, also names the fields it involves), and its text names the file and lists them, one line each.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 DATASETS = ("synthetic", "sop", "inshop", "cub", "cars", "vehicleid", "folder", "csv")
 
@@ -37,16 +40,13 @@ class SyntheticParams(_Section):
     @model_validator(mode="after")
     def _range(self) -> "SyntheticParams":
         if self.images_per_class_max < self.images_per_class_min:
-            raise ValueError(
-                f"images_per_class_max ({self.images_per_class_max}) must be >= images_per_class_min "
-                f"({self.images_per_class_min})"
-            )
+            raise _rule(f"images_per_class_max ({self.images_per_class_max}) must be >= images_per_class_min "
+                        f"({self.images_per_class_min})", "images_per_class_max", "images_per_class_min")
         if self.pretrain_classes and self.num_classes % self.classes_per_superclass:
-            raise ValueError(
-                f"num_classes ({self.num_classes}) must be a multiple of classes_per_superclass "
-                f"({self.classes_per_superclass}) with pretrain_classes: no super-class may hold both pretraining "
-                f"classes and classes of train, val or test"
-            )
+            raise _rule(f"num_classes ({self.num_classes}) must be a multiple of classes_per_superclass "
+                        f"({self.classes_per_superclass}) with pretrain_classes: no super-class may hold both "
+                        f"pretraining classes and classes of train, val or test",
+                        "num_classes", "classes_per_superclass", "pretrain_classes")
         return self
 
 
@@ -85,7 +85,8 @@ class DataParams(_Section):
     def _crop(self) -> "DataParams":
         lo, hi = self.train_crop_scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"train_crop_scale must satisfy 0 < low <= high <= 1, got {self.train_crop_scale}")
+            raise _rule(f"train_crop_scale must satisfy 0 < low <= high <= 1, got {self.train_crop_scale}",
+                        "train_crop_scale")
         return self
 
 
@@ -106,7 +107,8 @@ class ModelParams(_Section):
     @model_validator(mode="after")
     def _pretrained(self) -> "ModelParams":
         if not self.pretrained.strip():
-            raise ValueError("pretrained: expected none, imagenet or the path of a weights file, got an empty string")
+            raise _rule("pretrained: expected none, imagenet or the path of a weights file, got an empty string",
+                        "pretrained")
         return self
 
 
@@ -188,23 +190,23 @@ class TrainParams(_Section):
     @model_validator(mode="after")
     def _pk(self) -> "TrainParams":
         if self.batch_size % self.images_per_class:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of images_per_class ({self.images_per_class})"
-            )
+            raise _rule(f"batch_size ({self.batch_size}) must be a multiple of images_per_class "
+                        f"({self.images_per_class})", "batch_size", "images_per_class")
         if isinstance(self.warmup_steps, int) and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: expected a number of steps >= 0 or auto, got {self.warmup_steps}")
+            raise _rule(f"warmup_steps: expected a number of steps >= 0 or auto, got {self.warmup_steps}",
+                        "warmup_steps")
         if not self.drift_dts or min(self.drift_dts) < 1:
-            raise ValueError(f"drift_dts: expected a non-empty list of steps >= 1, got {self.drift_dts}")
+            raise _rule(f"drift_dts: expected a non-empty list of steps >= 1, got {self.drift_dts}", "drift_dts")
         if self.warmup_steps == "auto":
             if not self.drift_probe:
-                raise ValueError("warmup_steps: auto ends the warm-up on the drift probe's D(t; dt); set "
-                                 "drift_probe > 0 (e.g. 512)")
+                raise _rule("warmup_steps: auto ends the warm-up on the drift probe's D(t; dt); set drift_probe > 0 "
+                            "(e.g. 512)", "warmup_steps", "drift_probe")
             if self.warmup_drift_dt not in self.drift_dts:
-                raise ValueError(f"warmup_drift_dt ({self.warmup_drift_dt}) must be one of drift_dts "
-                                 f"{self.drift_dts}: the probe measures only those")
+                raise _rule(f"warmup_drift_dt ({self.warmup_drift_dt}) must be one of drift_dts {self.drift_dts}: "
+                            f"the probe measures only those", "warmup_drift_dt", "drift_dts")
             if self.warmup_min_steps > self.warmup_max_steps:
-                raise ValueError(f"warmup_min_steps ({self.warmup_min_steps}) must be <= warmup_max_steps "
-                                 f"({self.warmup_max_steps})")
+                raise _rule(f"warmup_min_steps ({self.warmup_min_steps}) must be <= warmup_max_steps "
+                            f"({self.warmup_max_steps})", "warmup_min_steps", "warmup_max_steps")
         return self
 
     @property
@@ -220,7 +222,7 @@ class EvalParams(_Section):
     @model_validator(mode="after")
     def _ks(self) -> "EvalParams":
         if not self.recall_at or any(k < 1 for k in self.recall_at):
-            raise ValueError(f"recall_at must be a non-empty list of integers >= 1, got {self.recall_at}")
+            raise _rule(f"recall_at must be a non-empty list of integers >= 1, got {self.recall_at}", "recall_at")
         return self
 
 
@@ -261,14 +263,14 @@ class TuneSpace(_Section):
     def _ordered(self) -> "TuneSpace":
         for name, r in self:
             if r is not None and not r[0] < r[1]:
-                raise ValueError(f"{name}: expected [low, high] with low < high, got {list(r)}")
+                raise _rule(f"{name}: expected [low, high] with low < high, got {list(r)}", name)
         for name in ("memory_ratio", "memory_weight", "lr"):  # sampled on a log scale
             r = getattr(self, name)
             if r is not None and r[0] <= 0:
-                raise ValueError(f"{name}: a log-scale range needs low > 0, got {list(r)}")
+                raise _rule(f"{name}: a log-scale range needs low > 0, got {list(r)}", name)
         if self.memory_ratio is not None and self.memory_ratio[1] > 1.0:
-            raise ValueError(f"memory_ratio: the memory holds at most the whole train set (<= 1.0), "
-                             f"got {list(self.memory_ratio)}")
+            raise _rule(f"memory_ratio: the memory holds at most the whole train set (<= 1.0), "
+                        f"got {list(self.memory_ratio)}", "memory_ratio")
         return self
 
 
@@ -307,8 +309,8 @@ class TuneParams(_Section):
     @model_validator(mode="after")
     def _stale(self) -> "TuneParams":
         if self.stale_after_s <= 2 * self.heartbeat_s:
-            raise ValueError(f"stale_after_s ({self.stale_after_s}) must exceed twice heartbeat_s "
-                             f"({self.heartbeat_s}), or live trials would be failed")
+            raise _rule(f"stale_after_s ({self.stale_after_s}) must exceed twice heartbeat_s "
+                        f"({self.heartbeat_s}), or live trials would be failed", "stale_after_s", "heartbeat_s")
         return self
 
 
@@ -353,22 +355,67 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid parameters"]
+@dataclass(frozen=True)
+class ParamError:
+    """One problem with the params: `path` the dotted key ("train.lr"; "train" for a rule across a section's
+    fields, which names them in `fields`; "<root>" for the whole file), what is wrong, and the value that came
+    (for a rule across fields: {field: value})."""
+
+    path: str
+    message: str
+    value: Any = None
+    fields: tuple[str, ...] = ()  # dotted keys a cross-field rule involves; () for a single key
+
+    def keys(self) -> tuple[str, ...]:
+        """The keys to mark: the fields a rule names, else the path itself."""
+        return self.fields or (self.path,)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message} (got {self.value!r})"
+
+
+class ParamsError(ValueError):
+    """Params the schema refuses: `errors` holds one ParamError per problem, str() is the report a person reads
+    (the source, then one line per error). A ValueError, so callers that only print it need not know it."""
+
+    def __init__(self, errors: list[ParamError], source: str = "params", text: str | None = None):
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(text or "\n".join([f"{source}: invalid parameters", *(f"  {e}" for e in self.errors)]))
+
+
+def _rule(message: str, *fields: str) -> PydanticCustomError:
+    """A rule across a section's fields, raised from its validator: the fields travel with the error as data."""
+    return PydanticCustomError("cross_field", message, {"fields": fields})
+
+
+def param_errors(err: ValidationError) -> list[ParamError]:
+    """pydantic's errors as ParamError records."""
+    out = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = [str(p) for p in e["loc"]]
+        path = ".".join(loc) or "<root>"
+        value = e.get("input")
+        fields: tuple[str, ...] = ()
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and section)"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        elif e["type"] == "cross_field":
+            fields = tuple(".".join([*loc, f]) for f in e["ctx"]["fields"])
+            if isinstance(value, dict):
+                value = {f: value.get(f) for f in e["ctx"]["fields"] if f in value}
+            elif hasattr(value, "__dict__"):  # a section given as a model instance
+                value = {f: getattr(value, f, None) for f in e["ctx"]["fields"]}
+        out.append(ParamError(path, msg, value, fields))
+    return out
 
 
 def validate_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """The params of a mapping (params.yaml's content); ParamsError names each refused key."""
     try:
         return Params.model_validate(raw or {})
     except ValidationError as err:
-        raise ValueError(_format_errors(err, source)) from None
+        raise ParamsError(param_errors(err), source) from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -390,12 +437,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
 def set_dotted(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `section.key=value` override in place; the value is parsed as YAML (0.2, true, [1, 10])."""
     if "=" not in assignment:
-        raise ValueError(f"override {assignment!r}: expected KEY=VALUE, e.g. memory.ratio=0.2")
+        text = f"override {assignment!r}: expected KEY=VALUE, e.g. memory.ratio=0.2"
+        raise ParamsError([ParamError(assignment.strip(), "expected KEY=VALUE", assignment)], "override", text)
     key, value = assignment.split("=", 1)
     parts = key.strip().split(".")
     node = raw
-    for p in parts[:-1]:
+    for n, p in enumerate(parts[:-1]):
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override {assignment!r}: {p} is not a section")
+            text = f"override {assignment!r}: {p} is not a section"
+            path = ".".join(parts[:n + 1])
+            raise ParamsError([ParamError(path, "not a section", node)], "override", text)
     node[parts[-1]] = yaml.safe_load(value)
