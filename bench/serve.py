@@ -2,7 +2,8 @@
 
     python -m bench.serve [--model artifacts/train_xbm/model.pt | models:/<id>] [--params params.yaml]
                           [--clients 4] [--rounds 3] [--hostile-rounds 2] [--no-hostile] [--workers 1]
-                          [--launcher mlflow|direct] [--malloc-arena-max 2] [--markdown docs/generated/serve.md]
+                          [--launcher mlflow|direct] [--malloc-arena-max 2] [--arrow-pool system]
+                          [--markdown docs/generated/serve.md]
 
 Starts `mlflow models serve` on 127.0.0.1 for the model (a model.pt is first logged, with the params' limits
 data.max_pixels and serve.max_images, into a temporary MLflow store; an MLflow URI is served as it is, from
@@ -15,8 +16,9 @@ The process tree: `mlflow models serve` is a launcher (~0.24 GB: the Python obje
 uvicorn as its child and waits for it; `--launcher direct` starts that same uvicorn command and environment
 (mlflow.pyfunc.scoring_server.get_cmd) alone, as a container's entry point would. In the worker, importing the CUDA
 build of torch takes ~0.5 GB and torchvision (which imports torch._dynamo, sympy and triton) ~0.15 GB. The server
-runs with MALLOC_ARENA_MAX=2 unless told otherwise: with glibc's default (8 arenas per core) each request thread
-keeps its own arena of freed JSON and image buffers.
+runs with MALLOC_ARENA_MAX=2 and ARROW_DEFAULT_MEMORY_POOL=system unless told otherwise: with glibc's default (8
+arenas per core) each request thread keeps its own arena of freed JSON and image buffers, and pandas copies each
+request's base64 strings into Arrow buffers, whose default allocator (mimalloc) keeps what they freed.
 
 JSON: legit images/s over the load, p50 / p99 latency per request size, the counts of 2xx, 4xx and 5xx, each
 hostile kind's status codes, the server tree's RSS idle and at its peak (sampled every 20 ms, and the sum of its
@@ -216,6 +218,8 @@ def _server_command(args, uri: str, port: int, tmp: Path) -> tuple[list[str], di
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     if args.malloc_arena_max:  # glibc's default is 8 arenas per core, each keeping what its threads freed
         env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    if args.arrow_pool:  # pandas keeps the request's strings in Arrow buffers; mimalloc, its default, keeps them
+        env["ARROW_DEFAULT_MEMORY_POOL"] = args.arrow_pool
     if args.launcher == "mlflow":
         return [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                 "-h", "127.0.0.1", "-p", str(port), "-w", str(args.workers)], env
@@ -290,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--malloc-arena-max", type=int, default=2,
                     help="MALLOC_ARENA_MAX for the server (0: glibc's default, 8 per core); the request threads "
                          "of a worker otherwise each keep an arena of freed JSON and image buffers")
+    ap.add_argument("--arrow-pool", choices=("system", "mimalloc", "jemalloc", ""), default="system",
+                    help="ARROW_DEFAULT_MEMORY_POOL for the server ('': Arrow's default, mimalloc): pandas holds each "
+                         "request's base64 strings in Arrow buffers, and mimalloc keeps what they freed")
     ap.add_argument("--markdown", type=Path, default=None,
                     help="also put this run's row into this Markdown table (docs/generated/serve.md)")
     args = ap.parse_args(argv)
@@ -383,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "model": uri if args.model.startswith(("models:/", "runs:/")) else args.model,
         "launcher": _launcher_label(args), "clients": args.clients, "workers": args.workers,
-        "threads": args.threads, "malloc_arena_max": args.malloc_arena_max or None, "hostile": not args.no_hostile,
+        "threads": args.threads, "malloc_arena_max": args.malloc_arena_max or None,
+        "arrow_pool": args.arrow_pool or None, "hostile": not args.no_hostile,
         "images_per_s": round(sum(r[3] for r in ok) / wall, 1), "wall_s": round(wall, 1),
         "latency": latency, "status": count, "hostile_status": hostile_status,
         "rss_mb": {"idle": round(idle[0] / 2**20), "peak_sampled": round(peak[0] / 2**20),
