@@ -1,4 +1,7 @@
-"""The main window: launch form (left), live monitor / runs / study (centre), the child's log (bottom)."""
+"""The main window: launch form (left), live monitor / runs / study / retrieval (centre), the child's log (bottom).
+
+The GUI thread only draws: events are read and parsed by the tail's thread, the stores by each panel's background
+calls, the tracking server by the remote poller's thread; params.yaml is read once per change of the file."""
 from __future__ import annotations
 
 import json
@@ -52,7 +55,28 @@ class MainWindow(QMainWindow):
         self._what = "run"  # what the current child is: "run" or "study"
         self.setWindowTitle(f"XBM — {self.root}")
 
-        # launch form (left dock)
+        self._build_form_dock()
+        self._build_centre(retry_s)
+        self._build_log_dock()
+        self._build_toolbar()
+        self._build_status_bar()
+        self._build_children(grace_s)
+        self._build_followers(remote)
+
+        self._restore()
+        if follow is not None:
+            self.follow_run(follow)
+        else:
+            self.follow_action.setChecked(self.settings.value("monitor/follow_latest", True, type=bool))
+            if not self.follow_action.isChecked():
+                self._follow_toggled(False)
+        self.runs.start()
+        self.study.start()
+
+    # --- the window's parts (built once, by __init__) ------------------------------------------------------
+
+    def _build_form_dock(self) -> None:
+        """The launch form, in a scrollable dock on the left."""
         self.form = LaunchForm(self.root / "params.yaml")
         self.form.run_requested.connect(lambda ov: self.launch(self.run_command(ov), "run"))
         self.form.tune_requested.connect(lambda ov: self.launch(self.tune_command(ov), "study"))
@@ -63,7 +87,8 @@ class MainWindow(QMainWindow):
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         self.form_dock = self._dock("Launch", scroll, Qt.DockWidgetArea.LeftDockWidgetArea)
 
-        # centre: error banner above the tabs
+    def _build_centre(self, retry_s: float) -> None:
+        """The error banner above the tabs: Live, Runs, Study, Retrieval."""
         self.banner = ErrorBanner()
         self.monitor = MonitorPanel()
         self.runs = RunsPanel(self._tracking, retry_s=retry_s)
@@ -83,7 +108,8 @@ class MainWindow(QMainWindow):
         cl.addWidget(self.tabs, 1)
         self.setCentralWidget(centre)
 
-        # the child's log (bottom dock)
+    def _build_log_dock(self) -> None:
+        """The child's log at the bottom, appended once per tick (see _flush_log)."""
         self.log = QPlainTextEdit()
         self.log.setObjectName("logView")
         self.log.setReadOnly(True)
@@ -95,7 +121,8 @@ class MainWindow(QMainWindow):
         self._log_timer.timeout.connect(self._flush_log)
         self._log_timer.start(100)
 
-        # toolbar and status bar
+    def _build_toolbar(self) -> None:
+        """Follow latest, open a run folder, the tracking server's runs, the MLflow UI."""
         tb = QToolBar("Main")
         tb.setObjectName("mainToolbar")
         tb.setMovable(False)
@@ -126,6 +153,8 @@ class MainWindow(QMainWindow):
         tb.addAction(self.server_action)
         tb.addSeparator()
         tb.addAction(self.mlflow_action)
+
+    def _build_status_bar(self) -> None:
         self.child_status = QLabel("idle")
         self.events_status = QLabel()
         self.bad_status = QLabel("malformed lines: 0")
@@ -135,7 +164,8 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.events_status)
         self.statusBar().addPermanentWidget(self.bad_status)
 
-        # children
+    def _build_children(self, grace_s: float) -> None:
+        """The pipeline run or study the form starts, and `mlflow ui`."""
         self.child = process.ChildProcess(self, grace_s=grace_s)
         self.child.started.connect(lambda cmd: self._log_line(f"$ {cmd}"))
         self.child.output.connect(lambda text, _err: self._log_buffer.append(text))
@@ -144,7 +174,8 @@ class MainWindow(QMainWindow):
         self.mlflow_ui = process.MlflowUi(self)
         self.mlflow_ui.message.connect(lambda m: self.statusBar().showMessage(m, 10_000))
 
-        # the event tail (a local run) and the server poller (a remote run): the Live tab shows one of them
+    def _build_followers(self, remote: RemoteTail | None) -> None:
+        """The event tail (a local run) and the server poller (a remote run): the Live tab shows one."""
         self._source = "local"
         self._remote_choice: str = ""        # the server run followed ("" = the newest active one)
         self._server_listed: list = []       # the server's active runs, as last listed
@@ -161,16 +192,6 @@ class MainWindow(QMainWindow):
         self.remote.health.connect(self._server_health)
         self.remote.set_server(self.server_uri())
         self._set_server_combo([])
-
-        self._restore()
-        if follow is not None:
-            self.follow_run(follow)
-        else:
-            self.follow_action.setChecked(self.settings.value("monitor/follow_latest", True, type=bool))
-            if not self.follow_action.isChecked():
-                self._follow_toggled(False)
-        self.runs.start()
-        self.study.start()
 
     def _dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)

@@ -1,6 +1,7 @@
 """Child processes of the window: a pipeline run, a study, the MLflow UI.
 
-QProcess keeps them off the GUI thread (its pipes are read by the event loop). Each child starts in a new
+QProcess keeps them off the GUI thread (its pipes are read by the event loop), and the MLflow UI's port is probed
+with QTcpSocket, whose connection attempt is answered in the event loop too: the GUI thread never waits on either. Each child starts in a new
 session, so Stop reaches the whole process tree (`dvc` and the stage it runs) at once:
 
   1. SIGINT to the group, what Ctrl-C does in a terminal: DVC ignores it while its stage runs and waits for the
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
+from PySide6.QtNetwork import QTcpSocket
 
 STDERR_TAIL_LINES = 20
 
@@ -197,6 +199,7 @@ class MlflowUi(QObject):
         self._port = 0
         self._last_output = ""
         self.url: str | None = None
+        self._knock: QTcpSocket | None = None  # the connection attempt in flight
         self._probe = QTimer(self)
         self._probe.setInterval(300)
         self._probe.timeout.connect(self._check)
@@ -227,16 +230,32 @@ class MlflowUi(QObject):
         self._last_output = (self._last_output + text)[-2000:]
 
     def _check(self) -> None:
-        try:  # a refused local connection returns at once: this never stalls the window
-            with socket.create_connection(("127.0.0.1", self._port), timeout=0.05):
-                pass
-        except OSError:
-            if time.monotonic() - self._started_at > self._timeout_s:
-                self._probe.stop()
-                self.message.emit(f"mlflow ui did not answer within {self._timeout_s:g} s")
+        """Knock on the port without waiting: QTcpSocket connects in the event loop, and its answer (connected, or
+        refused) comes back as a signal. One knock at a time."""
+        if self._knock is not None:
             return
-        self._probe.stop()
-        self._open_browser()
+        self._knock = sock = QTcpSocket(self)
+        sock.connected.connect(self._answered)
+        sock.errorOccurred.connect(self._not_yet)
+        sock.connectToHost("127.0.0.1", self._port)
+
+    def _end_knock(self) -> None:
+        sock, self._knock = self._knock, None
+        if sock is not None:
+            sock.abort()
+            sock.deleteLater()
+
+    def _answered(self) -> None:
+        self._end_knock()
+        if self._probe.isActive():
+            self._probe.stop()
+            self._open_browser()
+
+    def _not_yet(self, _error=None) -> None:
+        self._end_knock()
+        if self._probe.isActive() and time.monotonic() - self._started_at > self._timeout_s:
+            self._probe.stop()
+            self.message.emit(f"mlflow ui did not answer within {self._timeout_s:g} s")
 
     def _open_browser(self) -> None:
         self.message.emit(f"mlflow ui at {self.url}")
@@ -245,6 +264,7 @@ class MlflowUi(QObject):
 
     def _on_finished(self, code: int, _status) -> None:
         self._probe.stop()
+        self._end_knock()
         tail = self._last_output.strip().splitlines()[-3:]
         self.message.emit(f"mlflow ui exited with code {code}" + (f": {' / '.join(tail)}" if tail else ""))
 

@@ -4,251 +4,36 @@ any image file dropped on the window, and see the top-k results with their simil
 or red (another class).
 
 The model is loaded from MLflow and the test split embedded on demand, in a background thread that reports its
-progress; the window stays responsive. Everything slow (loading, embedding, search, decoding thumbnails) runs
-there; the GUI thread only places pixmaps.
+progress; the window stays responsive. Everything slow (loading, embedding, search, decoding thumbnails: see
+retrieval_logic.py) runs there; the GUI thread only places pixmaps, and the worst-queries list is a model whose
+rows the view fetches as it scrolls, so a test split of any size lists at once.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
-import yaml
 from PIL import Image
-from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, Qt, Signal
 from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import (
     QAbstractItemView, QComboBox, QFileDialog, QFrame, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
-    QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
-    QWidget,
+    QProgressBar, QPushButton, QScrollArea, QSpinBox, QSplitter, QTreeView, QVBoxLayout, QWidget,
 )
 
-from xbmcore.config import DataParams
-from xbmcore.data import open_splits
-from xbmcore.data.decode import decode_rgb
-from xbmcore.data.index import read_meta
-from xbmcore.data.prepare import params_recipe
-from xbmcore.data.transforms import pil_transform
-from xbmcore.evaluate import embed_split, eval_sets
 from pipeline.figures import OTHER, SAME
-from xbmcore.retrieval import first_relevant_rank, nearest, worst_first
+from xbmcore.data.decode import IMAGE_SUFFIXES
 
 from . import theme
-from .stores import StoreUnavailable, _client, check_store, describe_error, mlflow_metric
+from .retrieval_logic import (  # noqa: F401 (ModelRun, Session and the rest: the tab's names for its callers)
+    QUERY_THUMB, THUMB, ModelRun, Results, Session, check_prepared, fetch_model_runs, load_run_model,
+    open_session, section_params,
+)
+from .stores import describe_error
 from .widgets import ElidedLabel
 from .worker import BackgroundCalls
-
-THUMB = 112          # px of a result tile's image
-QUERY_THUMB = 196    # px of the query's image
-LIST_ROWS = 10_000   # worst queries listed (10k rows fill a QTreeWidget in ~40 ms); the rest by number
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-# --- runs and models (no Qt: these run in the background thread) ----------------------------------------------
-
-@dataclass
-class ModelRun:
-    """An MLflow run with a logged model (the evaluate stage logs one)."""
-
-    run_id: str
-    name: str
-    start_time: float | None
-    model_uri: str
-    params: dict[str, str] = field(default_factory=dict)
-    test_recall_at_1: float | None = None
-
-    def label(self) -> str:
-        when = datetime.fromtimestamp(self.start_time).strftime("%Y-%m-%d %H:%M") if self.start_time else "?"
-        r1 = f" · test R@1 {self.test_recall_at_1 * 100:.1f}%" if self.test_recall_at_1 is not None else ""
-        return f"{self.name} · {when}{r1}"
-
-
-def fetch_model_runs(uri: str, experiment: str) -> list[ModelRun]:
-    """Runs of `experiment` that logged a model, newest first."""
-    check_store(uri, "tracking store")
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise StoreUnavailable(f"no experiment {experiment!r} in {uri} yet")
-    newest: dict[str, Any] = {}
-    for m in client.search_logged_models(experiment_ids=[exp.experiment_id]):
-        if m.source_run_id and (m.source_run_id not in newest
-                                or m.creation_timestamp > newest[m.source_run_id].creation_timestamp):
-            newest[m.source_run_id] = m
-    out = []
-    for run_id, m in newest.items():
-        r = client.get_run(run_id)
-        out.append(ModelRun(run_id, r.info.run_name or run_id[:8],
-                            r.info.start_time / 1000 if r.info.start_time else None, m.model_uri,
-                            dict(r.data.params), r.data.metrics.get(mlflow_metric("test/recall@1"))))
-    return sorted(out, key=lambda r: r.start_time or 0.0, reverse=True)
-
-
-def _param_value(text: str) -> Any:
-    # MLflow stores str(value): "16", "0.001", "True", "None", "[0.5, 1.0]"; YAML reads them back, bar None.
-    return None if text == "None" else yaml.safe_load(text)
-
-
-def section_params(flat: dict[str, str], section: str) -> dict[str, Any]:
-    """One params.yaml section, nested again, from a run's flat MLflow params (data.synthetic.seed -> ...)."""
-    out: dict[str, Any] = {}
-    for key, text in flat.items():
-        parts = key.split(".")
-        if parts[0] != section:
-            continue
-        node = out
-        for p in parts[1:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _param_value(text)
-    return out
-
-
-class _ExportedModule(torch.nn.Module):
-    """A torch.export graph (MLflow's pt2 format) as a module: its train/eval mode is fixed at export (eval)."""
-
-    def __init__(self, graph: torch.nn.Module):
-        super().__init__()
-        self.graph = graph
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
-
-    def train(self, mode: bool = True) -> "_ExportedModule":
-        return self
-
-
-def load_run_model(model_uri: str, tracking: str) -> torch.nn.Module:
-    """The embedding network of a logged model: the mlflow.pytorch flavour, or a pyfunc model that wraps the
-    network (`python_model.embedder.model`). Inputs are normalised image batches B x 3 x S x S."""
-    import mlflow
-    import mlflow.pyfunc
-    import mlflow.pytorch
-
-    mlflow.set_tracking_uri(tracking)
-    flavours = mlflow.models.get_model_info(model_uri).flavors
-    if "pytorch" in flavours:
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-        try:
-            return model.eval()
-        except NotImplementedError:  # a torch.export graph (the pt2 format): eval already, and fixed
-            return _ExportedModule(model)
-    inner = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    net = getattr(getattr(inner, "embedder", None), "model", None)
-    if not isinstance(net, torch.nn.Module):
-        raise ValueError(f"{model_uri}: flavours {sorted(flavours)}, and no embedding network inside; expected "
-                         f"the model the evaluate stage logs")
-    return net.cpu().eval()
-
-
-@dataclass
-class Results:
-    """One query's top-k: gallery rows, similarities, same-class marks (None: the query has no label)."""
-
-    query: Image.Image
-    caption: str
-    ids: np.ndarray
-    sims: np.ndarray
-    same: np.ndarray | None
-    thumbs: list[Image.Image]
-    captions: list[str]
-    row: int | None = None  # the query's test row; None for an image file
-
-
-@dataclass
-class Session:
-    """A run's model and its embedded test split (query set, and gallery set where the dataset has one)."""
-
-    run: ModelRun
-    data: DataParams
-    model: torch.nn.Module
-    device: torch.device
-    query_set: Any
-    gallery_set: Any
-    query: np.ndarray
-    query_labels: np.ndarray
-    gallery: np.ndarray
-    gallery_labels: np.ndarray
-    own: bool          # the query set is its own gallery (its own copy left out of its results)
-    ranks: np.ndarray  # first relevant rank per query (0: none)
-    order: np.ndarray  # query rows, worst first
-
-    def results(self, row: int, k: int) -> Results:
-        if not 0 <= row < len(self.query):
-            raise ValueError(f"query: expected a test query number in 0..{len(self.query) - 1}, got {row}")
-        sims, ids = nearest(self.query[row], self.gallery, k, exclude=np.array([row]) if self.own else None)
-        same = self.gallery_labels[ids[0]] == self.query_labels[row]
-        cls = self.query_set.class_ids[row]
-        return self._results(self.query_set.image(row), f"test query {row} · class {cls} · first match at rank "
-                             f"{self.ranks[row] or 'none'}", sims[0], ids[0], same, row)
-
-    def results_for_image(self, path: Path, k: int) -> Results:
-        # A dropped file is the user's: decoded within data.max_pixels, straight to the sizes needed (the model's
-        # test resize, the query tile), never whole.
-        try:
-            image = decode_rgb(path, self.data.test_resize, self.data.max_pixels)
-            shown = decode_rgb(path, QUERY_THUMB, self.data.max_pixels)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise ValueError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
-        x = pil_transform(self.data, train=False)(image)[None]
-        with torch.inference_mode():
-            emb = self.model(x.to(self.device)).float().cpu().numpy()
-        sims, ids = nearest(emb, self.gallery, k)
-        return self._results(shown, f"{Path(path).name} (not in the test split: no class)", sims[0], ids[0], None,
-                             None)
-
-    def _results(self, query: Image.Image, caption: str, sims, ids, same, row) -> Results:
-        gallery_set = self.query_set if self.own else self.gallery_set
-        thumbs = [_thumb(gallery_set.image(int(j)), THUMB) for j in ids]
-        captions = [f"#{n + 1}  {s:.3f}  class {gallery_set.class_ids[j]}" for n, (s, j) in enumerate(zip(sims, ids))]
-        return Results(_thumb(query, QUERY_THUMB), caption, ids, sims, same, thumbs, captions, row)
-
-
-def _thumb(image: Image.Image, size: int) -> Image.Image:
-    """Fit into size x size: nearest when enlarging (a 32 px image keeps its pixels), Lanczos when shrinking."""
-    scale = size / max(image.size)
-    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
-    return image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                       resample)
-
-
-def check_prepared(prepared: Path, data: DataParams, run: ModelRun) -> None:
-    """The prepared dataset must be the one the run was evaluated on: same generator params / splits."""
-    try:
-        meta = read_meta(prepared)
-    except FileNotFoundError:
-        raise ValueError(f"{prepared}: no prepared dataset {data.name!r} here; prepare it with "
-                         f"`python -m pipeline.download` (run {run.name} used it)") from None
-    recipe = meta.get("recipe", {})
-    for key, value in params_recipe(data).items():
-        if recipe.get(key) != value:
-            raise ValueError(f"{prepared}: prepared with data.{key} = {recipe.get(key)!r}, but run {run.name} "
-                             f"used {value!r}; prepare the run's dataset (python -m pipeline.download -S ...)")
-
-
-def open_session(root: Path, run: ModelRun, tracking: str, progress: Callable[[int, int], None] | None = None,
-                 batch_size: int | None = None) -> Session:
-    """Load the run's model, embed its test split with it (the evaluate stage's embeddings) and rank."""
-    data = DataParams.model_validate(section_params(run.params, "data"))
-    prepared = Path(root) / data.prepared / data.name
-    check_prepared(prepared, data, run)
-    splits = open_splits(prepared, data)
-    model = load_run_model(run.model_uri, tracking)
-    # an exported graph is traced for the CPU; a module moves to the GPU where there is one
-    device = torch.device("cuda" if torch.cuda.is_available() and not isinstance(model, _ExportedModule)
-                          else "cpu")
-    model.to(device)
-    bs = batch_size or int(_param_value(run.params.get("eval.batch_size", "256")))
-    q, ql, g, gl = embed_split(model, splits, "test", bs, device, progress=progress)
-    query_set, gallery_set = eval_sets(splits, "test")
-    own = g is None
-    ranks = first_relevant_rank(q, ql, g, gl)
-    return Session(run, data, model, device, query_set, gallery_set, q, ql, q if own else g, ql if own else gl,
-                   own, ranks, worst_first(ranks))
-
 
 # --- the panel -------------------------------------------------------------------------------------------------
 
@@ -298,6 +83,87 @@ class _Tile(QFrame):
         lay.addWidget(self.caption)
 
 
+class WorstQueries(QAbstractTableModel):
+    """The test queries, worst first (first match rank, query row, class), as rows the view fetches as it
+    scrolls (`canFetchMore` / `fetchMore`, PAGE rows at a time): a split of any size lists at once."""
+
+    PAGE = 256
+    HEADERS = ("first match", "query", "class")
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self.rows = np.zeros(0, dtype=np.int64)   # query rows, worst first
+        self._ranks = np.zeros(0, dtype=np.int64)
+        self._classes: Any = ()
+        self._position = np.zeros(0, dtype=np.int64)  # query row -> its line
+        self._loaded = 0
+
+    def set_session(self, session: Session | None) -> None:
+        self.beginResetModel()
+        if session is None:
+            self.rows = np.zeros(0, dtype=np.int64)
+            self._ranks, self._classes = np.zeros(0, dtype=np.int64), ()
+        else:
+            self.rows = np.asarray(session.order, dtype=np.int64)
+            self._ranks, self._classes = session.ranks, session.query_set.class_ids
+        self._position = np.empty(len(self.rows), dtype=np.int64)
+        self._position[self.rows] = np.arange(len(self.rows))
+        self._loaded = min(self.PAGE, len(self.rows))
+        self.endResetModel()
+
+    def line_of(self, row: int) -> int | None:
+        """The line of query `row`, fetched first if the view has not come that far yet."""
+        if not 0 <= row < len(self._position):
+            return None
+        line = int(self._position[row])
+        if line >= self._loaded:
+            self._grow(line + 1)
+        return line
+
+    def query_at(self, index: QModelIndex) -> int | None:
+        return int(self.rows[index.row()]) if index.isValid() else None
+
+    def _grow(self, n: int) -> None:
+        n = min(len(self.rows), n)
+        if n > self._loaded:
+            self.beginInsertRows(QModelIndex(), self._loaded, n - 1)
+            self._loaded = n
+            self.endInsertRows()
+
+    def rowCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: N802, B008
+        return 0 if parent.isValid() else self._loaded
+
+    def columnCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: N802, B008
+        return 0 if parent.isValid() else len(self.HEADERS)
+
+    def canFetchMore(self, parent: QModelIndex) -> bool:  # noqa: N802
+        return not parent.isValid() and self._loaded < len(self.rows)
+
+    def fetchMore(self, parent: QModelIndex) -> None:  # noqa: N802
+        if not parent.isValid():
+            self._grow(self._loaded + self.PAGE)
+
+    def headerData(self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole):  # noqa: N802
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.HEADERS[section]
+        return None
+
+    def data(self, index: QModelIndex, role: int = Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        row = int(self.rows[index.row()])
+        if role == Qt.ItemDataRole.DisplayRole:
+            if index.column() == 0:
+                rank = int(self._ranks[row])
+                return str(rank) if rank else "none"
+            return str(row) if index.column() == 1 else str(self._classes[row])
+        if role == Qt.ItemDataRole.UserRole:
+            return row
+        if role == Qt.ItemDataRole.TextAlignmentRole and index.column() == 0:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+
 class RetrievalPanel(QWidget):
     """Runs from `source()` -> (tracking URI, experiment); datasets under `root`. The session (model + embedded
     test split) is opened when the panel is visible and a run is picked."""
@@ -315,7 +181,6 @@ class RetrievalPanel(QWidget):
         self.results: Results | None = None
         self.tiles: list[_Tile] = []
         self._runs: list[ModelRun] = []
-        self._items: dict[int, QTreeWidgetItem] = {}  # query row -> its line in the worst-queries list
         self._tokens = itertools.count(1)
         self._session_token = 0   # of the session being opened (0: none)
         self._opening: str | None = None  # its run id
@@ -326,6 +191,19 @@ class RetrievalPanel(QWidget):
         self._progress.changed.connect(self._on_progress)
         self.setAcceptDrops(True)
 
+        self.status = ElidedLabel("no run loaded yet")
+        self.status.setObjectName("dimLabel")
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(self._build_list())
+        split.addWidget(self._build_results())
+        split.setSizes([300, 900])
+        lay = QVBoxLayout(self)
+        lay.addLayout(self._build_toolbar())
+        lay.addWidget(self.status)
+        lay.addWidget(split, 1)
+
+    def _build_toolbar(self) -> QHBoxLayout:
+        """Run picker, refresh, k, query number, image file, embedding progress."""
         self.run_combo = QComboBox()
         # long run labels must not widen the window: the combo shows ~24 characters at least, more when room
         self.run_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -353,30 +231,32 @@ class RetrievalPanel(QWidget):
         top = QHBoxLayout()
         top.addWidget(QLabel("Run"))
         top.addWidget(self.run_combo, 1)
-        top.addWidget(self.refresh_button)
-        top.addWidget(self.k_spin)
-        top.addWidget(self.query_spin)
-        top.addWidget(self.open_button)
-        top.addWidget(self.progress)
-        self.status = ElidedLabel("no run loaded yet")
-        self.status.setObjectName("dimLabel")
+        for w in (self.refresh_button, self.k_spin, self.query_spin, self.open_button, self.progress):
+            top.addWidget(w)
+        return top
 
-        self.worst = QTreeWidget()
-        self.worst.setColumnCount(3)
-        self.worst.setHeaderLabels(["first match", "query", "class"])
+    def _build_list(self) -> QWidget:
+        """The worst queries: a view on WorstQueries, rows fetched as it scrolls."""
+        self.worst_model = WorstQueries(self)
+        self.worst = QTreeView()
+        self.worst.setModel(self.worst_model)
         self.worst.setRootIsDecorated(False)
+        self.worst.setUniformRowHeights(True)  # rows are never measured one by one
         self.worst.setAlternatingRowColors(True)
         self.worst.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.worst.header().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.worst.setToolTip("Test queries, worst first: the rank of their first same-class result")
-        self.worst.currentItemChanged.connect(self._worst_clicked)
+        self.worst.selectionModel().currentRowChanged.connect(self._worst_clicked)
         left = QWidget()
         ll = QVBoxLayout(left)
         ll.setContentsMargins(0, 0, 0, 0)
         self.worst_label = ElidedLabel("Worst queries")  # long counts must not widen the list
         ll.addWidget(self.worst_label)
         ll.addWidget(self.worst, 1)
+        return left
 
+    def _build_results(self) -> QWidget:
+        """The query (image, caption, summary) above the grid of result tiles."""
         self.query_image = QLabel()
         self.query_image.setFixedSize(QUERY_THUMB + 8, QUERY_THUMB + 8)
         self.query_image.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -405,15 +285,7 @@ class RetrievalPanel(QWidget):
         rl.setContentsMargins(0, 0, 0, 0)
         rl.addLayout(qrow)
         rl.addWidget(scroll, 1)
-
-        split = QSplitter(Qt.Orientation.Horizontal)
-        split.addWidget(left)
-        split.addWidget(right)
-        split.setSizes([300, 900])
-        lay = QVBoxLayout(self)
-        lay.addLayout(top)
-        lay.addWidget(self.status)
-        lay.addWidget(split, 1)
+        return right
 
     # --- runs ---------------------------------------------------------------------------------------------
 
@@ -464,8 +336,7 @@ class RetrievalPanel(QWidget):
         self._session_token, self._opening = token, run.run_id
         self.session = None
         self.query_spin.setEnabled(False)
-        self.worst.clear()
-        self._items = {}
+        self.worst_model.set_session(None)
         self.progress.setRange(0, 0)
         self.progress.show()
         self._say(f"loading the model of {run.name} and embedding its test split…")
@@ -509,30 +380,19 @@ class RetrievalPanel(QWidget):
             self.show_query(int(session.order[0]))
 
     def _fill_worst(self, session: Session) -> None:
-        self.worst.blockSignals(True)
-        self.worst.clear()
-        rows = session.order[:LIST_ROWS]
-        items = []
-        for i in rows:
-            rank = int(session.ranks[i])
-            it = QTreeWidgetItem([str(rank) if rank else "none", str(int(i)), str(session.query_set.class_ids[i])])
-            it.setData(0, Qt.ItemDataRole.UserRole, int(i))
-            it.setTextAlignment(0, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-            items.append(it)
-        self.worst.addTopLevelItems(items)
-        self._items = {int(i): it for i, it in zip(rows, items)}
-        self.worst.blockSignals(False)
-        more = f" ({len(rows)} of {len(session.order)})" if len(rows) < len(session.order) else ""
-        self.worst_label.setText(f"Worst queries first{more}")
+        self.worst.selectionModel().blockSignals(True)
+        self.worst_model.set_session(session)
+        self.worst.selectionModel().blockSignals(False)
+        self.worst_label.setText(f"Worst queries first ({len(session.order):,})")
 
     def worst_rows(self) -> list[int]:
-        """The listed query rows, top to bottom."""
-        return [self.worst.topLevelItem(i).data(0, Qt.ItemDataRole.UserRole)
-                for i in range(self.worst.topLevelItemCount())]
+        """The listed query rows, top to bottom (all of them, fetched or not yet)."""
+        return [int(r) for r in self.worst_model.rows]
 
-    def _worst_clicked(self, item: QTreeWidgetItem | None, _prev=None) -> None:
-        if item is not None:
-            self.show_query(int(item.data(0, Qt.ItemDataRole.UserRole)))
+    def _worst_clicked(self, current: QModelIndex, _previous: QModelIndex | None = None) -> None:
+        row = self.worst_model.query_at(current)
+        if row is not None:
+            self.show_query(row)
 
     # --- queries ------------------------------------------------------------------------------------------
 
@@ -588,12 +448,16 @@ class RetrievalPanel(QWidget):
             self.query_spin.blockSignals(True)
             self.query_spin.setValue(res.row)
             self.query_spin.blockSignals(False)
-            item = self._items.get(res.row)
-            self.worst.blockSignals(True)
-            self.worst.setCurrentItem(item)
-            if item is not None:
-                self.worst.scrollToItem(item)
-            self.worst.blockSignals(False)
+            line = self.worst_model.line_of(res.row)
+            selection = self.worst.selectionModel()
+            selection.blockSignals(True)
+            if line is None:
+                self.worst.setCurrentIndex(QModelIndex())
+            else:
+                index = self.worst_model.index(line, 0)
+                self.worst.setCurrentIndex(index)
+                self.worst.scrollTo(index)
+            selection.blockSignals(False)
         self.results_shown.emit()
 
     def _place_tiles(self) -> None:

@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     wait_until(app, lambda: panel.session is not None, args.timeout, "the test split's embeddings")
     s = panel.session
     # a query whose first same-class result comes 2nd to 4th: wrong answers above right ones
-    pos = next((i for i, row in enumerate(panel.worst_rows()) if 2 <= s.ranks[row] <= 4), 0)
-    panel.worst.setCurrentItem(panel.worst.topLevelItem(pos))
-    panel.worst.scrollToItem(panel.worst.topLevelItem(pos))
-    row = panel.worst_rows()[pos]
+    rows = panel.worst_rows()
+    row = next((r for r in rows if 2 <= s.ranks[r] <= 4), rows[0])
+    index = panel.worst_model.index(panel.worst_model.line_of(row), 0)  # fetched up to it if need be
+    panel.worst.setCurrentIndex(index)
+    panel.worst.scrollTo(index)
     wait_until(app, lambda: panel.results is not None and panel.results.row == row, 120, f"query {row}")
     save_window(app, win, args.out)
     print(f"saved {args.out}: {s.run.name}, query {row} (first match at rank {s.ranks[row]})", flush=True)

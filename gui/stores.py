@@ -92,14 +92,22 @@ def _client(uri: str):
     return _clients[uri]
 
 
-def fetch_runs(uri: str, experiment: str, max_results: int = 500) -> list[RunRow]:
+def experiment_client(uri: str, experiment: str) -> tuple[Any, str]:
+    """(client, experiment id) of a store that answers; StoreUnavailable while the store or the experiment is not
+    there yet (the pipeline's lookup, pipeline.tracking.find_experiment: read-only, nothing is created)."""
+    from pipeline.tracking import find_experiment
+
     check_store(uri, "tracking store")
     client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    experiment_id = find_experiment(client, experiment)
+    if experiment_id is None:
         raise StoreUnavailable(f"no experiment {experiment!r} in {uri} yet")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
-                              max_results=max_results)
+    return client, experiment_id
+
+
+def fetch_runs(uri: str, experiment: str, max_results: int = 500) -> list[RunRow]:
+    client, experiment_id = experiment_client(uri, experiment)
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=max_results)
     return [
         RunRow(
             run_id=r.info.run_id,

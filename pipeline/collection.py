@@ -23,12 +23,9 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from xbmcore.data.decode import DEFAULT_MAX_PIXELS, open_image
+from xbmcore.data.decode import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, open_image
 
 log = logging.getLogger(__name__)
-
-# What PIL decodes and people keep in photo folders; other files in a folder (README, .DS_Store) are ignored.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
 
 @dataclass

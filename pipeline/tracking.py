@@ -117,6 +117,13 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def find_experiment(client, name: str) -> str | None:
+    """The id of experiment `name`, or None when there is none yet. Read-only: nothing is created (the desktop
+    app only looks)."""
+    exp = client.get_experiment_by_name(name)
+    return None if exp is None else exp.experiment_id
+
+
 def open_experiment(client, name: str) -> str:
     """The id of experiment `name` (created if missing, artifacts per `artifact_location`), tagged as a training
     experiment: MLflow 3's UI picks an experiment's view from EXPERIMENT_KIND_TAG and, without it, may guess GenAI

@@ -10,7 +10,7 @@ import torch
 from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDropEvent
 
-from gui import retrieval
+from gui import retrieval_logic
 from gui.retrieval import ModelRun, RetrievalPanel, check_prepared, image_paths, section_params
 from pipeline import stages
 from pipeline.tracking import tracking_uri
@@ -107,8 +107,8 @@ def test_query_top_k_and_marks_match_brute_force(qtbot, trained):
     panel = _panel(qtbot, trained)
     panel.refresh()  # hidden: the runs are listed, but nothing is embedded until the tab is looked at
     qtbot.waitUntil(lambda: panel.run_combo.count() == 1, timeout=WAIT_MS)
-    qtbot.wait(200)
-    assert panel.session is None and not panel._calls.busy()
+    # the runs are shown and the panel has decided, in the same call, not to open one while hidden
+    assert panel.session is None and not panel._calls.busy() and panel._session_token == 0
     _open(qtbot, panel)
     s = panel.session
     emb, labels = trained["emb"], trained["labels"]
@@ -143,10 +143,10 @@ def test_worst_queries_listed_worst_first_and_browsable(qtbot, trained):
     shown = ref[rows]
     assert list(shown) == sorted(shown, reverse=True) and shown[0] > 1
     assert panel.results.row == rows[0]  # the worst query is shown first, and marked in the list
-    assert panel.worst.currentItem() is panel.worst.topLevelItem(0)
-    item = panel.worst.topLevelItem(5)
-    assert item.text(0) == str(shown[5]) and item.text(1) == str(rows[5])
-    panel.worst.setCurrentItem(item)  # browsing the list shows that query
+    assert panel.worst.currentIndex().row() == 0
+    item = panel.worst_model.index(5, 0)
+    assert item.data() == str(shown[5]) and item.siblingAtColumn(1).data() == str(rows[5])
+    panel.worst.setCurrentIndex(item)  # browsing the list shows that query
     qtbot.waitUntil(lambda: panel.results.row == rows[5], timeout=WAIT_MS)
 
 
@@ -199,18 +199,18 @@ def test_dropped_image_file_is_searched_without_marks(qtbot, trained, tmp_path, 
 def test_embedding_runs_in_the_background_and_reports_progress(qtbot, trained, monkeypatch):
     """The GUI thread keeps serving events while the worker embeds (slowed down here: each batch of one image
     waits 20 ms, as a real model on real images would)."""
-    real = retrieval.embed_split
+    real = retrieval_logic.embed_split
 
     def slow(*args, progress=None, **kw):
         import time
 
         def step(done, total):
-            time.sleep(0.02)
+            time.sleep(0.02)  # the scenario: a batch's work, not a wait for something
             progress(done, total)
 
         return real(*args, progress=step, **kw)
 
-    monkeypatch.setattr(retrieval, "embed_split", slow)
+    monkeypatch.setattr(retrieval_logic, "embed_split", slow)
     panel = _panel(qtbot, trained, batch_size=1)
     seen, ticks = [], []
     real_progress = panel._on_progress

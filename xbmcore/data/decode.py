@@ -27,6 +27,11 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+# The image files of a user's folder, a dropped file or a request: what Pillow decodes and people keep in photo
+# folders. Other files in a folder (README, .DS_Store, a video) are not images. The one set of the project (the
+# folder collection, the desktop app); a published layout's scan takes whatever Pillow opens (layouts.image_extensions).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
 # 50 MP: an 8,660 x 5,773 photo, beyond most cameras; decoded as RGBA it costs 200 MB. (Pillow itself refuses
 # more than 2 x Image.MAX_IMAGE_PIXELS = 178,956,970, the schema's upper bound for data.max_pixels.)
 DEFAULT_MAX_PIXELS = 50_000_000
