@@ -1,7 +1,8 @@
 """Live monitor: one run's curves, its phase and ETA.
 
 Events arrive as batches (see tail.py) and are appended to numpy buffers at once; the curves are redrawn by a
-10 Hz timer, never per event, so a fast run or a large backlog costs one redraw per tick. Each curve downsamples
+timer, never per event, so a fast run or a large backlog costs one redraw per tick. The timer runs every
+REDRAW_MS (100 ms) while a redraw is cheap and waits five times a redraw's cost (at most 1 s) when it is not. Each curve downsamples
 to the pixels it covers (peak mode keeps spikes visible) and draws only the visible range, which keeps
 100,000-point curves smooth.
 """

@@ -1,7 +1,8 @@
 """The live model of one run: events turned into growable numpy columns the plots draw from.
 
 No Qt here. `EventBatch.from_events` does the per-event Python work (it runs in the tail's worker thread);
-`RunData.add` only appends whole numpy columns (it runs in the GUI thread and stays cheap at any size).
+`RunData.add` appends whole numpy columns, one extend per curve between two of the rare other events (it runs in
+the GUI thread and stays cheap at any size).
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ class EventBatch:
     times: np.ndarray                      # unix seconds of each step event
     columns: dict[str, np.ndarray]         # CURVES -> values (NaN where the event had null)
     phase_changes: list[tuple[int, str]]   # (step, phase) where the phase differs from the event before
-    others: list[dict[str, Any]]           # start / phase / eval / checkpoint / end events
+    others: list[dict[str, Any]]           # start / phase / eval / drift / checkpoint / end events
     last_phase: str | None = None
     # for each of `others`, how many step events came before it in the batch (so that add() keeps the order)
     others_at: list[int] = field(default_factory=list)
@@ -130,11 +131,11 @@ class RunData:
 
     curves: dict[str, Series] = field(default_factory=lambda: {f: Series() for f in CURVES})
     step_times: Series = field(default_factory=Series)            # x = step, y = unix time
-    evals: dict[str, Series] = field(default_factory=dict)        # "val/recall@1" -> Series
+    evals: dict[str, Series] = field(default_factory=dict)        # "val/recall@1", "drift/D_100" -> Series
     phases: list[tuple[int, str]] = field(default_factory=list)   # (first step, phase)
     run_id: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    total_steps: int | None = None      # as announced by the latest start/phase event
+    total_steps: int | None = None      # the whole run's, as announced by the latest start event
     last_step: int | None = None
     status: str | None = None           # from the end event: finished | failed | stopped
     message: str | None = None

@@ -1,4 +1,5 @@
-"""Run slow calls (MLflow, Optuna, their database files) in one background thread, results back in the GUI thread."""
+"""Run slow calls (MLflow, Optuna, their database files, a model's embeddings) in a background thread of their own
+(one per BackgroundCalls), results back in the GUI thread."""
 from __future__ import annotations
 
 import itertools

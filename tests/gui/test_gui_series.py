@@ -1,6 +1,5 @@
 """The event parser and the plot buffers alone (no window)."""
 import json
-import time
 
 import numpy as np
 import pytest
@@ -78,22 +77,22 @@ def test_series_grows_by_doubling_and_keeps_values():
     assert len(s) == 500 and s.last() == -499
 
 
-def test_100k_points_appended_fast():
+def test_100k_points_appended_as_whole_columns(monkeypatch):
+    """Columnising is per-event Python (the worker thread); the GUI thread's append is one extend per curve per
+    batch, whatever its length: counted, not timed."""
     n = 100_000
     events = [_step(i, "warmup" if i < 10 else "xbm") for i in range(n)]
-    t0 = time.perf_counter()
     batches = [EventBatch.from_events(events[i:i + 20_000]) for i in range(0, n, 20_000)]
-    t_parse = time.perf_counter() - t0
+    calls = []
+    real = Series.extend
+    monkeypatch.setattr(Series, "extend", lambda self, x, y: (calls.append(len(x)), real(self, x, y)))
     run = RunData()
-    t0 = time.perf_counter()
     for b in batches:
         run.add(b)
-    t_add = time.perf_counter() - t0
+    per_batch = len(run.curves) + 1  # the curves and the step times
+    assert len(calls) == per_batch * len(batches) and set(calls) == {20_000}
     assert len(run.curves["loss"]) == n and run.last_step == n - 1
     assert run.curves["loss"].y[12345] == pytest.approx(events[12345]["loss"])
-    # columnising is per-event Python (worker thread); appending is whole arrays (GUI thread) and must be tiny
-    assert t_parse < 10.0, t_parse
-    assert t_add < 0.25, t_add
 
 
 def test_resume_rewinds_to_the_restart_step():
