@@ -46,8 +46,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` atomically (xbmcore.atomic): a reader, or a run killed half-way through the
     write, sees the old file or the new one, never a torn one."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a file object: given a path, torch.save names the archive's root folder after the (random) temp name,
+    # and the same state would give other bytes at every write.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return path
 
 

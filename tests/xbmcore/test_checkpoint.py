@@ -36,9 +36,8 @@ KILLED_WRITER = textwrap.dedent("""
         buf = io.BytesIO()
         real_save(obj, buf)
         data = buf.getvalue()
-        with open(f, "wb") as out:
-            out.write(data[: len(data) // 2])
-            out.flush()
+        f.write(data[: len(data) // 2])
+        f.flush()
         ready.touch()
         threading.Event().wait()  # killed here
 
@@ -148,3 +147,12 @@ def test_preserved_rng_leaves_the_global_streams_where_they_were():
     with preserved_rng():
         torch.rand(100)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_same_state_gives_the_same_bytes(tmp_path):
+    """DVC hashes the stages' outputs: a checkpoint's bytes depend on its content only, not on the write's
+    temporary name or the file's own name."""
+    state = {"step": 3, "w": torch.arange(12.0).reshape(3, 4), "rng": [{"torch": torch.get_rng_state()}]}
+    a = save_checkpoint(state, tmp_path / "a" / "model.pt").read_bytes()
+    b = save_checkpoint(state, tmp_path / "b" / "state.pt").read_bytes()
+    assert a == b
