@@ -244,7 +244,8 @@ class RetrievalPanel(QWidget):
         self.worst.setUniformRowHeights(True)  # rows are never measured one by one
         self.worst.setAlternatingRowColors(True)
         self.worst.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.worst.header().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # widths from the widest values (_fill_worst), not ResizeToContents, which asks every fetched row again
+        self.worst.header().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         self.worst.setToolTip("Test queries, worst first: the rank of their first same-class result")
         self.worst.selectionModel().currentRowChanged.connect(self._worst_clicked)
         left = QWidget()
@@ -383,6 +384,12 @@ class RetrievalPanel(QWidget):
         self.worst.selectionModel().blockSignals(True)
         self.worst_model.set_session(session)
         self.worst.selectionModel().blockSignals(False)
+        fm, header = self.worst.fontMetrics(), self.worst.header()
+        widest = (str(int(session.ranks.max(initial=0)) or "none"), str(len(session.query) - 1),
+                  max(map(str, np.unique(np.asarray(session.query_set.class_ids))), key=len, default=""))
+        for col, (title, text) in enumerate(zip(WorstQueries.HEADERS, widest)):
+            header.resizeSection(col, max(fm.horizontalAdvance(text), header.fontMetrics().horizontalAdvance(title))
+                                 + 24)
         self.worst_label.setText(f"Worst queries first ({len(session.order):,})")
 
     def worst_rows(self) -> list[int]:

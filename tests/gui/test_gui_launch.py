@@ -117,3 +117,21 @@ def test_changes_are_judged_against_params_yaml_as_it_is_now(form, project):
     path.write_text(path.read_text().replace("lr: 0.001", "lr: 0.0003"))
     assert form.editors["train.lr"].text() == "0.001"
     assert form.overrides() == (["train.lr=0.001"], {})
+
+
+def test_params_yaml_is_read_once_per_change_of_the_file(form, project, monkeypatch):
+    from gui import launch
+
+    reads = []
+    real = launch._read_base
+    monkeypatch.setattr(launch, "_read_base", lambda path: (reads.append(path), real(path))[1])
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 0.002"))
+    for _ in range(5):  # keystrokes and panel refreshes: one read for the changed file, then none
+        form._changed()
+        first = launch.load_base(path)
+    assert len(reads) == 1 and first[1].train.lr == 0.002 and launch.load_base(path) is first
+    path.write_text(path.read_text().replace("lr: 0.002", "lr: 0.0005"))
+    assert launch.load_base(path)[1].train.lr == 0.0005 and len(reads) == 2
+    path.unlink()
+    assert launch.load_base(path)[2].endswith("not found: showing the schema defaults") and len(reads) == 3
