@@ -12,6 +12,8 @@ from xbmcore.events import read_events
 
 TINY = {
     "data.synthetic.num_classes": 40, "data.synthetic.images_per_class_max": 6,
+    # warmup depends on the pretrain stage (dvc.yaml): a few steps on a small pretrain split of 10 classes
+    "data.synthetic.pretrain_classes": 10, "pretrain.steps": 6, "pretrain.batch_size": 8, "pretrain.num_threads": 1,
     "train.warmup_steps": 30, "train.xbm_steps": 20, "train.eval_every": 10, "train.checkpoint_every": 10,
     "train.num_threads": 1, "train.device": "cpu", "eval.recall_at": [1, 10],
 }
