@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test files run on this many processes: most tests are single-threaded subprocess chains (dvc repro, torchrun).
+TEST_WORKERS ?= 2
 
 .PHONY: setup browser run test bench docs docs-serve clean
 
@@ -24,7 +26,7 @@ run: setup
 	$(BIN)/python -m pipeline.main
 
 test: setup
-	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q tests
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: setup
 	$(BIN)/python -m bench.loss_step

@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.figures import _fit
+from pipeline.figures import fit_thumbnail
 from xbmcore.config import DataParams
 from xbmcore.data import open_splits
 from xbmcore.data.decode import decode_rgb
@@ -182,9 +182,9 @@ class Session:
 
     def _results(self, query: Image.Image, caption: str, sims, ids, same, row) -> Results:
         gallery_set = self.query_set if self.own else self.gallery_set
-        thumbs = [_fit(gallery_set.image(int(j)), THUMB) for j in ids]
+        thumbs = [fit_thumbnail(gallery_set.image(int(j)), THUMB) for j in ids]
         captions = [f"#{n + 1}  {s:.3f}  class {gallery_set.class_ids[j]}" for n, (s, j) in enumerate(zip(sims, ids))]
-        return Results(_fit(query, QUERY_THUMB), caption, ids, sims, same, thumbs, captions, row)
+        return Results(fit_thumbnail(query, QUERY_THUMB), caption, ids, sims, same, thumbs, captions, row)
 
 
 def check_prepared(prepared: Path, data: DataParams, run: ModelRun) -> None:

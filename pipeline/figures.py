@@ -46,7 +46,7 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)  # Pillow's bundled scalable font: the same text on every machine
 
 
-def _fit(img: Image.Image, size: int) -> Image.Image:
+def fit_thumbnail(img: Image.Image, size: int) -> Image.Image:
     """Scale to fit size x size keeping the aspect ratio: nearest when enlarging (small images stay crisp)."""
     img = img.convert("RGB")
     scale = size / max(img.size)
@@ -90,7 +90,7 @@ def draw_retrieval(query_images: Sequence[Image.Image], neighbour_images: Sequen
             box = (x, y, x + cell_w - 1, y + THUMB + 2 * FRAME - 1)
             draw.rectangle(box, fill=colour)
             draw.rectangle((x + FRAME, y + FRAME, x + FRAME + THUMB - 1, y + FRAME + THUMB - 1), fill=BACKGROUND)
-            t = _fit(thumb, THUMB)  # letterboxed when not square
+            t = fit_thumbnail(thumb, THUMB)  # letterboxed when not square
             img.paste(t, (x + FRAME + (THUMB - t.width) // 2, y + FRAME + (THUMB - t.height) // 2))
             draw.text((x + cell_w // 2, box[3] + 3), caption, fill=TEXT, font=small, anchor="mt")
             frames[r, col] = box
