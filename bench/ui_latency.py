@@ -53,7 +53,7 @@ def big_session(run, rows: int, dim: int = 64, seed: int = 0):
     """A session of `rows` queries against themselves, ranked by the library (what open_session returns)."""
     import torch
 
-    from gui import retrieval
+    from gui import retrieval_logic as retrieval
     from xbmcore.config import DataParams
     from xbmcore.retrieval import first_relevant_rank, worst_first
 

@@ -27,10 +27,7 @@ from pipeline.figures import OTHER, SAME
 from xbmcore.data.decode import IMAGE_SUFFIXES
 
 from . import theme
-from .retrieval_logic import (  # noqa: F401 (ModelRun, Session and the rest: the tab's names for its callers)
-    QUERY_THUMB, THUMB, ModelRun, Results, Session, check_prepared, fetch_model_runs, load_run_model,
-    open_session, section_params,
-)
+from .retrieval_logic import QUERY_THUMB, ModelRun, Results, Session, fetch_model_runs, open_session
 from .stores import describe_error
 from .widgets import ElidedLabel
 from .worker import BackgroundCalls

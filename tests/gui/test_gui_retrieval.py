@@ -11,7 +11,8 @@ from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl
 from PySide6.QtGui import QDropEvent
 
 from gui import retrieval_logic
-from gui.retrieval import ModelRun, RetrievalPanel, check_prepared, image_paths, section_params
+from gui.retrieval import RetrievalPanel, image_paths
+from gui.retrieval_logic import ModelRun, check_prepared, section_params
 from pipeline import stages
 from pipeline.tracking import tracking_uri
 from tests.pipeline.tiny_project import tiny_params, write_params

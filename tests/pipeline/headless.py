@@ -9,7 +9,6 @@ import socketserver
 import subprocess
 import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline.study import Worker, finalize, resolve_storage, run_study
-from pipeline.study.mlflow_runs import StudyTracker
+from pipeline.study import Worker, resolve_storage, run_study
 from pipeline.study.space import memory_on_step
 from xbmcore.config import validate_params
 

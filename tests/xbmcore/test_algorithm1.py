@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import algorithm1
-from ddp_setup import WARMUP, XBM, Net, blob_splits, torchrun
+from ddp_setup import WARMUP, XBM, Net, torchrun
 from test_trainer import Blobs, Splits, TinyNet
 from xbmcore.config import Params
 from xbmcore.events import NullSink

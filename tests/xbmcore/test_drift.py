@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_trainer import Events, make, params
+from test_trainer import make, params
 from xbmcore.checkpoint import list_checkpoints
 from xbmcore.config import Params
 from xbmcore.drift import DriftProbe

@@ -422,7 +422,6 @@ def test_a_batch_with_no_active_pair_takes_no_optimiser_step():
 
 
 def test_the_step_record_is_the_one_list_of_fields():
-    from pipeline.stages import write_plots
     from pipeline.tracking import STEP_METRICS
     from xbmcore.events import HISTORY_FIELDS, STEP_FIELDS, StepRecord
     import dataclasses
