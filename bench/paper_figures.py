@@ -68,12 +68,16 @@ def _commit() -> str:
 
 # ---- the runs ----
 
-def _run_params(args, overrides: list[str]):
+def _run_params(args, overrides: list[str], resolve: bool = True):
+    """The params of a run; `resolve`: model.pretrained made a path relative to the params file, as the stages do
+    (it must then exist). Tables and figures read other fields only and need no pretrained file."""
     from xbmcore.config import load_params
     p = load_params(args.params, [*args.overrides, "train.device=cpu", "train.eval_every=0",
                                   "train.checkpoint_every=100000", *overrides])
+    if not resolve:
+        return p
     from pipeline.stages import resolve_pretrained
-    return resolve_pretrained(p, Path(args.params).resolve().parent)  # relative to the params file, as the stages
+    return resolve_pretrained(p, Path(args.params).resolve().parent)
 
 
 def _key(p, split: str = "test") -> str:
@@ -100,7 +104,7 @@ def groups(args) -> list[dict[str, Any]]:
     for seed in args.seeds:
         mine = []
         # GroupNorm as extra points only from scratch: pretrained weights are BatchNorm's.
-        norms = ("batch", "group") if _run_params(args, []).model.pretrained == "none" else ("batch",)
+        norms = ("batch", "group") if _run_params(args, [], resolve=False).model.pretrained == "none" else ("batch",)
         for norm in norms:
             for b in (args.batches if norm == "batch" else [b0]):
                 warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", f"model.norm={norm}"]
@@ -273,7 +277,7 @@ def _series(rows, **match) -> dict[Any, list[float]]:
 
 def _of_this_order(args, rows: list[dict[str, str]]) -> list[dict[str, str]]:
     """The figures' rows: those trained with the base params' enqueue order (a baseline has none to differ)."""
-    order = _run_params(args, []).memory.enqueue
+    order = _run_params(args, [], resolve=False).memory.enqueue
     return [r for r in rows if r["figure"] != "order" and (r["memory"] == "False" or r["enqueue"] == order)]
 
 
@@ -365,7 +369,8 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("D(t; dt) = mean ||f_t(x) - f_{t-dt}(x)||^2")
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"Feature drift of {_run_params(args, []).train.drift_probe} probe images (test view)")
+        probes = _run_params(args, [], resolve=False).train.drift_probe
+        fig.suptitle(f"Feature drift of {probes} probe images (test view)")
         fig.tight_layout()
         fig.savefig(docs / "paper_drift.png", dpi=120)
         plt.close(fig)
@@ -422,7 +427,7 @@ def markdown(args, rows: list[dict[str, str]]) -> str:
     if auto:
         ends = {int(r["seed"]): r["warmup_end"] for r in rows if r["figure"] == "auto"}
         # Fixed: the drift runs, or the fig1a runs of the default schedule (the probe does not change training).
-        d = _run_params(args, []).train
+        d = _run_params(args, [], resolve=False).train
         default = dict(batch=str(d.batch_size), warmup=str(d.warmup_steps), xbm_steps=str(d.xbm_steps),
                        memory="True", norm="batch", ratio="1.0")
         fixed = by_seed(r for r in rows if (r["figure"] == "drift" and r["memory"] == "True") or
