@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,12 @@ def test_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings_handlers.python")
     site = tmp_path / "site"
-    t0 = time.monotonic()
     # cwd = the project root: pymdownx.snippets reads the generated tables relative to it (base_path: docs).
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
                            str(ROOT / "mkdocs.yml"), "--site-dir", str(site)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
-    seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert seconds < 60, f"mkdocs build took {seconds:.0f} s"
     # The API pages hold the library's own symbols, rendered from the docstrings.
     memory = (site / "api" / "memory" / "index.html").read_text()
     assert "CrossBatchMemory" in memory and "from_ratio" in memory
