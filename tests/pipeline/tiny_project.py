@@ -89,13 +89,13 @@ def run_pipeline_in_process(root: Path):
     return p, stages.run_evaluate(p, root)
 
 
-def recomputed_test_metrics(params, root: Path) -> dict[str, float]:
+def recomputed_test_metrics(params, root: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Recall@K (eval.recall_at) and MAP@R of the trained model on the test split, recomputed apart from the
     evaluate stage: the saved weights loaded into a fresh model, the test images embedded, and the ranking done
-    by brute force in float64 numpy (the query itself excluded). A stage that wrote made-up metrics, or a broken
-    retrieval_metrics, disagrees with it."""
-    import numpy as np
-
+    by brute force in float64 (tests/reference64.py). Returns (metrics, tolerance per metric: the share of
+    queries a float32 rounding could flip). A stage that wrote made-up metrics, or a broken retrieval_metrics,
+    disagrees with it."""
+    from reference64 import metrics_float64
     from xbmcore.checkpoint import load_checkpoint
     from xbmcore.data import open_splits
     from xbmcore.evaluate import compute_embeddings, eval_sets
@@ -107,29 +107,10 @@ def recomputed_test_metrics(params, root: Path) -> dict[str, float]:
     queries, gallery = eval_sets(splits, "test")
     assert gallery is None, "the tiny projects search the test split in itself"
     emb, labels = compute_embeddings(model, queries, batch_size=64)
-    x = emb.astype(np.float64)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)  # the query itself is not a result
-    same = labels[:, None] == labels[None, :]
-    np.fill_diagonal(same, False)
-    out = {}
-    best_relevant = np.where(same, sim, -np.inf).max(1)
-    above = (np.where(same, -np.inf, sim) > best_relevant[:, None]).sum(1)  # wrong answers ranked first
-    for k in params.eval.recall_at:
-        out[f"recall@{k}"] = float((above < k).mean())
-    aps = []
-    for i in range(len(x)):
-        R = int(same[i].sum())
-        if R:
-            hits = same[i][np.argsort(-sim[i], kind="stable")[:R]]
-            aps.append(float((np.cumsum(hits) / np.arange(1, R + 1) * hits).sum() / R))
-    out["map@r"] = float(np.mean(aps))
-    # Queries whose ranking a float32 rounding could change: some two results within 1e-5 of each other.
-    top = -np.sort(-sim, axis=1)[:, : int(same.sum(1).max()) + max(params.eval.recall_at) + 1]
-    out["near_ties"] = int((np.diff(top, axis=1) > -1e-5).any(1).sum())
-    out["n"] = len(x)
-    return out
+    ref, ties, unsure = metrics_float64(emb, labels, params.eval.recall_at)
+    tol = {name: n / len(emb) for name, n in ties.items()}
+    tol["map@r"] = unsure
+    return ref, tol
 
 
 def assert_test_metrics(params, root: Path, metrics: dict[str, float]) -> None:
@@ -141,6 +122,6 @@ def assert_test_metrics(params, root: Path, metrics: dict[str, float]) -> None:
 
     if params is None:
         params = validate_params(yaml.safe_load((root / "params.yaml").read_text()))
-    ref = recomputed_test_metrics(params, root)
-    for name in [f"recall@{k}" for k in params.eval.recall_at] + ["map@r"]:
-        assert metrics[name] == pytest.approx(ref[name], abs=ref["near_ties"] / ref["n"] + 1e-9), (name, metrics, ref)
+    ref, tol = recomputed_test_metrics(params, root)
+    for name, want in ref.items():
+        assert metrics[name] == pytest.approx(want, abs=tol[name] + 1e-9), (name, metrics, ref, tol)

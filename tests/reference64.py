@@ -1,4 +1,4 @@
-"""Float64 brute-force references of the retrieval metrics, for the benches' tests: what a bench reports is
+"""Float64 brute-force references of the retrieval metrics, for the tests of the benches and the pipeline: what a bench reports is
 compared with a value computed another way, never only bounded."""
 from __future__ import annotations
 
