@@ -1,5 +1,5 @@
-"""Float64 brute-force references of the retrieval metrics, for the tests of the benches and the pipeline: what a bench reports is
-compared with a value computed another way, never only bounded."""
+"""Float64 brute-force references of the retrieval metrics, for the tests of the benches and the pipeline: what
+a bench or a stage reports is compared with a value computed another way, never only bounded."""
 from __future__ import annotations
 
 import numpy as np
