@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import os
 import statistics
@@ -81,16 +80,10 @@ def _run_params(args, overrides: list[str], resolve: bool = True):
 
 
 def _key(p, split: str = "test") -> str:
-    d = p.model_dump(mode="json")
-    from xbmcore.models import pretrained_sha256
-    if sha := pretrained_sha256(d["model"]["pretrained"]):  # the weights' bytes, not where they lie
-        d["model"]["pretrained"] = sha
-    # `after` was the only order before the setting existed: its rows keep their keys; a baseline has no memory
-    # to enqueue into, so one run serves both orders.
-    if d["memory"]["enqueue"] == "after" or not d["memory"]["enabled"]:
-        del d["memory"]["enqueue"]
-    keep = {k: d[k] for k in ("data", "model", "loss", "memory", "train")}
-    key = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    # memory.enqueue stays out of the key of `after` (the only order before the setting existed) and of a baseline,
+    # which has no memory to enqueue into: one baseline run serves both orders.
+    drop = ("memory.enqueue",) if p.memory.enqueue == "after" or not p.memory.enabled else ()
+    key = p.digest(("data", "model", "loss", "memory", "train"), drop=drop, length=16)
     return key if split == "test" else f"{key}-{split}"  # a test run's key is the same as before the column
 
 
@@ -576,4 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.cli import enter_portable
+
+    enter_portable(params=str(PARAMS))  # train.portable: torch is loaded already, so this starts the process again with it
     sys.exit(main())

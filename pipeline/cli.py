@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from xbmcore import portable
 from xbmcore.config import Params, load_params
 
 
@@ -25,3 +26,17 @@ def load_cli_params(args: argparse.Namespace) -> tuple[Params, Path] | None:
         print(err, file=sys.stderr)
         return None
     return params, Path(args.params).resolve().parent
+
+
+def enter_portable(argv: list[str] | None = None, params: str = "params.yaml") -> None:
+    """First thing in an entry point that trains or embeds, before torch loads: train.portable's switches from
+    the params that `--params` and `-S` give (xbmcore.portable.enter). Bad params are left for the entry point
+    itself to report."""
+    ap = argparse.ArgumentParser(add_help=False)
+    add_params_arguments(ap, params=params)
+    args, _ = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        params = load_params(args.params, args.overrides)
+    except (ValueError, OSError):
+        return
+    portable.enter(params.train.portable)

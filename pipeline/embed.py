@@ -283,4 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.cli import enter_portable
+
+    enter_portable()  # train.portable: torch is loaded already, so this starts the process again with it
     sys.exit(main())

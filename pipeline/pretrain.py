@@ -6,7 +6,10 @@ A DVC stage (dvc.yaml); the work is pipeline.stages.run_pretrain.
 """
 import sys
 
-from pipeline.stages import main
-
 if __name__ == "__main__":
+    from pipeline.cli import enter_portable
+
+    enter_portable()  # before torch loads
+    from pipeline.stages import main
+
     sys.exit(main("pretrain"))

@@ -45,12 +45,13 @@ from xbmcore.models import build_model
 from xbmcore.pretrain import SKIPPED, pretrain
 from xbmcore.events import HISTORY_FIELDS
 from xbmcore.checkpoint import resumable_checkpoint
-from xbmcore.device import OutOfMemory, resolve_device
+from xbmcore.device import OutOfMemory, resolve_device, set_cpu_threads
 from xbmcore.hooks import TrainingStopped
 from xbmcore.memory import build_memory
 from xbmcore.trainer import NonFiniteLossError, Trainer
 from pipeline.cli import add_params_arguments, load_cli_params
-from pipeline.tracking import MODEL_TAG, StageRun, configure_logging, file_sha256, is_main_process, stage_run
+from pipeline.tracking import MODEL_TAG, StageRun, configure_logging, is_main_process, stage_run
+from xbmcore.hashing import file_digest
 from xbmcore.distributed import init_process_group, launched_by_torchrun
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,7 @@ def run_pretrain(params: Params, root: Path) -> Path:
         log.info("pretrain: skipped: %s", why)
         save_checkpoint({SKIPPED: why}, path)  # DVC needs the out; model.pretrained pointing here names the reason
         return path
-    if pp.num_threads:
-        torch.set_num_threads(pp.num_threads)
+    set_cpu_threads(pp.num_threads)
     seed_everything(pp.seed)
     # From scratch, every BatchNorm learning its statistics whatever the warm-up will do with them.
     model = build_model(params.model.model_copy(update={"pretrained": "none", "freeze_bn": False}))
@@ -166,15 +166,16 @@ def run_warmup(params: Params, root: Path, artifacts: Path | None = None) -> Pat
     t = params.train
     seed_everything(t.seed)
     splits = _splits(params, root)
-    params = resolve_pretrained(params, root)
-    model = build_model(params.model)
-    found = resumable_checkpoint(folder, params, "warmup", 0, t.warmup_budget)
+    resolved = resolve_pretrained(params, root)
+    model = build_model(resolved.model)
+    found = resumable_checkpoint(folder, resolved, "warmup", 0, t.warmup_budget)
     path = out / "state.pt"
+    # The run of the params as written, like every other stage's: the same run key, so a later stage ends it.
     with stage_run(params, root, "warmup", total_steps=t.warmup_budget + t.xbm_steps,
                    fresh_start=None if found else 1) as run:
         if found:  # points computed before a kill but not yet sent to MLflow
             run.backfill(found[1]["history"], found[1]["evals"], _drift_of(found[1]))
-        trainer = Trainer(params, model, splits, run.sink)
+        trainer = Trainer(resolved, model, splits, run.sink)
         trainer.train_phase("warmup", t.warmup_budget, checkpoint_dir=folder)
         if t.warmup_steps == "auto":
             log.info("auto warm-up: %d steps (bounds %d..%d)", trainer.step, t.warmup_min_steps, t.warmup_max_steps)
@@ -270,7 +271,7 @@ def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], Non
                          "step": trainer.step, "phase": phase}, path)
         write_plots(trainer.history, trainer.evals, _outputs_dir(root, artifacts) / "plots",
                     trainer.probe.history if trainer.probe else [], t.drift_dts if trainer.probe else [])
-        run.set_tags({MODEL_TAG: file_sha256(path)})  # the evaluate stage finds this run by its model
+        run.set_tags({MODEL_TAG: file_digest(path)})  # the evaluate stage finds this run by its model
     return path
 
 
@@ -298,10 +299,11 @@ def run_evaluate(params: Params, root: Path, split: str = "test", artifacts: Pat
     marks the run FINISHED.
     """
     device = resolve_device(params.train.device)
+    set_cpu_threads(params.eval.num_threads)
     model, step = load_model(params, root, artifacts)
     model.to(device)
     final = split == "test"
-    sha = file_sha256(stage_dir(root, "train_xbm", artifacts) / "model.pt")
+    sha = file_digest(stage_dir(root, "train_xbm", artifacts) / "model.pt", missing_ok=True)
     with StageRun(params, root, "evaluate", finish=final, model_sha256=sha) as run:
         run.sink.emit(make_event("phase", step, phase="evaluate", total_steps=0, split=split))
         e = params.eval
@@ -355,7 +357,7 @@ def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path
         if evaluation is not None:
             prepared = (Path(root) / params.data.prepared / params.data.name).resolve()
             data = Dataset(name=f"{params.data.name}/{evaluation['split']}", source_type="local",
-                           digest=(file_sha256(prepared / META_FILE) or params.digest(("data",)))[:12],
+                           digest=(file_digest(prepared / META_FILE, missing_ok=True) or params.digest(("data",)))[:12],
                            source=json.dumps({"uri": str(prepared)}))
             mlflow.log_metrics(MLflowSink.metrics_of(evaluation), step=evaluation["step"], run_id=run.mlflow.run_id,
                                timestamp=int(evaluation["time"] * 1000), model_id=info.model_id, dataset=data,
@@ -385,6 +387,19 @@ def _torchrun(stage: str, argv: list[str], nproc: int) -> int:
             signal.signal(s, h)
 
 
+_THREADS_KEY = {"pretrain": "pretrain.num_threads", "evaluate": "eval.num_threads"}
+
+
+def _warn_unpinned_threads(params: Params, stage: str) -> None:
+    """Portable mode pins the kernels; a stage whose thread count follows the cores still differs elsewhere."""
+    key = _THREADS_KEY.get(stage, "train.num_threads")
+    section, name = key.split(".")
+    if params.train.portable and getattr(getattr(params, section), name) is None:
+        log.warning("%s is null: the %s stage runs one thread per core (%s here), and its sums differ on a "
+                    "machine with another number of cores; set it to reproduce across machines", key, stage,
+                    os.cpu_count())
+
+
 def main(stage: str, argv: list[str] | None = None) -> int:
     """`python -m pipeline.<stage> [--params params.yaml] [-S key=value ...]`: run one stage, exit non-zero on
     failure (2: bad params, 1: an error, 128 + signal number: stopped by SIGTERM/SIGINT with a checkpoint).
@@ -399,6 +414,8 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     if (loaded := load_cli_params(args)) is None:
         return 2
     params, root = loaded
+    if stage != "download":
+        _warn_unpinned_threads(params, stage)
     if stage in TRAINING_STAGES:
         if params.train.nproc > 1 and not launched_by_torchrun():
             return _torchrun(stage, argv, params.train.nproc)

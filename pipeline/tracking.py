@@ -1,12 +1,14 @@
 """Tracking glue: the run's event file and its MLflow run, attached to by every stage of one pipeline execution.
 
 Run identity. A run is keyed by a hash of the params sections that define its result (`xbm.run_key` tag). A stage
-attaches to the newest not-yet-finished MLflow run with its key (created if there is none), so the stages of one
-execution, and a stage started again after a kill, log into one run with continuous curves. The train_xbm stage
-marks the run FINISHED when the model is written, and tags it with the model's sha256 (`xbm.model_sha256`): the
-evaluate stage attaches to the run that trained its model, logs the test metrics and marks it FINISHED again. So
-a run ends FINISHED whether or not DVC reruns the evaluate stage (it skips it when a resumed training wrote the
-same model bytes), and the next execution with the same key gets a new run. `XBM_MLFLOW_RUN_ID` names the
+attaches to the newest run with its key whose execution is still open (`xbm.execution: open`; created if there is
+none), so the stages of one execution, and a stage started again after a kill, log into one run with continuous
+curves. Every stage ends the run when it exits, FINISHED, FAILED or KILLED, and the next stage opens it again: a
+pipeline that stops after any stage (`dvc repro pretrain`, or DVC skipping the stages whose inputs did not change)
+leaves no run RUNNING. The train_xbm stage closes the execution (`xbm.execution: done`) when the model is
+written, and tags the run with the model's sha256 (`xbm.model_sha256`): the evaluate stage attaches to the run
+that trained its model, logs the test metrics and ends it FINISHED again. So the next execution with the same key
+gets a new run. `XBM_MLFLOW_RUN_ID` names the
 run outright; `XBM_MLFLOW_PARENT_RUN_ID` nests it under a parent (the Optuna study: one child per trial).
 
 Nothing here may stall or kill training: metrics go through `MLflowSink`'s background thread, and a store that
@@ -15,7 +17,6 @@ server is asked once, with a short timeout, before MLflow's own retries would ho
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xbmcore import portable
 from xbmcore.atomic import write_text
+from xbmcore.hashing import file_digest
 from xbmcore.config import Params
 from xbmcore.events import METRIC_FIELDS, JsonlSink, MultiSink, NullSink, ProgressSink, make_event
 
@@ -36,6 +39,11 @@ log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "xbm.run_key"
 MODEL_TAG = "xbm.model_sha256"
+# "open" while the stages of one pipeline execution still log into the run, "done" once its model is trained.
+EXECUTION_TAG = "xbm.execution"
+# Whether the last stage ran in portable mode (xbmcore.portable), and the level of torch's CPU kernels.
+PORTABLE_TAG = "xbm.portable"
+KERNELS_TAG = "xbm.cpu_kernels"
 PARENT_TAG = "mlflow.parentRunId"
 # The experiment's kind, which decides MLflow 3's view of it: the classic training view (runs, metrics, models).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -68,7 +76,9 @@ def metric_name(name: str) -> str:
 
 
 def run_key(params: Params) -> str:
-    return params.digest(RESULT_SECTIONS)
+    """The MLflow run's key: the result's params as written (weights="path": the pretrain stage rewrites the
+    pretrained file while one pipeline execution runs, and every stage of it must find the same run)."""
+    return params.digest(RESULT_SECTIONS, weights="path")
 
 
 def project_home(root: Path) -> Path:
@@ -157,13 +167,6 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 # ---- MLflow ----
 
 @dataclass
@@ -220,7 +223,7 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
             order_by=["attributes.start_time DESC"], max_results=1)):
         run = found[0]
     else:
-        filt = f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'"
+        filt = f"tags.`{RUN_KEY_TAG}` = '{key}' and tags.`{EXECUTION_TAG}` = 'open'"
         if parent:
             filt += f" and tags.`{PARENT_TAG}` = '{parent}'"
         found = client.search_runs([exp_id], filt, order_by=["attributes.start_time DESC"], max_results=1)
@@ -234,7 +237,7 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
                         "starting a new run", run.info.run_id)
             run, logged = None, {}
     if run is None:
-        tags = {RUN_KEY_TAG: key}
+        tags = {RUN_KEY_TAG: key, EXECUTION_TAG: "open"}
         if parent:
             tags[PARENT_TAG] = parent
         kind = "xbm" if params.memory.enabled else "baseline"
@@ -253,7 +256,7 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
     tags = [RunTag("xbm.stage", stage), RunTag("mlflow.source.name", f"pipeline.{stage}")]
     if commit:
         tags += [RunTag("git.commit", commit), RunTag("mlflow.source.git.commit", commit)]
-    lock = file_sha256(root / "dvc.lock")
+    lock = file_digest(root / "dvc.lock", missing_ok=True)
     if lock:
         tags.append(RunTag("dvc.lock_sha256", lock))
     for i in range(0, max(len(new), 1), 100):  # log_batch takes at most 100 params per call
@@ -287,6 +290,11 @@ class MLflowSink:
         self._abandon = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-sink", daemon=True)
         self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Metrics waiting in the queue (not those of the call in flight)."""
+        return self._q.qsize()
 
     @staticmethod
     def metrics_of(event: dict[str, Any]) -> dict[str, float]:
@@ -375,9 +383,9 @@ class _RunSink(MultiSink):
 class StageRun:
     """Context manager for one stage: the events file (+ LATEST), the MLflow run and the sink to train into.
 
-    On exit the MLflow run's status tells where the execution stands: KILLED after a SIGTERM/SIGINT stop, FAILED
-    after an error, FINISHED when `finish` (train_xbm, evaluate) completed, else still RUNNING (the next stage
-    attaches to it).
+    On exit the stage ends the MLflow run: KILLED after a SIGTERM/SIGINT stop, FAILED after an error, else
+    FINISHED. `finish` (train_xbm, evaluate) also closes the execution, so that no later stage attaches to the run.
+    A run that the Optuna study owns (XBM_MLFLOW_RUN_ID) is left to it unless the stage failed or was stopped.
     """
 
     def __init__(self, params: Params, root: Path, stage: str, total_steps: int | None = None,
@@ -400,8 +408,10 @@ class StageRun:
             self._mlflow_sink = MLflowSink(self.mlflow.client, self.mlflow.run_id, self.mlflow.logged)
             sinks.append(self._mlflow_sink)
         self.sink = _RunSink(sinks)
+        numerics = portable.report()
+        self.set_tags({PORTABLE_TAG: str(numerics["portable"]).lower(), KERNELS_TAG: numerics["aten_capability"]})
         self.sink.emit(make_event("start", 0, run_id=self.run_id, run_key=self.key, stage=stage,
-                                  params=public_params(params), total_steps=total_steps))
+                                  params=public_params(params), total_steps=total_steps, numerics=numerics))
 
     @property
     def run_id(self) -> str | None:
@@ -455,7 +465,9 @@ class StageRun:
             self.sink.emit(make_event("end", step, status="finished", message=f"{self.stage} done"))
         self.sink.close()
         if exc_type is None:
-            status = "FINISHED" if self.finish else None
+            if self.finish:
+                self.set_tags({EXECUTION_TAG: "done"})
+            status = "FINISHED" if self.finish or not os.environ.get("XBM_MLFLOW_RUN_ID") else None
         elif stopped or not issubclass(exc_type, Exception):  # a stop signal, Ctrl-C, SystemExit
             status = "KILLED"
         else:

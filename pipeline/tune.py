@@ -97,4 +97,7 @@ def _run(args: argparse.Namespace, params, root: Path) -> int:
 
 
 if __name__ == "__main__":
+    from pipeline.cli import enter_portable
+
+    enter_portable()  # train.portable: torch is loaded already, so this starts the process again with it
     sys.exit(main())

@@ -6,7 +6,10 @@ With train.nproc > 1 it starts itself again under torchrun, one process per rank
 """
 import sys
 
-from pipeline.stages import main
-
 if __name__ == "__main__":
+    from pipeline.cli import enter_portable
+
+    enter_portable()  # before torch loads
+    from pipeline.stages import main
+
     sys.exit(main("warmup"))

@@ -11,6 +11,8 @@ AVX-512 subsets its sgemm kernels use, Haswell on one with AVX2 + FMA. Newer cor
 add bf16 / AMX kernels only, which float32 search never calls. Nothing is set on other CPUs (ARM, older x86) or
 when faiss is already loaded (too late: the core is chosen once per process).
 
+In portable mode (xbmcore.portable) the core is already set, to Haswell, and kept.
+
 `generic_blas` says, from threadpoolctl, which loaded OpenBLAS runs a generic core on a CPU with AVX2: the test
 suite and `bench.evaluate` check that it is empty.
 """
@@ -21,24 +23,14 @@ import os
 import platform
 import sys
 
+from xbmcore.portable import cpu_flags
+
 ENV = "OPENBLAS_CORETYPE"
 # OpenBLAS core names without AVX2 kernels, as threadpoolctl reports them (lower case).
 GENERIC_CORES = frozenset({"prescott", "katmai", "coppermine", "northwood", "banias", "core2", "penryn",
                            "dunnington", "nehalem", "sandybridge", "atom", "generic", "barcelona", "opteron",
                            "opteron_sse3", "athlon"})
 _AVX512 = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")  # what OpenBLAS's SkylakeX kernels need
-
-
-def cpu_flags() -> frozenset[str]:
-    """Instruction-set flags of this CPU (Linux /proc/cpuinfo); empty where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def core_for(flags: frozenset[str]) -> str | None:

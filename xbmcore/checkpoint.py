@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import random
 import re
@@ -24,7 +23,6 @@ import torch
 from xbmcore.atomic import atomic_path
 from xbmcore.config import Params
 from xbmcore.distributed import world_size
-from xbmcore.models import pretrained_sha256
 
 log = logging.getLogger(__name__)
 
@@ -106,25 +104,19 @@ def code_fingerprint() -> str:
 
 
 def training_digest(params: Params, phase: str) -> str:
-    """Hash of what a phase's result depends on (parameters and code); a checkpoint resumes only a run with the
-    same digest.
+    """Hash of what a phase's result depends on (parameters, the pretrained weights' bytes and the code); a
+    checkpoint resumes only a run with the same digest.
 
     The warm-up depends neither on the memory nor on the XBM phase's length, lr and schedule, so changing those
     keeps a warm-up checkpoint valid.
     """
-    d = params.model_dump(mode="json")
-    if sha := pretrained_sha256(d["model"]["pretrained"]):
-        # The file's bytes, not its name: a warm-up begun from other pretrained weights must not be resumed.
-        d["model"]["pretrained"] = "sha256:" + sha
-    skip = _OPERATIONAL + (() if d["train"]["warmup_steps"] == "auto" else _DRIFT)
-    train = {k: v for k, v in d["train"].items() if k not in skip}
-    keep = {"data": d["data"], "model": d["model"], "loss": d["loss"], "train": train, "code": code_fingerprint()}
+    skip = _OPERATIONAL + (() if params.train.warmup_steps == "auto" else _DRIFT)
     if phase == "warmup":
-        for k in ("xbm_steps", "lr", "lr_schedule"):  # the XBM phase's
-            train.pop(k)
+        skip += ("xbm_steps", "lr", "lr_schedule")  # the XBM phase's
+        sections = ("data", "model", "loss", "train")
     else:
-        keep["memory"] = d["memory"]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+        sections = ("data", "model", "loss", "memory", "train")
+    return params.digest(sections, drop=tuple(f"train.{k}" for k in skip), extra={"code": code_fingerprint()})
 
 
 def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: int, end: int,

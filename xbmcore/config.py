@@ -7,8 +7,6 @@ its `errors` are records of the dotted key, what was expected and what came (a r
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
+
+from xbmcore.hashing import data_digest, file_digest
 
 DATASETS = ("synthetic", "sop", "inshop", "cub", "cars", "vehicleid", "folder", "csv")
 
@@ -178,6 +178,9 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(200, ge=1)
     eval_every: int = Field(0, ge=0)
     num_threads: int | None = Field(None, ge=1)
+    # The CPU kernels of every library at the AVX2 level (xbmcore.portable), so every x86-64 CPU with AVX2 computes
+    # the same bytes; set for the whole process, so every stage that trains or embeds reads it.
+    portable: bool = True
     # auto: bfloat16 autocast on a GPU that has it (tensor cores, float32's range so no loss scaling), float32 on
     # the CPU. float16 (GPUs without bfloat16) trains with a GradScaler.
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -218,6 +221,8 @@ class TrainParams(_Section):
 class EvalParams(_Section):
     recall_at: list[int] = Field(default_factory=lambda: [1, 10, 100])
     batch_size: int = Field(256, ge=1)
+    # CPU threads of the evaluate stage (torch, faiss, their BLAS); null: one per core.
+    num_threads: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _ks(self) -> "EvalParams":
@@ -336,12 +341,33 @@ class Params(_Section):
         """Dotted keys (memory.ratio -> 0.5): the form MLflow, Optuna and `dvc exp run -S` use."""
         return flatten(self.model_dump(mode="json"))
 
-    def digest(self, sections: tuple[str, ...] | None = None) -> str:
-        """Stable short hash of the given sections (all when None)."""
+    def digest(self, sections: tuple[str, ...] | None = None, *, drop: tuple[str, ...] = (),
+               weights: Literal["content", "path"] = "content", extra: dict[str, Any] | None = None,
+               length: int = 12) -> str:
+        """The one digest of the params: a short stable hash of `sections` (all when None) without the dotted
+        keys in `drop`, plus `extra` (e.g. the code's fingerprint).
+
+        weights: "content" hashes a `model.pretrained` file by its bytes (sha256:...), so what is keyed is the
+        weights, not where they lie (checkpoints, figure rows); "path" keeps the setting as written (the MLflow
+        run key: the pretrain stage rewrites that file while one pipeline execution runs)."""
         d = self.model_dump(mode="json")
+        if weights == "content" and (sha := pretrained_sha256(d["model"]["pretrained"])):
+            d["model"]["pretrained"] = "sha256:" + sha
         if sections is not None:
             d = {k: d[k] for k in sections}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        for key in drop:
+            section, name = key.split(".", 1)
+            if section in d:
+                d[section].pop(name, None)
+        return data_digest({**d, **(extra or {})}, length)
+
+
+def pretrained_sha256(pretrained: str) -> str | None:
+    """sha256 of a `model.pretrained` weights file, None for none, imagenet or a path that is not a file: what a
+    run depends on is the weights' bytes, not where they lie."""
+    if pretrained in ("none", "imagenet") or not Path(pretrained).is_file():
+        return None
+    return file_digest(pretrained)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -33,6 +33,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_cpu_threads(n: int | None) -> None:
+    """`n` CPU threads for torch and for faiss's OpenMP and OpenBLAS (faiss is loaded first, so that its libraries
+    are there to limit): a sum split across threads depends on how many there are, so a fixed number gives the same
+    bytes on a machine with more cores. None leaves each library's default (one thread per core)."""
+    if not n:
+        return
+    from threadpoolctl import threadpool_limits
+
+    from xbmcore.blas import load_faiss
+
+    torch.set_num_threads(n)
+    try:
+        load_faiss()
+    except ImportError:
+        pass
+    threadpool_limits(n)  # every loaded OpenMP and BLAS library, for the rest of the process
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of `train.precision`, None for float32. auto: bfloat16 on a GPU that has it, else float32."""
     if name == "auto":

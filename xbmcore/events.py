@@ -4,7 +4,8 @@ Each event is one JSON object on one line of `events.jsonl`. Appending whole lin
 the file readable after a crash (at worst the last line is partial, and readers skip it and count it).
 
 Kinds and their fields (all events also carry `kind`, `time` (unix seconds) and `step` (global optimiser step)):
-  start       run_id, params (flat dict), total_steps
+  start       run_id, run_key, stage, params (flat dict), total_steps, numerics (what the stage's process computes
+              with: portable mode, the kernels' instruction-set levels; xbmcore.portable.report)
   phase       phase ("warmup" | "memory_init" | "xbm" | "baseline" | "evaluate"), total_steps; for a training
               phase also start_step, resumed and resume_from: the step it continues from (start_step when it
               starts afresh, the checkpoint's step when it resumes). Steps after resume_from that an earlier

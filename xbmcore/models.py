@@ -5,7 +5,6 @@ is what the losses, the memory and the faiss index all assume.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import warnings
@@ -108,14 +107,6 @@ def _load_imagenet(net: nn.Module, backbone: str, weights: torchvision.models.We
             f"set TORCH_HOME to move it). To go on, place {file} in {cache}, or set model.pretrained: none."
         ) from err
     net.load_state_dict(state)
-
-
-def pretrained_sha256(pretrained: str) -> str | None:
-    """sha256 of a `model.pretrained` weights file, None for none, imagenet or a path that is not a file: what a
-    run depends on is the weights' bytes, not where they lie."""
-    if pretrained in ("none", "imagenet") or not Path(pretrained).is_file():
-        return None
-    return hashlib.sha256(Path(pretrained).read_bytes()).hexdigest()
 
 
 def load_pretrained(net: EmbeddingNet, path: str | Path) -> None:

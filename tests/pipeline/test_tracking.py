@@ -8,7 +8,8 @@ import time
 import pytest
 
 from pipeline.tracking import (
-    MODEL_TAG, MLflowSink, StageRun, attach_run, events_path, metric_name, project_home, run_key, tracking_uri,
+    EXECUTION_TAG, MODEL_TAG, MLflowSink, StageRun, attach_run, events_path, metric_name, project_home, run_key,
+    tracking_uri,
 )
 from xbmcore.config import Params
 from xbmcore.events import make_event
@@ -160,12 +161,15 @@ def test_stages_of_one_execution_share_a_run_until_it_finishes(store, request):
     assert a.run_id == b.run_id
     client = b.mlflow.client
     run = client.get_run(a.run_id)
-    assert run.info.status == "RUNNING" and run.data.tags["xbm.run_key"] == run_key(p)
+    # Each stage ended the run as it exited (none is left RUNNING), and the execution stays open for the next.
+    assert run.info.status == "FINISHED" and run.data.tags["xbm.run_key"] == run_key(p)
+    assert run.data.tags[EXECUTION_TAG] == "open"
     assert run.data.params["memory.ratio"] == str(p.memory.ratio)
     assert [m.step for m in client.get_metric_history(a.run_id, "loss")] == [1, 2, 3, 4]
     with StageRun(p, store, "evaluate", finish=True, progress=False) as c:
         pass
     assert c.run_id == a.run_id and client.get_run(a.run_id).info.status == "FINISHED"
+    assert client.get_run(a.run_id).data.tags[EXECUTION_TAG] == "done"
     # The next execution with the same params is a new run; other params are another run.
     assert attach_run(p, store, "warmup").run_id != a.run_id
     other = params(request, memory={"ratio": 0.2})
@@ -190,8 +194,8 @@ def test_failure_and_stop_leave_the_run_open_for_a_rerun(store, request):
             1 / 0
     assert b.run_id == a.run_id and b.mlflow.client.get_run(a.run_id).info.status == "FAILED"
     with StageRun(p, store, "warmup", progress=False) as c:
-        pass
-    assert c.run_id == a.run_id and c.mlflow.client.get_run(a.run_id).info.status == "RUNNING"
+        assert c.mlflow.client.get_run(a.run_id).info.status == "RUNNING"  # opened again while the stage runs
+    assert c.run_id == a.run_id and c.mlflow.client.get_run(a.run_id).info.status == "FINISHED"
 
 
 def test_a_fresh_start_does_not_mix_with_an_abandoned_run(store, request):

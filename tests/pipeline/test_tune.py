@@ -207,7 +207,7 @@ from xbmcore.config import load_params
 from pipeline.study import run_study
 from pipeline.study.space import memory_on_step
 
-params_file, step_s, wait_for = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+params_file, step_s, wait_for, hold = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 root = Path(params_file).parent
 started = root / "started"
 started.mkdir(exist_ok=True)
@@ -217,6 +217,8 @@ def objective(params, trial_dir, report):
     deadline = time.time() + 60
     while len(list(started.iterdir())) < wait_for and time.time() < deadline:
         time.sleep(0.05)  # lets the test line workers up (both busy at once)
+    while int(trial_dir.name) == hold and time.time() < deadline:
+        time.sleep(0.05)  # held inside the objective until the test kills the worker
     v = 1.0 - abs(params.memory.ratio - 0.3)
     for i in range(1, 4):
         time.sleep(step_s)  # the trial's work
@@ -228,12 +230,13 @@ run_study(params, root, objective, tracking_uri=params.tracking.uri)
 """
 
 
-def spawn(tmp_path: Path, raw: dict, step_s: float, wait_for: int = 0) -> subprocess.Popen:
+def spawn(tmp_path: Path, raw: dict, step_s: float, wait_for: int = 0, hold: int = -1) -> subprocess.Popen:
+    """A study worker whose trials take 3 x step_s; trial `hold`'s objective waits (up to 60 s) to be killed."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT.format(repo=str(REPO)))
     return subprocess.Popen([sys.executable, str(script), str(tmp_path / "params.yaml"), str(step_s),
-                             str(wait_for)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             str(wait_for), str(hold)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -248,8 +251,8 @@ def wait_until(cond, timeout: float, proc: subprocess.Popen) -> None:
 
 def test_resume_after_kill(tmp_path):
     raw = tiny(tmp_path, n_trials=4, pruner="none")
-    proc = spawn(tmp_path, raw, step_s=0.3)
-    # Trial 2's objective has begun (it touches the file first) and runs 3 x 0.3 s more: killed inside it.
+    proc = spawn(tmp_path, raw, step_s=0.0, hold=2)
+    # Trial 2's objective has begun (it touches the file first) and waits there: killed inside it.
     wait_until(lambda: (tmp_path / "started" / "0002").exists(), 90, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

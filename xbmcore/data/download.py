@@ -10,7 +10,6 @@ extract:  tar (any compression) or zip into a temporary folder next to the targe
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -26,17 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from xbmcore.hashing import file_digest
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-
-
-def file_digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK * 4):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_file(path: Path, md5: str | None = None, sha256: str | None = None, size: int | None = None) -> None:

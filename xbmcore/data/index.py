@@ -20,7 +20,6 @@ run never leaves a half-written file under the final name (xbmcore.atomic).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,14 +96,6 @@ def carve_val(index: Index, val_fraction: float) -> Index:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def write_index(folder: Path, index: Index) -> None:
     with atomic_path(folder / INDEX_FILE) as tmp:

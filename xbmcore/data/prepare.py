@@ -23,13 +23,14 @@ from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from xbmcore.config import DataParams
+from xbmcore.hashing import file_digest
 from xbmcore.data import layouts, synthetic
 from xbmcore.data.cache import CACHE_DIR, PIXELS_FILE, SHAPES_FILE, ImageCache, build_cache
 from xbmcore.data.decode import ImageTooLarge, open_image
 from xbmcore.data.dataset import ImageDataset
 from xbmcore.atomic import atomic_path
 from xbmcore.data.index import (ARRAY_FILE, FORMAT_VERSION, INDEX_FILE, META_FILE, Index, carve_val,
-                                read_index, read_meta, sha256_file, write_index, write_meta)
+                                read_index, read_meta, write_index, write_meta)
 from xbmcore.data.sources import ensure_raw, get_source
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _is_prepared(out: Path, recipe: dict) -> bool:
     if meta.get("recipe") != recipe:
         return False
     for name, digest in meta.get("sha256", {}).items():
-        if not (out / name).is_file() or sha256_file(out / name) != digest:
+        if not (out / name).is_file() or file_digest(out / name) != digest:
             log.warning("%s: %s does not match its recorded hash; preparing again", out, name)
             return False
     # The cache's pixels (GBs) are checked by size and mtime; the table that describes them by its hash.
@@ -116,7 +117,7 @@ def _finish(out: Path, p: DataParams, index: Index, recipe: dict, extra: dict[st
             stat: list[str] = ()) -> None:
     write_index(out, index)
     meta = {"format_version": FORMAT_VERSION, "dataset": p.name, "recipe": recipe, "counts": index.counts(),
-            "num_images": len(index), "sha256": {f: sha256_file(out / f) for f in [INDEX_FILE, *files]}, **extra}
+            "num_images": len(index), "sha256": {f: file_digest(out / f) for f in [INDEX_FILE, *files]}, **extra}
     if stat:
         meta["stat"] = {f: [(out / f).stat().st_size, (out / f).stat().st_mtime_ns] for f in stat}
     write_meta(out, meta)  # last: its presence marks the folder complete
