@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Test files run on this many processes: most tests are single-threaded subprocess chains (dvc repro, torchrun).
 TEST_WORKERS ?= 2
 
-.PHONY: setup browser run test bench docs docs-serve clean
+.PHONY: setup browser run test bench docs docs-serve check-repro clean
 
 setup: $(STAMP) browser
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(BIN)/python -m pipeline.main
+
+# Does this machine reproduce the committed results byte for byte? The pipeline of the last commit in a temporary
+# clone, its outputs compared with dvc.lock and metrics.json stage by stage (ARGS="--until pretrain" for a quick
+# look, ARGS="-S train.portable=false" to see what the CPU's own kernels change).
+check-repro: setup
+	$(BIN)/python -m pipeline.check_repro $(ARGS)
 
 test: setup
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

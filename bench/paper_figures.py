@@ -49,7 +49,7 @@ from pipeline.cli import add_params_arguments
 from pipeline.filelock import file_lock
 
 COLUMNS = ("key", "figure", "loss", "norm", "batch", "memory", "ratio", "seed", "warmup", "warmup_end", "xbm_steps",
-           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split", "lr")
+           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split", "lr", "portable")
 
 
 def _locked(path: str | Path | None) -> contextlib.AbstractContextManager:
@@ -139,8 +139,9 @@ def _done(csv_path: Path) -> dict[str, dict[str, str]]:
     if not csv_path.is_file():
         return {}
     with open(csv_path, newline="") as f:
-        # A row from before a column existed: the memory's enqueue order was `after`.
-        return {r["key"]: {**r, "enqueue": r.get("enqueue") or "after", "split": r.get("split") or "test"}
+        # A row from before a column existed: the memory's enqueue order was `after`, the kernels the CPU's own.
+        return {r["key"]: {**r, "enqueue": r.get("enqueue") or "after", "split": r.get("split") or "test",
+                           "portable": r.get("portable") or "False"}
                 for r in csv.DictReader(f)}
 
 
@@ -216,7 +217,8 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
                "warmup": p.train.warmup_steps, "warmup_end": int(warm["step"]), "xbm_steps": p.train.xbm_steps,
                "recall@1": round(m["recall@1"], 4), "recall@10": round(m["recall@10"], 4),
                "map@r": round(m["map@r"], 4), "seconds": round(time.time() - t0, 1), "commit": _commit(),
-               "enqueue": p.memory.enqueue, "split": args.split, "lr": p.train.lr, **extra}
+               "enqueue": p.memory.enqueue, "split": args.split, "lr": p.train.lr, "portable": p.train.portable,
+               **extra}
         if group.get("drift") and trainer.probe is not None:
             _write_drift(out / "drift" / f"{row['key']}.csv", trainer.probe.history, p.train.drift_dts)
         _append(csv_path, row)
@@ -269,9 +271,11 @@ def _series(rows, **match) -> dict[Any, list[float]]:
 
 
 def _of_this_order(args, rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The figures' rows: those trained with the base params' enqueue order (a baseline has none to differ)."""
-    order = _run_params(args, [], resolve=False).memory.enqueue
-    return [r for r in rows if r["figure"] != "order" and (r["memory"] == "False" or r["enqueue"] == order)]
+    """The figures' rows: those trained with the base params' enqueue order (a baseline has none to differ) and
+    numerics (train.portable: the kernels round differently, so the two kinds of rows are not mixed)."""
+    base = _run_params(args, [], resolve=False)
+    return [r for r in rows if r["figure"] != "order" and r.get("portable", "False") == str(base.train.portable)
+            and (r["memory"] == "False" or r["enqueue"] == base.memory.enqueue)]
 
 
 def plot(args, rows: list[dict[str, str]]) -> list[str]:
@@ -477,7 +481,9 @@ def _order_table(args, rows: list[dict[str, str]]) -> list[str]:
     """The enqueue-order ablation: per batch and seed, the baseline and XBM with either order, and the paired
     difference before - after."""
     # fig1a's runs at these batches are the same runs (the same key): a full study trains each once.
+    portable = str(_run_params(args, [], resolve=False).train.portable)
     rows = [r for r in rows if r["figure"] in ("order", "fig1a") and r["norm"] == "batch"
+            and r.get("portable", "False") == portable
             and float(r["ratio"] or 0) in (0.0, 1.0) and int(r["batch"]) in args.order_batches
             and r["warmup"] == str(args.warmup_steps) and r["xbm_steps"] == str(args.xbm_steps)]
     if not any(r["memory"] == "True" and r["enqueue"] == "before" for r in rows) or \

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 from tiny_project import assert_test_metrics, copy_project, stage_env, write_params
+from xbmcore import portable
+from xbmcore.events import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +57,34 @@ def test_dvc_repro_metrics_plots_and_exp_run(tmp_path):
     rows = (root / "plots" / "drift.csv").read_text().splitlines()
     assert rows[0] == "step,D_2,D_4" and [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(0, 15, 2)]
     assert all(r.split(",")[2] for r in rows[3:])  # D(t; 4) from step 4 on
-    assert (root / "mlflow.db").is_file()
+    # One execution, one MLflow run, ended: no stage leaves it RUNNING.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("xbm").experiment_id])
+    assert [(r.info.status, r.data.tags["xbm.execution"]) for r in runs] == [("FINISHED", "done")]
+    # Every stage that trains or embeds ran in portable mode, its kernels at AVX2, in its own process.
+    starts = {e["stage"]: e["numerics"] for e in read_events(root / "runs" / runs[0].data.tags["xbm.run_key"]
+                                                              / "events.jsonl") if e["kind"] == "start"}
+    assert set(starts) == {"download", "pretrain", "warmup", "memory_init", "train_xbm", "evaluate"}
+    if portable.unsupported() is None:
+        for stage in ("pretrain", "warmup", "memory_init", "train_xbm", "evaluate"):
+            n = starts[stage]
+            assert n["portable"] and n["aten_capability"] == "AVX2" and not n["numpy_avx512"], (stage, n)
+            assert n["env"] == portable.PORTABLE_ENV
+        assert starts["evaluate"]["faiss_simd"] == "AVX2"
 
     # Nothing changed: nothing runs again.
     assert "Data and pipelines are up to date" in dvc(root, "repro").stdout
 
     git(root, "add", "-A")
     git(root, "commit", "-qm", "baseline run")
+    # This machine reproduces the committed run byte for byte, stage by stage, in a fresh clone.
+    check = subprocess.run([sys.executable, "-m", "pipeline.check_repro"], cwd=root, env=stage_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "reproduced: every output of download, pretrain, warmup, memory_init, train_xbm, evaluate" in check.stdout
+    assert "DIFFERS" not in check.stdout and "metrics.json" in check.stdout
     out = dvc(root, "exp", "run", "-S", "memory.ratio=0.2", "-S", "loss.margin=0.4")
     assert "Stage 'download' didn't change, skipping" in out.stdout
     assert "Running stage 'train_xbm'" in out.stdout
