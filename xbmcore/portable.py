@@ -57,7 +57,7 @@ def unsupported(machine: str | None = None, flags: frozenset[str] | None = None)
     """Why this CPU cannot run the portable kernels (None: it can)."""
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64"):
-        return f"this is a {machine} CPU, not x86-64"
+        return f"this CPU is {machine}, not x86-64"
     flags = cpu_flags() if flags is None else flags
     missing = [f for f in _REQUIRED_FLAGS if f not in flags]
     if missing:
@@ -133,3 +133,8 @@ def _faiss_level(faiss) -> str:
         return config.get_level_name()
     return next((m.removeprefix("faiss.") for m in sorted(sys.modules) if m.startswith("faiss.swigfaiss_")),
                 "swigfaiss")
+
+
+if __name__ == "__main__":  # `eval "$(python -m xbmcore.portable)"`: the switches for a process started by hand
+    for name, value in PORTABLE_ENV.items():
+        print(f"export {name}='{value}'")

@@ -64,7 +64,7 @@ def test_unsupported_names_the_reason(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
     assert portable.unsupported("x86_64", avx2) is None
-    assert portable.unsupported("aarch64", avx2) == "this is a aarch64 CPU, not x86-64"
+    assert portable.unsupported("aarch64", avx2) == "this CPU is aarch64, not x86-64"
     assert portable.unsupported("x86_64", frozenset({"avx", "sse4_2"})) == "this CPU lacks AVX2 and FMA"
     assert portable.unsupported("x86_64", frozenset({"avx2"})) == "this CPU lacks FMA"
     # Nothing is pinned where the kernels cannot run; off removes only what a portable parent set.
@@ -110,3 +110,15 @@ def test_off_inside_a_portable_parent_runs_native_kernels():
         assert native["report"]["aten_capability"] == "AVX512"
         assert native["bytes"]["conv_bn"][:8] != PORTABLE_BYTES["conv_bn"]
         assert native["bytes"]["matmul_softmax"][:8] != PORTABLE_BYTES["matmul_softmax"]
+
+
+def test_a_cpu_that_cannot_says_so_and_pins_nothing(monkeypatch, caplog):
+    for k in portable.PORTABLE_ENV:
+        monkeypatch.delenv(k, raising=False)  # nothing to remove either: enter changes nothing, starts nothing
+    monkeypatch.setattr(portable, "platform", type("P", (), {"machine": staticmethod(lambda: "aarch64")}))
+    with caplog.at_level("WARNING", logger="xbmcore.portable"):
+        assert portable.enter(True) is False
+    assert all(k not in os.environ for k in portable.PORTABLE_ENV)
+    assert caplog.messages == ["train.portable: this CPU is aarch64, not x86-64, so it runs its own kernels: its "
+                               "results are not comparable byte for byte with ones computed in portable mode (the "
+                               "committed results among them)"]
