@@ -234,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     if (loaded := load_cli_params(args)) is None:
         return 2
     params, root = loaded
-    from xbmcore.device import resolve_device
+    from xbmcore.device import resolve_device, set_cpu_threads
 
     device = resolve_device(args.device)
+    if device.type == "cpu" and not launched_by_torchrun():
+        set_cpu_threads(params.eval.num_threads)  # a fixed count, as the evaluate stage: the same bytes with more cores
     if launched_by_torchrun():
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc or 1))
         if per_node != (args.nproc or per_node):
