@@ -561,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
             for g in todo:
                 run_group(args, g)
     everything = list(_done(out / "results.csv").values())
-    rows = [r for r in everything if r["split"] == args.split]  # figures and tables of one split
+    # Figures and tables of one split, and of the base params' numerics: rows of portable mode and of a CPU's own
+    # kernels round differently, so their seeds are not pooled.
+    portable = str(load_params(args.params, args.overrides).train.portable)
+    rows = [r for r in everything if r["split"] == args.split and r["portable"] == portable]
     summary = {"results": str(out / "results.csv"), "seconds": round(time.time() - t0),
                "warmup_steps": args.warmup_steps, "xbm_steps": args.xbm_steps, **summarise(rows),
                "figures": plot(args, rows)}
