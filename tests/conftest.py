@@ -1,9 +1,20 @@
-"""Session-wide servers (slow to start, so one of each per test session): see servers.py."""
+"""Session-wide servers (slow to start, so one of each per test session): see servers.py. And the suite's numerics:
+portable mode, as in every stage process the tests start."""
 from __future__ import annotations
 
-import pytest
+import sys
 
-import servers
+from xbmcore import portable
+
+# The stages enter portable mode (train.portable's default) as processes; a test that compares a stage run in a
+# subprocess with one run in this process needs the same kernels here. Nothing heavy is loaded yet, so this sets
+# the switches (a library loaded already would have read them: stop rather than compare other kernels).
+assert not {"torch", "numpy", "faiss"} & set(sys.modules), "tests/conftest.py must run before torch loads"
+portable.enter(True)
+
+import pytest  # noqa: E402
+
+import servers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
