@@ -209,14 +209,18 @@ def test_golden_bytes_of_the_committed_benchmark():
     assert set_sha(**synthetic) == BENCHMARK_SHA  # ~25 s of one core
 
 
-@pytest.mark.parametrize("disabled", DISPATCH_OFF)
+@pytest.mark.parametrize("disabled", ["", *DISPATCH_OFF])
 def test_golden_bytes_whatever_simd_numpy_dispatches_to(disabled):
-    # Each setting switches numpy's kernels to a lower SIMD level, as on an older CPU; the bytes must not move.
-    from numpy._core._multiarray_umath import __cpu_features__
-    missing = [f for f in disabled.split() if not __cpu_features__.get(f)]
+    # numpy's own dispatch (this suite runs in portable mode, which caps it), then each setting that switches its
+    # kernels to a lower SIMD level, as on an older CPU: the bytes must not move.
+    native = {k: v for k, v in os.environ.items() if k != "NPY_DISABLE_CPU_FEATURES"}
+    probe = "from numpy._core._multiarray_umath import __cpu_features__ as f; print(' '.join(k for k in f if f[k]))"
+    have = subprocess.run([sys.executable, "-c", probe], env=native, capture_output=True, text=True,
+                          check=True).stdout.split()
+    missing = [f for f in disabled.split() if f not in have]
     if missing:
         pytest.skip(f"this CPU lacks {missing}: disabling them would not change numpy's dispatch")
-    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+    env = {**native, "NPY_DISABLE_CPU_FEATURES": disabled}
     probe = "from numpy._core._multiarray_umath import __cpu_features__ as f; print(any(f[k] for k in %r))"
     off = subprocess.run([sys.executable, "-c", probe % disabled.split()], env=env, capture_output=True, text=True,
                          check=True)
