@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import json
 import os
@@ -47,9 +48,11 @@ from typing import Any
 from bench.common import PARAMS, ROOT
 from pipeline.cli import add_params_arguments
 from pipeline.filelock import file_lock
+from xbmcore.hooks import Hook
 
 COLUMNS = ("key", "figure", "loss", "norm", "batch", "memory", "ratio", "seed", "warmup", "warmup_end", "xbm_steps",
-           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split", "lr", "portable")
+           "recall@1", "recall@10", "map@r", "seconds", "commit", "enqueue", "split", "lr", "portable", "method",
+           "eval_every", "best_step", "images_per_s")
 
 
 def _locked(path: str | Path | None) -> contextlib.AbstractContextManager:
@@ -92,7 +95,7 @@ def groups(args) -> list[dict[str, Any]]:
     they run: the first seed of fig1a/b, then the drift runs, then the other seeds, then auto (a study cut short
     still has every figure)."""
     W, X, b0 = args.warmup_steps, args.xbm_steps, min(args.batches)
-    steps = [f"train.warmup_steps={W}", f"train.xbm_steps={X}", "train.drift_probe=0"]
+    steps = [f"train.warmup_steps={W}", f"train.xbm_steps={X}", f"train.drift_probe={args.probe}"]
     per_seed: list[list[dict[str, Any]]] = []
     for seed in args.seeds:
         mine = []
@@ -100,20 +103,27 @@ def groups(args) -> list[dict[str, Any]]:
         norms = ("batch", "group") if _run_params(args, [], resolve=False).model.pretrained == "none" else ("batch",)
         for norm in norms:
             for b in (args.batches if norm == "batch" else [b0]):
-                warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", f"model.norm={norm}"]
+                # --same-images: every batch size sees the smallest batch's number of images in the XBM phase
+                xs = max(1, X * b0 // b) if args.same_images else X
+                warm = [*steps, f"train.xbm_steps={xs}", f"train.batch_size={b}", f"train.seed={seed}",
+                        f"model.norm={norm}"]
                 runs = []
                 if "fig1a" in args.only:
-                    for enabled in (False, True):
-                        runs.append(("fig1a", [*warm, f"memory.enabled={str(enabled).lower()}", "memory.ratio=1.0",
-                                               *([] if enabled else args.baseline_set)],
-                                     dict(batch=b, memory=enabled, ratio=1.0 if enabled else 0.0)))
+                    if not args.no_baseline:
+                        runs.append(("fig1a", [*warm, "memory.enabled=false", "memory.ratio=1.0", *args.baseline_set],
+                                     dict(batch=b, memory=False, ratio=0.0, method="baseline")))
+                    for name, extra in args.method:
+                        runs.append(("fig1a", [*warm, "memory.enabled=true", "memory.ratio=1.0", *extra],
+                                     dict(batch=b, memory=True, ratio=1.0, method=name)))
                 if "fig1b" in args.only and b == b0 and norm == "batch":
                     for r in args.ratios:
-                        if r != 1.0:
-                            runs.append(("fig1b", [*warm, "memory.enabled=true", f"memory.ratio={r}"],
-                                         dict(batch=b, memory=True, ratio=r)))
+                        for name, extra in args.method:
+                            if r != 1.0:
+                                runs.append(("fig1b", [*warm, "memory.enabled=true", f"memory.ratio={r}", *extra],
+                                             dict(batch=b, memory=True, ratio=r, method=name)))
                 if runs:
-                    mine.append({"name": f"{norm}-b{b}-seed{seed}", "warm": warm, "runs": runs})
+                    mine.append({"name": f"{norm}-b{b}-seed{seed}", "warm": warm, "runs": runs,
+                                 "drift": bool(args.probe)})
         if "order" in args.only:
             for b in args.order_batches:
                 warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", "model.norm=batch"]
@@ -124,10 +134,13 @@ def groups(args) -> list[dict[str, Any]]:
                 mine.append({"name": f"order-b{b}-seed{seed}", "warm": warm, "runs": runs})
         per_seed.append(mine)
     drift = [] if "drift" not in args.only else [
-        {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}"], "drift": True,
-         "runs": [("drift", [f"train.seed={seed}", f"memory.enabled={str(e).lower()}",
-                             *([] if e else args.baseline_set)], dict(memory=e))
-                  for e in ((False, True) if args.drift_baseline else (True,))]} for seed in args.drift_seeds]
+        {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}", "train.drift_probe=128", f"train.warmup_steps={W}",
+                                               f"train.xbm_steps={X}"], "drift": True,
+         "runs": [("drift", [f"train.seed={seed}", "train.drift_probe=128", f"train.warmup_steps={W}",
+                             f"train.xbm_steps={X}", f"memory.enabled={str(e).lower()}",
+                             *(extra if e else args.baseline_set)], dict(memory=e, method=name))
+                  for e, name, extra in ([(False, "baseline", [])] if args.drift_baseline else []) +
+                  [(True, name, extra) for name, extra in args.method]]} for seed in args.drift_seeds]
     auto = [] if "auto" not in args.only else [
         {"name": f"auto-seed{seed}", "warm": [f"train.seed={seed}", "train.warmup_steps=auto"], "drift": True,
          "runs": [("auto", [f"train.seed={seed}", "train.warmup_steps=auto", "memory.enabled=true"],
@@ -135,13 +148,20 @@ def groups(args) -> list[dict[str, Any]]:
     return [*(per_seed[0] if per_seed else []), *drift, *(g for s in per_seed[1:] for g in s), *auto]
 
 
+def _method(spec: str) -> tuple[str, list[str]]:
+    name, _, overrides = spec.partition(":")
+    return name, [o for o in overrides.split(",") if o]
+
+
 def _done(csv_path: Path) -> dict[str, dict[str, str]]:
     if not csv_path.is_file():
         return {}
     with open(csv_path, newline="") as f:
         # A row from before a column existed: the memory's enqueue order was `after`, the kernels the CPU's own.
+        # A row from before --method: the plain memory, or the baseline.
         return {r["key"]: {**r, "enqueue": r.get("enqueue") or "after", "split": r.get("split") or "test",
-                           "portable": r.get("portable") or "False"}
+                           "portable": r.get("portable") or "False",
+                           "method": r.get("method") or ("plain" if r["memory"] == "True" else "baseline")}
                 for r in csv.DictReader(f)}
 
 
@@ -205,11 +225,18 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
         with _locked(args.lock):
             t0 = time.time()
             seed_everything(p.train.seed)
-            trainer = Trainer(p, build_model(p.model), splits, NullSink())
+            sink = _Speed()
+            trainer = Trainer(p, build_model(p.model), splits, sink)
             warm = load_checkpoint(warm_path)  # each run from the warm-up's own bytes
             trainer.load_state_dict(warm)
             memory = trainer.init_memory() if p.memory.enabled else None
-            trainer.train_phase("xbm" if memory is not None else "baseline", p.train.xbm_steps, memory)
+            # Scored at the phase's best validation checkpoint (the phase's start included), so that a method that
+            # saturates early is not penalised for running on; --eval-every 0: the last step.
+            best = _Best(_eval_every(args, p), p.train.xbm_steps)
+            trainer.train_phase("xbm" if memory is not None else "baseline", p.train.xbm_steps, memory,
+                                hooks=[best] if best.every else [])
+            if best.state is not None:
+                trainer.model.load_state_dict(best.state)
             m = trainer.evaluate(args.split)
         row = {"key": _key(p, args.split), "figure": fig, "loss": p.loss.name, "norm": p.model.norm,
                "batch": p.train.batch_size, "memory": p.memory.enabled,
@@ -218,7 +245,10 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
                "recall@1": round(m["recall@1"], 4), "recall@10": round(m["recall@10"], 4),
                "map@r": round(m["map@r"], 4), "seconds": round(time.time() - t0, 1), "commit": _commit(),
                "enqueue": p.memory.enqueue, "split": args.split, "lr": p.train.lr, "portable": p.train.portable,
-               **extra}
+               "eval_every": best.every, "best_step": best.step if best.state is not None else p.train.xbm_steps,
+               "images_per_s": round(statistics.median(sink.speeds), 1) if sink.speeds else "", **extra}
+        if best.curve:
+            _write_curve(out / "curves" / f"{row['key']}.csv", best.curve)
         if group.get("drift") and trainer.probe is not None:
             _write_drift(out / "drift" / f"{row['key']}.csv", trainer.probe.history, p.train.drift_dts)
         _append(csv_path, row)
@@ -228,15 +258,86 @@ def run_group(args, group: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+class _Speed:
+    """A sink that keeps the training steps' images/s (the trainer's own, hooks excluded)."""
+
+    def __init__(self):
+        self.speeds: list[float] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if event["kind"] == "step" and event["phase"] in ("xbm", "baseline"):
+            self.speeds.append(event["images_per_s"])
+
+    def close(self) -> None:
+        pass
+
+
+def _eval_every(args, p) -> int:
+    """Phase steps between validations: --eval-every at the smallest batch, scaled to the same images at others."""
+    if not args.eval_every:
+        return 0
+    return max(1, args.eval_every * min(args.batches) // p.train.batch_size) if args.same_images else args.eval_every
+
+
+class _Best(Hook):
+    """Validation every `every` steps of the phase (its start and last step included): the curve, and the model
+    state of the best Recall@1 (the first of equal values). Evaluation runs on a forked RNG, so the training is the
+    same with or without it."""
+
+    def __init__(self, every: int, steps: int):
+        self.every, self.steps = every, steps
+        self.curve: list[tuple[int, float, float]] = []  # (phase step, val R@1, val MAP@R)
+        self.state, self.step, self.value, self.start = None, 0, -1.0, 0
+
+    def on_phase_start(self, trainer) -> None:
+        self.start = trainer.step
+        self._measure(trainer)
+
+    def on_step(self, trainer) -> None:
+        k = trainer.step - self.start
+        if k % self.every == 0 or k == self.steps:
+            self._measure(trainer)
+
+    def _measure(self, trainer) -> None:
+        trainer.flush()
+        m = trainer.evaluate("val")
+        k = trainer.step - self.start
+        self.curve.append((k, round(m["recall@1"], 4), round(m["map@r"], 4)))
+        if m["recall@1"] > self.value:
+            self.value, self.step = m["recall@1"], k
+            self.state = copy.deepcopy(trainer.model.state_dict())
+
+
+def _write_curve(path: Path, curve: list[tuple[int, float, float]]) -> None:
+    from xbmcore.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "val_recall@1", "val_map@r"])
+        w.writerows(curve)
+
+
+# The drift CSV's columns besides step and D_<dt>: the backbone's D, the directedness, the staleness of the memory
+DRIFT_EXTRA = ("cos10", "directed", "active_neg_age", "mean_age", *(f"grad_{b}" for b in
+                                                                       ("0-10", "10-100", "100-1000", "1000+")))
+
+
 def _write_drift(path: Path, history: list[dict], dts: list[int]) -> None:
     from xbmcore.atomic import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", *(f"D_{dt}" for dt in dts)])
+        w.writerow(["step", *(f"D_{dt}" for dt in dts), *(f"Dbackbone_{dt}" for dt in dts), *DRIFT_EXTRA])
         for h in history:
-            w.writerow([h["step"], *(h["D"].get(dt, "") for dt in dts)])
+            st = h.get("staleness") or {}
+            share = st.get("grad_share") or {}
+            extra = [h.get("cos10"), h.get("directed"), st.get("active_neg_age"), st.get("mean_age"),
+                     *(share.get(b) for b in ("0-10", "10-100", "100-1000", "1000+"))]
+            w.writerow([h["step"], *(h["D"].get(dt, "") for dt in dts),
+                        *(h.get("D_backbone", {}).get(dt, "") for dt in dts),
+                        *("" if v is None else v for v in extra)])
 
 
 # ---- summary and figures ----
@@ -373,6 +474,252 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
         plt.close(fig)
         written.append("paper_drift.png")
     return written
+
+
+# ---- the study of the memory's freshness: methods, each run scored at its best validation checkpoint ----
+
+def _methods_rows(args, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows of this schedule: the warm-up, and the XBM phase's images (--same-images) or steps."""
+    b0 = min(args.batches)
+
+    def phase_ok(r) -> bool:
+        b = int(r["batch"] or b0)
+        want = max(1, args.xbm_steps * b0 // b) if args.same_images else args.xbm_steps
+        return r["figure"] not in ("fig1a", "fig1b") or int(r["xbm_steps"]) == want
+
+    return [r for r in rows if r["warmup"] == str(args.warmup_steps) and phase_ok(r)]
+
+
+def _method_order(rows) -> list[str]:
+    names = sorted({r["method"] for r in rows})
+    return sorted(names, key=lambda m: (m != "baseline", m != "plain", m))
+
+
+def markdown_methods(args, rows: list[dict[str, str]]) -> str:
+    """Fig. 1a per method (mean ± std over seeds, and each method's paired gain over the baseline per seed), Fig.
+    1b per method, and what each method costs (images/s against plain XBM)."""
+    rows = _methods_rows(args, rows)
+    split = rows[0]["split"] if rows else args.split
+    out: list[str] = []
+    fig1 = [r for r in rows if r["figure"] == "fig1a" and r["norm"] == "batch"]
+    methods = _method_order(fig1)
+    if fig1:
+        steps = (f"{args.xbm_steps} x {min(args.batches)} / batch steps (the same images at every batch)"
+                 if args.same_images else f"{args.xbm_steps} steps")
+        out += [f"Fig. 1a, warm-up {args.warmup_steps} steps, then {steps}; {split} Recall@1 at each run's best "
+                "validation checkpoint, mean ± std over seeds; gain: paired with the baseline of the same seed, "
+                "in points", "",
+                "| batch | seeds | " + " | ".join(methods) + " | " +
+                " | ".join(f"gain {m}" for m in methods if m != "baseline") + " |",
+                "|---" * (2 + 2 * len(methods) - ("baseline" in methods)) + "|"]
+        for b in sorted({int(r["batch"]) for r in fig1}):
+            by = {m: {int(r["seed"]): float(r["recall@1"]) for r in fig1 if int(r["batch"]) == b and r["method"] == m}
+                  for m in methods}
+            seeds = sorted({k for v in by.values() for k in v})
+            cells = [_cell(list(by[m].values())) for m in methods]
+            gains = []
+            for m in methods:
+                if m == "baseline":
+                    continue
+                both = [k for k in seeds if k in by[m] and k in by["baseline"]]
+                g = [100 * (by[m][k] - by["baseline"][k]) for k in both]
+                gains.append(f"{statistics.fmean(g):+.1f} ({' / '.join(f'{v:+.1f}' for v in g)})" if g else "")
+            out.append(f"| {b} | {' '.join(map(str, seeds))} | " + " | ".join(cells) + " | " + " | ".join(gains)
+                       + " |")
+        out.append("")
+    b0 = min(args.batches)
+    small = [r for r in rows if r["figure"] in ("fig1a", "fig1b") and r["norm"] == "batch" and int(r["batch"]) == b0]
+    if any(r["figure"] == "fig1b" for r in small):
+        out += [f"Fig. 1b, batch {b0}: {split} Recall@1 per memory ratio, mean ± std over seeds", "",
+                "| memory ratio | " + " | ".join(m for m in _method_order(small) if m != "baseline") + " |",
+                "|---" * len(_method_order(small)) + "|"]
+        for ratio in sorted({float(r["ratio"]) for r in small if r["method"] != "baseline"}):
+            cells = [_cell([float(r["recall@1"]) for r in small if r["method"] == m and float(r["ratio"]) == ratio])
+                     for m in _method_order(small) if m != "baseline"]
+            out.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
+        base = [float(r["recall@1"]) for r in small if r["method"] == "baseline"]
+        out += [f"| 0 (baseline) | {_cell(base)} |", ""]
+    out += _cost_table(args, rows)
+    return "\n".join(out)
+
+
+def _cell(vals: list[float]) -> str:
+    if not vals:
+        return ""
+    sd = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
+    return f"{statistics.fmean(vals):.4f}{sd}"
+
+
+def _curve(args, r) -> list[tuple[int, float]]:
+    path = Path(args.out) / "curves" / f"{r['key']}.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [(int(c["step"]), float(c["val_recall@1"])) for c in csv.DictReader(f)]
+
+
+def _cost_table(args, rows) -> list[str]:
+    """Per method at the smallest batch and first seed: training images/s, its ratio to plain XBM's, the best
+    validation R@1 and its step, and the best validation R@1 within plain XBM's wall time (the method's curve up to
+    the step plain XBM's speed reaches in the same time)."""
+    b0 = min(args.batches)
+    pick = [r for r in rows if r["figure"] == "fig1a" and int(r["batch"]) == b0 and r["norm"] == "batch"]
+    if not pick:
+        return []
+    seed = min(int(r["seed"]) for r in pick)
+    pick = {r["method"]: r for r in pick if int(r["seed"]) == seed}
+    plain = pick.get("plain")
+    if plain is None or not plain.get("images_per_s"):
+        return []
+    ips0 = float(plain["images_per_s"])
+    out = [f"Cost, batch {b0}, seed {seed}: training images/s (the trainer's, evaluations excluded; the runs shared "
+           "2 cores) and the best validation Recall@1 of each run's curve, over the whole phase and within the wall "
+           "time plain XBM takes for it", "",
+           "| method | images/s | against plain | best val R@1 (step) | best val R@1 in plain's time (step) |",
+           "|---|---|---|---|---|"]
+    for m in _method_order(list(pick.values())):
+        r = pick[m]
+        ips = float(r["images_per_s"] or 0)
+        curve = _curve(args, r)
+        if not curve or not ips:
+            continue
+        best = max(curve, key=lambda c: (c[1], -c[0]))
+        budget = int(r["xbm_steps"]) * ips / ips0  # the steps this method takes in plain XBM's time
+        within = [c for c in curve if c[0] <= budget]
+        bw = max(within, key=lambda c: (c[1], -c[0])) if within else None
+        out.append(f"| {m} | {ips:.0f} | {ips / ips0:.2f} | {best[1]:.4f} ({best[0]}) | "
+                   + (f"{bw[1]:.4f} ({bw[0]})" if bw else "") + " |")
+    return out + [""]
+
+
+def plot_methods(args, rows: list[dict[str, str]]) -> list[str]:
+    """Fig. 1a and 1b with one line per method, the validation curves of the smallest batch and first seed, and
+    the staleness figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    rows = _methods_rows(args, rows)
+    split = rows[0]["split"] if rows else args.split
+    prefix = args.figure_prefix
+    written = []
+
+    def errorbars(ax, points: dict[float, list[float]], label, **kw):
+        xs = sorted(points)
+        means = [statistics.fmean(points[x]) for x in xs]
+        lo = [m - min(points[x]) for m, x in zip(means, xs)]
+        hi = [max(points[x]) - m for m, x in zip(means, xs)]
+        ax.errorbar(xs, means, yerr=[lo, hi], capsize=3, marker="o", label=label, **kw)
+
+    def save(fig, ax, name, xlabel, title, ylabel=f"{split} Recall@1 (best val checkpoint)"):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+
+    fig1 = [r for r in rows if r["figure"] == "fig1a" and r["norm"] == "batch"]
+    if fig1:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for m in _method_order(fig1):
+            pts: dict[float, list[float]] = {}
+            for r in fig1:
+                if r["method"] == m:
+                    pts.setdefault(float(r["batch"]), []).append(float(r["recall@1"]))
+            errorbars(ax, pts, "without XBM" if m == "baseline" else f"XBM, {m}")
+        bs = sorted({int(r["batch"]) for r in fig1})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(bs, [str(b) for b in bs])
+        steps = f"{args.xbm_steps} x 16 / batch steps" if args.same_images else f"{args.xbm_steps} steps"
+        save(fig, ax, f"{prefix}fig1a_batch.png", "batch size (4 images per class)",
+             f"Fig. 1a: warm-up {args.warmup_steps}, then {steps}")
+    b0 = min(args.batches)
+    small = [r for r in rows if r["figure"] in ("fig1a", "fig1b") and r["norm"] == "batch" and int(r["batch"]) == b0]
+    if any(r["figure"] == "fig1b" for r in small):
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for m in _method_order(small):
+            if m == "baseline":
+                base = [float(r["recall@1"]) for r in small if r["method"] == m]
+                ax.axhline(statistics.fmean(base), color="gray", linestyle="--", label=f"without XBM, batch {b0}")
+                continue
+            pts = {}
+            for r in small:
+                if r["method"] == m:
+                    pts.setdefault(float(r["ratio"]), []).append(float(r["recall@1"]))
+            errorbars(ax, pts, f"XBM, {m}")
+        ax.set_xscale("log")
+        save(fig, ax, f"{prefix}fig1b_ratio.png", "memory ratio (K / train-set size)", f"Fig. 1b: batch {b0}")
+    curves = [r for r in fig1 if int(r["batch"]) == b0 and _curve(args, r)]
+    if curves:
+        seed = min(int(r["seed"]) for r in curves)
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in sorted((r for r in curves if int(r["seed"]) == seed), key=lambda r: _method_order(curves).index(
+                r["method"])):
+            c = _curve(args, r)
+            ax.plot([x for x, _ in c], [y for _, y in c], marker=".", label=r["method"])
+        save(fig, ax, f"{prefix}val_curves.png", "step after the warm-up",
+             f"Validation Recall@1 through the phase, batch {b0}, seed {seed}", ylabel="val Recall@1")
+    written += _plot_staleness(args, rows, docs, plt, name=f"{prefix}staleness.png")
+    return written
+
+
+def _read_drift(args, r) -> list[dict[str, str]]:
+    path = Path(args.out) / "drift" / f"{r['key']}.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _plot_staleness(args, rows, docs: Path, plt, name: str = "paper_staleness.png") -> list[str]:
+    """How stale the memory is, per method, from the probed runs of the smallest batch and first seed: D(t; 100) of
+    the head and of the backbone, how directed the drift is, the share of the memory term's gradient from entries
+    written 100 steps ago or more, and the mean age of the active negatives."""
+    probed = [r for r in rows if r["figure"] in ("fig1a", "drift") and _read_drift(args, r)]
+    if not probed:
+        return []
+    seed = min(int(r["seed"]) for r in probed)
+    b0 = min(int(r["batch"] or 0) for r in probed)
+    probed = [r for r in probed if int(r["seed"]) == seed and int(r["batch"] or 0) == b0]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+    for i, r in enumerate(sorted(probed, key=lambda r: (r["method"] != "baseline", r["method"]))):
+        hist = _read_drift(args, r)
+        end = int(r["warmup_end"])
+        colour = f"C{i}"
+
+        def line(ax, col, **kw):
+            pts = [(int(h["step"]) - end, float(h[col])) for h in hist if h.get(col)]
+            if pts:
+                ax.plot([s for s, _ in pts], [v for _, v in pts], color=colour, **kw)
+
+        line(axes[0], "D_100", label=r["method"])
+        line(axes[0], "Dbackbone_100", linestyle="--", alpha=0.7)
+        line(axes[1], "directed", label=r["method"])
+        hist = [{**h, "old": str(float(h["grad_100-1000"] or 0) + float(h["grad_1000+"] or 0))
+                 if h.get("grad_100-1000") or h.get("grad_1000+") else ""} for h in hist]
+        line(axes[2], "old", label=r["method"])
+        line(axes[3], "active_neg_age", label=r["method"])
+    titles = ("D(t; 100): head (solid), backbone (dashed)", "directed = D(t; 100) / (10 D(t; 10))",
+              "memory gradient from entries >= 100 steps old", "mean age of the active negatives (steps)")
+    for ax, title in zip(axes, titles):
+        ax.axvline(0, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step after the warm-up")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].axhline(1, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Staleness of the memory, batch {b0}, seed {seed} ({rows[0]['split']} runs)")
+    fig.tight_layout()
+    fig.savefig(docs / name, dpi=110)
+    plt.close(fig)
+    return [name]
 
 
 def markdown(args, rows: list[dict[str, str]]) -> str:
@@ -528,6 +875,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="fig1a/b warm-up steps at every batch size (default: params.yaml's train.warmup_steps)")
     ap.add_argument("--xbm-steps", type=int, default=None,
                     help="fig1a/b steps after the warm-up (default: params.yaml's train.xbm_steps)")
+    ap.add_argument("--method", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
+                    help="a memory variant run beside the baseline, e.g. momentum0.99:memory.momentum=0.99 "
+                         "(repeatable; default: plain, the params as they are)")
+    ap.add_argument("--no-baseline", action="store_true", help="fig1a: only the memory's runs (--method)")
+    ap.add_argument("--probe", type=int, default=0, metavar="N",
+                    help="fig1a/b: the drift probe's N images in every run, its D(t; dt) and the memory's staleness "
+                         "written to <out>/drift/<key>.csv (the drift figure's runs always probe 128)")
+    ap.add_argument("--same-images", action="store_true",
+                    help="fig1a: the XBM phase of batch b runs xbm_steps x (smallest batch) / b steps, the same images "
+                         "at every batch size (the warm-up keeps its steps)")
+    ap.add_argument("--eval-every", type=int, default=250,
+                    help="validation Recall@1 every this many steps of the XBM / baseline phase; each run is scored "
+                         "at its best (0: at its last step)")
     ap.add_argument("--split", choices=["test", "val"], default="test",
                     help="the split each run is evaluated on: val to choose settings, test for the figures")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (groups sharing a warm-up run in one)")
@@ -535,11 +895,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lock", default=None, help="file to flock around each training phase")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "paper_figures"))
     ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--figure-prefix", default="paper_", help="the PNGs' names begin with this")
     ap.add_argument("--plot", action="store_true", help="only draw the figures from the results CSV")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (to stderr)")
     ap.add_argument("--markdown-out", default=None, metavar="PATH",
                     help="also write the tables as Markdown to PATH (the docs include docs/paper_figures/*.md)")
     args = ap.parse_args(argv)
+    args.method = [_method(m) for m in (args.method or ["plain"])]
     from xbmcore.config import load_params
 
     base = load_params(args.params, args.overrides).train
@@ -565,15 +927,19 @@ def main(argv: list[str] | None = None) -> int:
     # kernels round differently, so their seeds are not pooled.
     portable = str(load_params(args.params, args.overrides).train.portable)
     rows = [r for r in everything if r["split"] == args.split and r["portable"] == portable]
+    # Rows scored at their best validation checkpoint (--eval-every) are a study of their own: methods, figures.
+    scored = [r for r in rows if r.get("eval_every")]
+    draw, tables = (plot, markdown) if not scored else (plot_methods, markdown_methods)
+    rows = scored or rows
     summary = {"results": str(out / "results.csv"), "seconds": round(time.time() - t0),
                "warmup_steps": args.warmup_steps, "xbm_steps": args.xbm_steps, **summarise(rows),
-               "figures": plot(args, rows)}
+               "figures": draw(args, rows)}
     print(json.dumps(summary, indent=2))
     if args.markdown:
-        print(markdown(args, rows), file=sys.stderr)
+        print(tables(args, rows), file=sys.stderr)
     if args.markdown_out:
         from xbmcore.atomic import write_text
-        write_text(args.markdown_out, markdown(args, rows) + "\n")
+        write_text(args.markdown_out, tables(args, rows) + "\n")
     return 0
 
 

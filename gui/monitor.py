@@ -69,6 +69,18 @@ def _height_only(label: pg.LabelItem) -> None:
     label.updateMin = update_min
 
 
+def _drift_title(d) -> str:
+    """The drift plot's title with the last probe's directedness (1: random drift, 10: steady) and the share of the
+    memory term's gradient that comes from entries written 100 steps ago or more."""
+    parts = ["Embedding drift"]
+    directed, old = d.evals.get("drift/directed"), d.evals.get("memory/grad_old")
+    if directed is not None and math.isfinite(directed.last()):
+        parts.append(f"directed ×{directed.last():.1f}")
+    if old is not None and math.isfinite(old.last()):
+        parts.append(f"grad from entries ≥100 steps old {old.last():.0%}")
+    return " · ".join(parts)
+
+
 class _Plot:
     """A PlotItem whose title carries the legend (coloured keys never cover the data, unlike a legend box), with
     an optional second y axis on the right, and its curves keyed by data name."""
@@ -276,6 +288,22 @@ class MonitorPanel(QWidget):
                     colour = theme.OVERLAY[(i + 2) % len(theme.OVERLAY)]
                     self.drift.add(key, make_curve(f"D(t; {key[8:]})", colour, 2.0, symbol="o"))
                 self.drift.curves[key].setData(d.evals[key].x, d.evals[key].y)
+                back = f"drift/backbone_{key[8:]}"  # the backbone's D beside the head's, dashed
+                if back in d.evals:
+                    if back not in self.drift.curves:
+                        self.drift.add(back, make_curve(f"backbone D(t; {key[8:]})", colour, 1.5,
+                                                        style=Qt.PenStyle.DashLine))
+                    self.drift.curves[back].setData(d.evals[back].x, d.evals[back].y)
+            age = d.evals.get("memory/active_neg_age")  # how old the negatives that still push are
+            if age is not None:
+                if "active_neg_age" not in self.drift.curves:
+                    self.drift.add("active_neg_age", make_curve("active negatives' age", theme.CURVES["drift_age"],
+                                                                2.0, symbol="t"), right=True)
+                keep = np.isfinite(age.y)
+                self.drift.curves["active_neg_age"].setData(age.x[keep], age.y[keep])
+            title = _drift_title(d)
+            if title != self.drift.title:
+                self.drift.set_title(title)
             self._draw_phase_markers()
             # Space redraws by their cost: 10 Hz while cheap, slower for huge runs, so the window never takes
             # more than a small share of a core from the training it watches.

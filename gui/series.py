@@ -196,11 +196,25 @@ class RunData:
         elif kind == "drift":  # the drift probe's D(t; dt), one sparse series per dt, kept with the evaluations
             for dt, value in (ev.get("D") or {}).items():
                 self.evals.setdefault(f"drift/D_{dt}", Series(64)).append(ev["step"], np.nan if value is None else value)
+            # the backbone's D, how directed the drift is, and where the memory term's gradient comes from
+            for dt, value in (ev.get("D_backbone") or {}).items():
+                self._sparse(f"drift/backbone_{dt}", ev["step"], value)
+            st = ev.get("staleness") or {}
+            share = st.get("grad_share") or {}
+            for key, value in (("drift/directed", ev.get("directed")), ("drift/cos10", ev.get("cos10")),
+                               ("memory/active_neg_age", st.get("active_neg_age")),
+                               ("memory/grad_old", None if not share else
+                                sum(v or 0.0 for b, v in share.items() if b in ("100-1000", "1000+")))):
+                if key in self.evals or value is not None:
+                    self._sparse(key, ev["step"], value)
         elif kind == "checkpoint":
             self.checkpoint = ev.get("path")
         elif kind == "end":
             self.status = ev.get("status")
             self.message = ev.get("message")
+
+    def _sparse(self, key: str, step: int, value: float | None) -> None:
+        self.evals.setdefault(key, Series(64)).append(step, np.nan if value is None else value)
 
     def steps_per_s(self, window: int = 50) -> float | None:
         """Recent training speed from step timestamps, over at most `window` steps of the current phase."""

@@ -261,7 +261,7 @@ def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], Non
         run.backfill(done["history"], done["evals"], _drift_of(done))
         memory = None
         if enabled:
-            memory = build_memory(params, len(trainer.splits.train), trainer.model.embedding_dim, trainer.device)
+            memory = build_memory(params, len(trainer.splits.train), trainer.memory_dim, trainer.device)
             memory.load_state_dict(mem_state["memory"])
         trainer.train_phase(phase, t.xbm_steps, memory, checkpoint_dir=folder, on_eval=on_eval)
         path = out / "model.pt"

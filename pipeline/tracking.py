@@ -305,8 +305,16 @@ class MLflowSink:
         if event["kind"] == "eval":
             split = event.get("split", "val")
             return {metric_name(f"{split}/{k}"): v for k, v in event["metrics"].items() if v is not None}
-        if event["kind"] == "drift":  # the drift probe's D(t; dt) as drift_probe/dt_<dt>
-            return {f"drift_probe/dt_{dt}": v for dt, v in event["D"].items() if v is not None}
+        if event["kind"] == "drift":  # the drift probe's D(t; dt) as drift_probe/dt_<dt>, and what goes with it
+            out = {f"drift_probe/dt_{dt}": v for dt, v in event["D"].items() if v is not None}
+            out.update({f"drift_probe/backbone_dt_{dt}": v for dt, v in (event.get("D_backbone") or {}).items()
+                        if v is not None})
+            out.update({f"drift_probe/{k}": event[k] for k in ("directed", "cos10") if event.get(k) is not None})
+            st = event.get("staleness") or {}
+            out.update({f"memory/{k}": st[k] for k in ("active_neg_age", "mean_age") if st.get(k) is not None})
+            out.update({f"memory/grad_share_{b.replace('-', '_').replace('+', '_plus')}": v
+                        for b, v in (st.get("grad_share") or {}).items() if v is not None})
+            return out
         return {}
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -432,8 +440,9 @@ class StageRun:
             self._mlflow_sink.emit({"kind": "eval", "step": e["step"], "time": now, "split": e["split"],
                                     "metrics": metrics})
         for h in drift:
-            self._mlflow_sink.emit({"kind": "drift", "step": h["step"], "time": now,
-                                    "D": {str(k): v for k, v in h["D"].items()}})
+            self._mlflow_sink.emit({**h, "kind": "drift", "step": h["step"], "time": now,
+                                    "D": {str(k): v for k, v in h["D"].items()},
+                                    "D_backbone": {str(k): v for k, v in (h.get("D_backbone") or {}).items()}})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.mlflow is not None:

@@ -146,6 +146,24 @@ class MemoryParams(_Section):
     # before: Alg. 1, the batch joins the memory before the loss pairs it with the memory; after: the batch joins
     # it for the next steps only (kept for the comparison).
     enqueue: Literal["before", "after"] = "before"
+    # Keeping the entries consistent with the model (xbmcore/memory.py, xbmcore/trainer.py): an exponential moving
+    # average of the model writes them (0: the model itself); the `refresh` oldest entries re-embedded each step;
+    # drift compensation's Gaussian width (0: off) and the enqueued images its observations come from.
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    refresh: int = Field(0, ge=0)
+    sdc_sigma: float = Field(0.0, ge=0.0)
+    sdc_pool: int = Field(128, ge=1)
+    # embedding: the memory stores the embeddings (the paper). features: it stores the backbone's pooled features,
+    # and the current head embeds them at every step, so the entries follow the head wherever it moves.
+    store: Literal["embedding", "features"] = "embedding"
+
+    @model_validator(mode="after")
+    def _store(self) -> "MemoryParams":
+        if self.store == "features" and (self.sdc_sigma > 0 or self.momentum > 0):
+            raise _rule("store: features keeps the backbone's features, which the current head embeds at every step; "
+                        "it does not combine with sdc_sigma or momentum (set them to 0)", "store", "sdc_sigma",
+                        "momentum")
+        return self
 
 
 class TrainParams(_Section):

@@ -8,6 +8,15 @@ also mixes two augmentations). The paper's argument for the memory is that D(t; 
 warm-up; `train.warmup_steps: auto` ends the warm-up when it has (xbmcore.hooks.DriftMonitor, the probe's hook
 of the training loop).
 
+Whether the drift is directed or random: a random walk of step size sigma gives D(t; 100) = 10 D(t; 10), so
+``directed = D(t; 100) / (10 D(t; 10))`` is 1 for random drift and up to 10 for a steady motion; `cos10` is the
+mean cosine between an image's 10-step displacement at this probe step and at the previous one (0 for random
+drift, 1 for a steady motion). Where the network moves: with a model that exposes its backbone (EmbeddingNet), the
+probe also measures D on the backbone's pooled features, normalised (`D_backbone`), beside D on the head's output.
+
+`staleness` measures where the memory term's gradient comes from, by the age of the entries (step now - step
+written): the share of sum |dL/ds| in each of AGE_BUCKETS, and the mean age of the active negatives.
+
 Cost: D(t; dt) is reported at the probe steps t = 0, every, 2 every, ...; it needs the embeddings at t and at t - dt
 for each dt, so the probe embeds its images at those steps only (t and t - 10 for every = 100 and dts 10, 100,
 1000: twice per 100 steps) and keeps a snapshot only while a later probe step still needs it (about
@@ -20,9 +29,65 @@ import logging
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 log = logging.getLogger(__name__)
+
+# staleness' age buckets in steps: [0, 10), [10, 100), [100, 1000), [1000, inf)
+AGE_BUCKETS = (10, 100, 1000)
+AGE_NAMES = ("0-10", "10-100", "100-1000", "1000+")
+
+
+class WithBackbone(nn.Module):
+    """An EmbeddingNet's embedding and its normalised pooled backbone features, side by side: B x (D + C)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @staticmethod
+    def wraps(net: nn.Module) -> bool:
+        return all(hasattr(net, a) for a in ("backbone", "pool", "head", "embedding_dim"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.net.pool(self.net.backbone(x))
+        return torch.cat([F.normalize(self.net.head(f), dim=1), F.normalize(f.float(), dim=1).to(f.dtype)], 1)
+
+
+class Features(nn.Module):
+    """An EmbeddingNet's pooled backbone features (B x C, float32): what a memory with store: features keeps."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.pool(self.net.backbone(x)).float()
+
+
+@torch.no_grad()
+def staleness(loss, emb: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, memory, step: int,
+              entries: torch.Tensor | None = None) -> dict[str, Any]:
+    """Where the memory term's gradient comes from: `grad_share` {bucket: share of sum |dL/ds_ij| over the pairs
+    whose entry's age falls in the bucket}, `active_neg_age` (mean age of the entries in active negative pairs,
+    those with a non-zero gradient; None without any), `mean_age` of all entries. Ages are `step` - the step
+    each entry was written. `loss` is the objective's pair loss; emb, labels, indices: this rank's batch; entries:
+    what the loss pairs the anchors with when it is not the stored vectors (memory.store: features)."""
+    feats, mem_labels, mem_indices = memory.get()
+    feats = feats if entries is None else entries
+    g, neg = loss.sim_gradient(emb, labels, feats, mem_labels, indices, mem_indices)  # B x K each
+    age = (step - memory.steps[: len(memory)]).double()  # K
+    weight = g.abs().double().sum(0)  # K: each entry's share of the anchors' gradient
+    bucket = torch.bucketize(age, torch.tensor(AGE_BUCKETS, dtype=torch.float64, device=age.device), right=True)
+    per = torch.zeros(len(AGE_NAMES), dtype=torch.float64, device=age.device).index_add_(0, bucket, weight)
+    total = float(per.sum())
+    active = (neg & (g != 0)).sum(0).double()  # K: active negative pairs per entry
+    n_active = float(active.sum())
+    return {"grad_share": {k: (float(v) / total if total else None) for k, v in zip(AGE_NAMES, per.tolist())},
+            "active_neg_age": float((active * age).sum()) / n_active if n_active else None,
+            "mean_age": float(age.mean()) if len(age) else None}
 
 
 def clean_view(dataset):
@@ -41,7 +106,7 @@ class DriftProbe:
     """
 
     def __init__(self, dataset, size: int, every: int, dts: Sequence[int], seed: int,
-                 embed: Callable[[Dataset], torch.Tensor]):
+                 embed: Callable[[Dataset], torch.Tensor], split: int | None = None):
         if size < 1 or every < 1 or not dts or min(dts) < 1:
             raise ValueError(f"DriftProbe: expected size >= 1, every >= 1 and dts >= 1, got {size}, {every}, "
                              f"{list(dts)}")
@@ -51,6 +116,8 @@ class DriftProbe:
         self.every, self.dts = int(every), tuple(sorted({int(d) for d in dts}))
         self._subset = Subset(clean_view(dataset), self.items.tolist())
         self._embed = embed
+        self.split = split  # embed returns [embedding | backbone features] split at this column (None: embedding)
+        self._last_move: torch.Tensor | None = None  # the previous probe step's 10-step displacement (cos10)
         self.snapshots: dict[int, torch.Tensor] = {}  # step -> n x D float32 (CPU)
         self.history: list[dict[str, Any]] = []  # {"step": t, "D": {dt: value}}
         self.last = -1  # the last step observed: a phase that starts where the previous one ended skips it
@@ -80,10 +147,18 @@ class DriftProbe:
         self.snapshots[step] = self.embed()
         out = None
         if self.is_probe_step(step):
-            now = self.snapshots[step].double()
-            out = {dt: float(((now - self.snapshots[step - dt].double()) ** 2).sum(1).mean())
-                   for dt in self.dts if step - dt in self.snapshots}
-            self.history.append({"step": step, "D": out})
+            now, k = self.snapshots[step].double(), self.split
+            diffs = {dt: now - self.snapshots[step - dt].double() for dt in self.dts if step - dt in self.snapshots}
+            out = {dt: float((d[:, :k] ** 2).sum(1).mean()) for dt, d in diffs.items()}
+            entry: dict[str, Any] = {"step": step, "D": out}
+            if k is not None:
+                entry["D_backbone"] = {dt: float((d[:, k:] ** 2).sum(1).mean()) for dt, d in diffs.items()}
+            if min(self.dts) in diffs:
+                move = diffs[min(self.dts)][:, :k]
+                if self._last_move is not None:
+                    entry["cos10"] = float(F.cosine_similarity(move, self._last_move.double(), dim=1).mean())
+                self._last_move = move.float()
+            self.history.append(entry)
         for s in [s for s in self.snapshots if s != step and not self._needed_after(s, step)]:
             del self.snapshots[s]
         if not self._needed_after(step, step):
@@ -105,8 +180,9 @@ class DriftProbe:
         return {"items": self.items.clone(), "every": self.every, "dts": list(self.dts)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._config(), "last": self.last, "snapshots": dict(self.snapshots),
-                "history": [{"step": h["step"], "D": {str(k): v for k, v in h["D"].items()}} for h in self.history]}
+        return {**self._config(), "last": self.last, "snapshots": dict(self.snapshots), "last_move": self._last_move,
+                "history": [{**h, **{f: {str(k): v for k, v in h[f].items()} for f in ("D", "D_backbone") if f in h}}
+                            for h in self.history]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> bool:
         """Restore snapshots and history; a state of another probe (images, interval, dts) or none is ignored
@@ -117,11 +193,13 @@ class DriftProbe:
             if state is not None:
                 log.warning("the checkpoint's drift probe has other images, interval or dts: its history is "
                             "dropped and D(t; dt) is measured afresh from here")
-            self.snapshots, self.history, self.last = {}, [], -1
+            self.snapshots, self.history, self.last, self._last_move = {}, [], -1, None
             return False
         self.last = int(state["last"])
         self.snapshots = {int(k): v for k, v in state["snapshots"].items()}
-        self.history = [{"step": int(h["step"]), "D": {int(k): float(v) for k, v in h["D"].items()}}
+        self._last_move = state.get("last_move")
+        self.history = [{**h, "step": int(h["step"]),
+                         **{f: {int(k): float(v) for k, v in h[f].items()} for f in ("D", "D_backbone") if f in h}}
                         for h in state["history"]]
         return True
 

@@ -161,5 +161,16 @@ class DriftMonitor(Hook):
         trainer.flush()  # the step's event before its drift event
         D = probe.observe(trainer.step)
         if D:
-            trainer.emit(make_event("drift", trainer.step, phase=trainer.phase, D={str(k): v for k, v in D.items()}))
+            h = probe.history[-1]
+            extra: dict = {}
+            if "D_backbone" in h:
+                extra["D_backbone"] = {str(k): v for k, v in h["D_backbone"].items()}
+            if "cos10" in h:
+                extra["cos10"] = h["cos10"]
+            if 10 in D and 100 in D and D[10] > 0:  # 1: random drift; 10: steady (xbmcore.drift)
+                extra["directed"] = h["directed"] = D[100] / (10 * D[10])
+            if trainer.staleness is not None and trainer.staleness[0] == trainer.step:
+                extra["staleness"] = h["staleness"] = trainer.staleness[1]
+            trainer.emit(make_event("drift", trainer.step, phase=trainer.phase, D={str(k): v for k, v in D.items()},
+                                    **extra))
         return D

@@ -110,6 +110,24 @@ class PairLoss(nn.Module, ABC):
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
 
+    @torch.enable_grad()
+    def sim_gradient(self, emb: Tensor, labels: Tensor, ref_emb: Tensor, ref_labels: Tensor,
+                     indices: Tensor | None = None, ref_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """d loss / d sim (B x K, float32) of this loss on (emb, ref_emb), computed on a detached copy (no
+        effect on the training graph), and the negative-pair mask (B x K bool: different label, not the anchor's
+        own image). A measurement: xbmcore.drift.staleness."""
+        ref_emb, pos, neg = _pairs(emb, labels, ref_emb, ref_labels, indices, ref_indices)
+        sim = (ref_emb.detach().float() @ emb.detach().float().T).T.requires_grad_(True)
+        negatives = neg.clone()
+        if sim.shape[1] == 0:
+            return torch.zeros_like(sim), negatives
+        terms = self.pair_terms(sim, pos, neg)
+        loss = terms.total / (terms.num_terms.clamp(min=1) if self.reduction == "mean_active" else sim.shape[0])
+        if not loss.requires_grad:
+            return torch.zeros_like(sim), negatives
+        (g,) = torch.autograd.grad(loss, sim)
+        return g.detach(), negatives
+
 
 class ContrastiveLoss(PairLoss):
     """Contrastive loss of XBM on similarities (Hadsell et al. 2006, as used by Wang et al. 2020).
@@ -235,7 +253,9 @@ class XBMObjective(nn.Module):
     dataset index). It does not enqueue: the caller enqueues the batch's detached embeddings first, so that the
     memory already holds the batch (Alg. 1 of the paper; the trainer's `memory.enqueue: before`).
     With several ranks, `emb` holds this rank's anchors, `batch` the (ref_emb, ref_labels, ref_indices) of the
-    whole global batch (gathered in rank order) and `count` sums a count over ranks (see PairLoss).
+    whole global batch (gathered in rank order) and `count` sums a count over ranks (see PairLoss). `entries`
+    (n x D) replaces the stored vectors as the memory side of the pairs (a memory of features, embedded by the
+    current head: memory.store).
     """
 
     def __init__(self, loss: PairLoss, weight: float = 1.0) -> None:
@@ -247,6 +267,7 @@ class XBMObjective(nn.Module):
     def forward(
         self, emb: Tensor, labels: Tensor, indices: Tensor, memory: "CrossBatchMemory | None" = None,
         batch: tuple[Tensor, Tensor, Tensor] | None = None, count: Callable[[Tensor], Tensor] | None = None,
+        entries: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if batch is None:
             batch = self.loss(emb, labels, indices=indices, count=count)
@@ -258,6 +279,7 @@ class XBMObjective(nn.Module):
             mem = LossOutput(torch.zeros((), dtype=batch.loss.dtype, device=emb.device), zero, zero)
         else:
             feats, mem_labels, mem_indices = memory.get()
+            feats = feats if entries is None else entries  # the stored features' embeddings (memory.store)
             mem = self.loss(emb, labels, feats, mem_labels, indices, mem_indices, count=count)
         return {
             "loss": batch.loss + self.weight * mem.loss,

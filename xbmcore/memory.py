@@ -18,6 +18,17 @@ Drift (the paper's "slow drift") is measured for free: when an image is enqueued
 embedding is still stored, ``||new - old||^2`` and the age ``step_now - step_written`` are recorded. In index
 mode the previous embedding is the one overwritten; in queue mode it is the image's newest stored copy, which
 needs the item -> slot map that ``num_items`` enables.
+
+Keeping the entries consistent with the model (the entries are the model's past; once the memory term trains
+the model, the model moves away from them, docs/results.md):
+
+- drift compensation (``sdc_sigma > 0``; SDC, Yu et al., CVPR 2020): a re-entering image whose previous copy is
+  stored gives one observation of the drift, its rate ``(new - written) / age`` at ``new``; the observations
+  among the newest ``sdc_pool`` enqueued images are kept, and at every enqueue each stored entry moves by their
+  Gaussian-weighted mean rate (weights ``exp(-||entry - at||^2 / (2 sigma^2))``) and is normalised again. The rate is taken from
+  the copy as first written (the ``written`` buffer), so the estimate does not feed on its own corrections.
+- a refresh (`oldest` then `rewrite`): the caller re-embeds the oldest entries' images with the current model.
+- a momentum encoder writes the entries: the trainer's, the memory only stores what it is given.
 """
 from __future__ import annotations
 
@@ -45,6 +56,8 @@ class CrossBatchMemory(nn.Module):
         num_items: training-set size; required in index mode, optional in queue mode (enables drift).
         dtype: storage dtype of the embeddings (float32, bfloat16 or float16).
         device: where the buffers live; enqueued tensors must already be there.
+        sdc_sigma: width of drift compensation's Gaussian (0: off); needs num_items.
+        sdc_pool: how many of the newest drift observations compensation averages.
     """
 
     def __init__(
@@ -55,6 +68,8 @@ class CrossBatchMemory(nn.Module):
         num_items: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        sdc_sigma: float = 0.0,
+        sdc_pool: int = 128,
     ) -> None:
         super().__init__()
         if not _is_int(size) or size < 1:
@@ -69,7 +84,13 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"memory num_items: expected an integer >= 1 or None, got {num_items!r}")
         if dtype not in DTYPES.values():
             raise ValueError(f"memory dtype: expected one of {tuple(DTYPES.values())}, got {dtype!r}")
+        if not sdc_sigma >= 0 or (sdc_sigma > 0 and num_items is None):
+            raise ValueError(f"memory sdc_sigma: expected >= 0, and num_items to find re-entering images; got "
+                             f"{sdc_sigma!r} with num_items={num_items!r}")
+        if not _is_int(sdc_pool) or sdc_pool < 1:
+            raise ValueError(f"memory sdc_pool: expected an integer >= 1, got {sdc_pool!r}")
         self.K, self.dim, self.mode = int(size), int(dim), mode
+        self.sdc_sigma, self.sdc_pool = float(sdc_sigma), int(sdc_pool)
         self.num_items = None if num_items is None else int(num_items)
 
         def buf(name: str, *shape: int, dt: torch.dtype = torch.int64, fill: float = 0) -> None:
@@ -91,11 +112,19 @@ class CrossBatchMemory(nn.Module):
         # drift sums in float64: [sum ||new-old||^2, sum age, count] for the last enqueue and for all
         buf("drift_last", 3, dt=torch.float64)
         buf("drift_total", 3, dt=torch.float64)
+        if self.sdc_sigma > 0:
+            buf("written", size, dim, dt=torch.float32)  # each entry as first written, before compensation
+            # a ring of the newest sdc_pool enqueued rows: where, the drift per step, whether it is an observation
+            buf("sdc_at", sdc_pool, dim, dt=torch.float32)
+            buf("sdc_rate", sdc_pool, dim, dt=torch.float32)
+            buf("sdc_valid", sdc_pool, dt=torch.float32)
+            buf("sdc_ptr", fill=0)
         # Python copies of the counters, so the hot path never reads a device tensor (no sync);
         # the buffers above stay the checkpointed truth and are re-read after load_state_dict.
         self._fill = 0
         self._ptr = 0
         self._seq = 0
+        self._sdc_ptr = 0
 
     @classmethod
     def from_ratio(
@@ -162,10 +191,10 @@ class CrossBatchMemory(nn.Module):
     # ------------------------------------------------------------------ writing
 
     def reset(self) -> None:
-        """Empty the memory and its drift statistics (shapes, dtype and device are kept)."""
+        """Empty the memory, its drift statistics and observations (shapes, dtype and device are kept)."""
         for name, value in self.named_buffers(recurse=False):
             value.fill_(-1 if name == "slot_of" else 0)
-        self._fill = self._ptr = self._seq = 0
+        self._fill = self._ptr = self._seq = self._sdc_ptr = 0
 
     @torch.no_grad()
     def enqueue(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int, check_range: bool = True) -> None:
@@ -185,7 +214,9 @@ class CrossBatchMemory(nn.Module):
         if self.num_items is not None:
             last = _last_position(indices)  # B
             is_last = last == torch.arange(B, device=last.device)  # the distinct items, in batch order
-            self._record_drift(feats, indices, is_last, step)
+            stored, prev = self._record_drift(feats, indices, is_last, step)
+            if self.sdc_sigma > 0:
+                self._compensate(feats, stored, prev, step)
         if self.mode == "queue":
             self._enqueue_queue(feats, labels, indices, step, last)
         else:
@@ -237,6 +268,8 @@ class CrossBatchMemory(nn.Module):
 
     def _write(self, slots: Tensor, feats: Tensor, labels: Tensor, indices: Tensor, step: int) -> None:
         self.feats.index_copy_(0, slots, feats.to(self.feats.dtype))
+        if self.sdc_sigma > 0:
+            self.written.index_copy_(0, slots, feats.float())
         self.labels.index_copy_(0, slots, labels.to(torch.int64))
         self.indices.index_copy_(0, slots, indices.to(torch.int64))
         self.steps.index_fill_(0, slots, step)
@@ -251,6 +284,43 @@ class CrossBatchMemory(nn.Module):
         sums = [torch.where(stored, x.double(), 0.0).sum() for x in (sq, age)]
         self.drift_last.copy_(torch.stack([*sums, stored.sum().double()]))
         self.drift_total.add_(self.drift_last)
+        return stored, prev
+
+    def _compensate(self, feats: Tensor, stored: Tensor, prev: Tensor, step: int) -> None:
+        """SDC: the batch's rows join the ring of the newest `sdc_pool` enqueued rows (a row is an observation
+        when its image's previous copy was stored), then every stored entry moves by the Gaussian-weighted mean
+        drift rate of the ring's observations (one step's worth) and is renormalised. No host-device sync."""
+        B, P = feats.shape[0], self.sdc_pool
+        n = min(B, P)
+        age = (step - self.steps[prev]).clamp(min=1).to(torch.float32)  # B
+        rate = (feats.float() - self.written[prev]) / age[:, None]  # B x D
+        slots = (self._sdc_ptr + torch.arange(n, device=feats.device)) % P  # the newest n rows' ring slots
+        self.sdc_at.index_copy_(0, slots, feats[B - n:].float())
+        self.sdc_rate.index_copy_(0, slots, rate[B - n:])
+        self.sdc_valid.index_copy_(0, slots, stored[B - n:].to(torch.float32))
+        self._sdc_ptr = (self._sdc_ptr + n) % P
+        self.sdc_ptr.fill_(self._sdc_ptr)
+        if self._fill:
+            k = self._fill
+            self.feats[:k] = compensate(self.feats[:k].float(), self.sdc_at, self.sdc_rate, self.sdc_valid,
+                                        self.sdc_sigma).to(self.feats.dtype)
+
+    # ------------------------------------------------------------------ refreshing
+
+    def oldest(self, n: int) -> Tensor:
+        """Slots of n stored entries written longest ago (by the step they were written; among entries of one step,
+        whichever torch.topk returns), oldest first."""
+        n = min(int(n), self._fill)
+        return torch.topk(self.steps[: self._fill], n, largest=False, sorted=True).indices
+
+    @torch.no_grad()
+    def rewrite(self, slots: Tensor, feats: Tensor, step: int) -> None:
+        """New embeddings for the entries in `slots` (the same images, re-embedded at `step`): the features and the
+        step stamps change; labels, dataset indices and the write order (who is evicted next) do not."""
+        self.feats.index_copy_(0, slots, feats.detach().to(self.feats.dtype))
+        self.steps.index_fill_(0, slots, step)
+        if self.sdc_sigma > 0:
+            self.written.index_copy_(0, slots, feats.detach().float())
 
     def _check(self, feats: Tensor, labels: Tensor, indices: Tensor, step: int,
                check_range: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -285,6 +355,8 @@ class CrossBatchMemory(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._fill = int(self.fill)
+        if self.sdc_sigma > 0:
+            self._sdc_ptr = int(self.sdc_ptr)
         if self.mode == "queue":
             self._ptr = int(self.ptr)
         else:
@@ -294,11 +366,21 @@ class CrossBatchMemory(nn.Module):
 def build_memory(params: "Params", num_items: int, dim: int, device: torch.device | str) -> CrossBatchMemory:
     """The (empty) memory the `memory` section describes, for a train set of `num_items` images."""
     m = params.memory
-    if m.size is not None:
-        return CrossBatchMemory(m.size, dim, mode=m.mode, num_items=num_items, dtype=DTYPES[m.dtype],
-                                device=device)
-    return CrossBatchMemory.from_ratio(m.ratio, num_items, dim, mode=m.mode, dtype=DTYPES[m.dtype],
-                                       device=device)
+    size = m.size if m.size is not None else max(1, round(m.ratio * int(num_items)))
+    return CrossBatchMemory(size, dim, mode=m.mode, num_items=num_items, dtype=DTYPES[m.dtype], device=device,
+                            sdc_sigma=m.sdc_sigma, sdc_pool=m.sdc_pool)
+
+
+def compensate(feats: Tensor, at: Tensor, rate: Tensor, valid: Tensor, sigma: float) -> Tensor:
+    """SDC's update of stored embeddings: each row of `feats` (n x D) plus the Gaussian-weighted mean of the
+    observed drift rates (`rate`, P x D, observed at `at`, P x D; `valid`, P, 1 for a real observation and 0 for
+    an empty pool slot), renormalised to unit length. Rows with no valid observation stay where they are."""
+    d2 = (feats * feats).sum(1, keepdim=True) - 2 * feats @ at.T + (at * at).sum(1)[None, :]  # n x P
+    logits = -d2.clamp(min=0) / (2 * sigma * sigma)
+    logits = logits.masked_fill(valid[None, :] == 0, -torch.inf)
+    # softmax = the normalised Gaussian weights, stable for a narrow sigma; all -inf (no observation) -> 0
+    w = torch.nan_to_num(torch.softmax(logits, 1), nan=0.0)
+    return torch.nn.functional.normalize(feats + w @ rate, dim=1)
 
 
 def _last_position(indices: Tensor) -> Tensor:

@@ -91,8 +91,16 @@ class EmbeddingNet(nn.Module):
                 m.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.pool(self.backbone(x))), dim=1)  # B x D, unit norm
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """B x D unit-norm embeddings; with_features: also the pooled backbone features they come from (B x C), for
+        a memory that stores features (memory.store)."""
+        f = self.pool(self.backbone(x))
+        emb = F.normalize(self.head(f), dim=1)
+        return (emb, f) if with_features else emb
+
+    def embed_features(self, f: torch.Tensor) -> torch.Tensor:
+        """The head's unit-norm embeddings of pooled backbone features: N x C -> N x D."""
+        return F.normalize(self.head(f.to(self.head.weight.dtype)), dim=1)
 
 
 def _load_imagenet(net: nn.Module, backbone: str, weights: torchvision.models.WeightsEnum) -> None:

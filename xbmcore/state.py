@@ -32,6 +32,7 @@ class TrainState:
         # The step the warm-up ended at (None until it has): the XBM phase's cosine schedule counts from it.
         self.warmup_end: int | None = None
         self.probe: DriftProbe | None = None  # its snapshots and D(t; dt) history
+        self.ema: torch.nn.Module | None = None  # memory.momentum's moving average of the model (XBM phase)
 
     def state_dict(self) -> dict[str, Any]:
         """A plain dict (tensors, numbers, lists) for the safe unpickler. Collective: every rank calls it."""
@@ -44,6 +45,7 @@ class TrainState:
             "rng": self.dist.objects(rng_state()),  # one per rank: each rank's augmentation stream goes on
             "history": self.history, "evals": self.evals, "warmup_end": self.warmup_end,
             "drift_probe": None if self.probe is None else self.probe.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -67,6 +69,8 @@ class TrainState:
         self.warmup_end = state["warmup_end"]
         if self.probe is not None:
             self.probe.load_state_dict(state["drift_probe"])
+        if self.ema is not None and state.get("ema") is not None:  # else (a warm-up state) it starts as the model
+            self.ema.load_state_dict(state["ema"])
         if self.memory is not None:
             if state["memory"] is None:
                 raise ValueError("the checkpoint holds no memory, but this phase trains with one")

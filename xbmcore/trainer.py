@@ -8,6 +8,12 @@
                  `memory.enqueue: after` enqueues after the loss instead, for the comparison
     baseline     the xbm schedule without memory (`memory.enabled: false`), for a like-for-like comparison
 
+Keeping the memory consistent with the model (the `memory` section; docs/results.md measures each): `store:
+features` keeps the backbone's pooled features and embeds them with the current head at every step (the entries
+follow the head, where this benchmark's drift is); `momentum` writes the entries with a moving average of the model
+(MoCo); `refresh` re-embeds the oldest entries each step; `sdc_sigma` moves the entries by the drift that
+re-entering images measure (SDC, in CrossBatchMemory).
+
 The pieces: `Trainer.train_phase` is the loop and `_train_step` one optimiser step. What a checkpoint holds is
 one object, `TrainState` (xbmcore/state.py); the checkpoint files and which one continues a phase are in
 xbmcore/checkpoint.py. Evaluation, checkpoints, stop signals and the drift probe are `Hook`s (xbmcore/hooks.py),
@@ -31,6 +37,7 @@ every rank's memory is bit-identical. Rank 0 alone writes checkpoints and events
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import signal
@@ -50,7 +57,7 @@ from xbmcore.config import Params
 from xbmcore.data.batch import collate_for, to_device
 from xbmcore.distributed import Dist
 from xbmcore.device import OutOfMemory, oom_message, resolve_device, resolve_precision
-from xbmcore.drift import DriftProbe, clean_view
+from xbmcore.drift import DriftProbe, Features, WithBackbone, clean_view, staleness
 from xbmcore.evaluate import compute_embeddings, evaluate_model, retrieval_metrics
 from xbmcore.events import HISTORY_FIELDS, StepRecord, make_event
 from xbmcore.hooks import CallerError, Checkpointing, DriftMonitor, Evaluation, Hook, StopOnSignals, TrainingStopped
@@ -102,6 +109,11 @@ class Trainer:
                 raise ValueError("model.sync_bn: torch's SyncBatchNorm runs on GPUs only; set model.sync_bn: false "
                                  "on the CPU (each rank then normalises over its own part of the batch)")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # memory.store: features: the memory keeps the backbone's pooled features and the head embeds them each step
+        self.store_features = params.memory.enabled and params.memory.store == "features"
+        if self.store_features and not WithBackbone.wraps(model):
+            raise ValueError("memory.store: features needs a model with a backbone, a pool and a head (EmbeddingNet); "
+                             f"{type(model).__name__} has not: use memory.store: embedding")
         self.model = model.to(self.device, memory_format=self._mem_format)
         # The module the training forward runs through: DDP averages the ranks' gradients during backward.
         self.net = self.model if not self.dist.active else torch.nn.parallel.DistributedDataParallel(
@@ -117,8 +129,11 @@ class Trainer:
                                  seed=t.seed, rank=self.dist.rank, world=self.dist.world)
         self.hooks: list[Hook] = []  # the caller's, run in every phase
         if t.drift_probe:  # D(t; dt) of fixed training images, a hook of every phase
+            # The probe also measures the backbone's pooled features (normalised), where the model exposes them.
+            both = WithBackbone(self.model) if WithBackbone.wraps(self.model) else None
             self.state.probe = DriftProbe(splits.train, t.drift_probe, t.drift_every, t.drift_dts, seed=t.seed,
-                                          embed=lambda ds: self._embed(ds)[0])
+                                          embed=lambda ds: self._embed(ds, both)[0],
+                                          split=self.model.embedding_dim if both else None)
             self.hooks.append(DriftMonitor())
         self._end_now = False
         self.folder: Path | None = None  # the current phase's checkpoint folder
@@ -126,6 +141,8 @@ class Trainer:
         self.stop_signal: int | None = None  # set by StopOnSignals' handler
         self.stop_seen: int | None = None  # with several ranks: a stop signal any rank had, as of the last read
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []  # records whose scalars are on the device
+        self.staleness: tuple[int, dict[str, Any]] | None = None  # (step, xbmcore.drift.staleness) of a probe step
+        self._clean_train = clean_view(splits.train)  # the images a memory refresh re-embeds
         self._clock = time.perf_counter()
 
     # The state's parts, under the names callers use.
@@ -296,6 +313,11 @@ class Trainer:
         self.last_checkpoint, self.stop_seen = None, None
         t, s = self.params.train, self.state
         s.memory, s.phase, s.phase_start, s.digest = memory, phase, s.step, training_digest(self.params, phase)
+        # memory.momentum: the entries are written by a moving average of the model (MoCo's key encoder), which
+        # starts as the model where the XBM phase starts; a resume restores it.
+        s.ema = None
+        if memory is not None and self.params.memory.momentum > 0:
+            s.ema = copy.deepcopy(self.model).requires_grad_(False)
         start, end = s.step, s.step + steps
         self.set_lr(t.warmup_lr if phase == "warmup" else t.lr, t.weight_decay)
         if phase == "warmup":
@@ -321,16 +343,36 @@ class Trainer:
         imgs, labels, idx = self.to_device(batch)  # this rank's b = batch_size images
         before = memory is not None and self.params.memory.enqueue == "before"
         with self.autocast():
-            emb = self.net(imgs)  # b x D, unit norm
+            if memory is not None and self.params.memory.refresh:
+                self._refresh(memory)
+            if self.store_features:
+                emb, feats = self.net(imgs, with_features=True)  # b x D unit norm, b x C pooled features
+            else:
+                emb = self.net(imgs)  # b x D, unit norm
             # The global batch, B = nproc x b, in rank order; the embeddings keep their gradient.
             batch = (emb, labels, idx) if not d.active else \
                 (d.gather(emb, differentiable=True), d.gather(labels), d.gather(idx))
+            stored = batch  # what the memory stores of the batch
+            if self.store_features:
+                stored = (feats if not d.active else d.gather(feats.detach()), batch[1], batch[2])
+            elif s.ema is not None:  # the moving average's embeddings
+                with torch.no_grad():
+                    keys = s.ema(imgs)
+                stored = (keys if not d.active else d.gather(keys), batch[1], batch[2])
             if before:  # Alg. 1: M holds this batch (detached) when the anchors meet it
-                self._enqueue(memory, batch)
+                self._enqueue(memory, stored)
+            entries = None
+            if self.store_features and memory is not None and len(memory):
+                with torch.no_grad():  # the stored features as the current head embeds them
+                    entries = self.model.embed_features(memory.get()[0])
             if not d.active:
-                out = self.objective(emb, labels, idx, memory)
+                out = self.objective(emb, labels, idx, memory, entries=entries)
             else:
-                out = self.objective(emb, labels, idx, memory, batch=batch, count=d.sum)
+                out = self.objective(emb, labels, idx, memory, batch=batch, count=d.sum, entries=entries)
+            if memory is not None and self.probe is not None and (s.step + 1) % self.params.train.drift_every == 0:
+                # where the memory term's gradient comes from, by the age of the entries (a probe step's extra)
+                self.staleness = (s.step + 1, staleness(self.objective.loss, emb, labels, idx, memory, s.step + 1,
+                                                        entries))
         loss = out["loss"] if not d.active else out["loss"] * d.world  # DDP averages: undo its 1/world
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -340,7 +382,7 @@ class Trainer:
         if d.active:
             summed = d.sum(summed)
         if memory is not None and not before:  # memory.enqueue: after: the batch joins M for the next steps only
-            self._enqueue(memory, batch)
+            self._enqueue(memory, stored)
         drift = memory.drift_last if memory is not None else summed.new_zeros(len(_SCALARS) - len(_SUMMED))
         now = time.perf_counter()
         images_per_s = self.params.train.batch_size * d.world / max(now - self._clock, 1e-9)
@@ -359,8 +401,42 @@ class Trainer:
         if learn:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if s.ema is not None:
+                self._update_ema(s.ema, self.params.memory.momentum)
         self.scheduler.step()
         s.step += 1
+
+    @torch.no_grad()
+    def _update_ema(self, ema: torch.nn.Module, momentum: float) -> None:
+        """ema <- momentum * ema + (1 - momentum) * model for the parameters; the buffers (BatchNorm's running
+        statistics) are the model's."""
+        mine, theirs = list(ema.parameters()), list(self.model.parameters())
+        torch._foreach_lerp_(mine, theirs, 1.0 - momentum)
+        for a, b in zip(ema.buffers(), self.model.buffers()):
+            a.copy_(b)
+
+    @torch.no_grad()
+    def _refresh(self, memory: CrossBatchMemory) -> None:
+        """memory.refresh: the oldest entries re-embedded with the current weights (the moving average's with
+        memory.momentum), their images seen as memory initialisation sees them (the test view, eval mode); the
+        same on every rank."""
+        slots = memory.oldest(self.params.memory.refresh)
+        items = memory.indices[slots].tolist()
+        if not items:
+            return
+        ds = self._clean_train
+        raw = ds.__getitems__(items) if hasattr(ds, "__getitems__") else [ds[i] for i in items]
+        imgs, _, _ = self.to_device(collate_for(self.device)(raw))
+        encoder = self.state.ema if self.state.ema is not None else self.model
+        if self.store_features:
+            encoder = Features(encoder)
+        was = encoder.training
+        encoder.eval()
+        try:
+            feats = encoder(imgs).float()
+        finally:
+            encoder.train(was)
+        memory.rewrite(slots, feats, step=self.state.step + 1)
 
     def _enqueue(self, memory: CrossBatchMemory, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """Write the global batch (the same on every rank, in rank order) into the memory at this step: the
@@ -406,13 +482,14 @@ class Trainer:
 
     # ---- embeddings of a split: evaluation and memory initialisation ----
 
-    def _embed(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current model's embeddings (N x D float32) and labels (N) of `dataset`, in its order; each rank
-        embeds a contiguous shard and the shards are gathered in rank order. Leaves the global RNGs as they were."""
+    def _embed(self, dataset, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current model's (or `model`'s) embeddings (N x D float32) and labels (N) of `dataset`, in its
+        order; each rank embeds a contiguous shard and the shards are gathered in rank order. Leaves the global
+        RNGs as they were."""
         part = self.dist.shard(len(dataset))
         shard = dataset if not self.dist.active else Subset(dataset, range(part.start, part.stop))
         with preserved_rng(), self.autocast():
-            feats, labels = compute_embeddings(self.model, shard, self.params.eval.batch_size, self.device,
+            feats, labels = compute_embeddings(model or self.model, shard, self.params.eval.batch_size, self.device,
                                                num_workers=self.params.data.num_workers)
         feats, labels = torch.from_numpy(feats).to(self.device), torch.from_numpy(labels).to(self.device)
         return self.dist.gather_rows(feats), self.dist.gather_rows(labels)
@@ -432,20 +509,25 @@ class Trainer:
             if self.dist.is_main else None
         return self.dist.broadcast(metrics)
 
+    @property
+    def memory_dim(self) -> int:
+        """The width of a memory entry: the embedding's D, or the backbone's C with memory.store: features."""
+        return self.model.feat_dim if self.store_features else self.model.embedding_dim
+
     def init_memory(self) -> CrossBatchMemory:
         """A memory of K = memory.size or round(memory.ratio * N) entries, filled with the current model's
         embeddings of a random (seeded by train.seed) min(K, N) images of the train set, in random order. The
         same on every rank (each embeds a shard of them)."""
         train = self.splits.train
         N = len(train)
-        memory = build_memory(self.params, N, self.model.embedding_dim, self.device)
+        memory = build_memory(self.params, N, self.memory_dim, self.device)
         n = min(memory.K, N)
         self.emit(make_event("phase", self.step, phase="memory_init", total_steps=0, items=n))
         g = torch.Generator().manual_seed(self.params.train.seed)
         pick = torch.randperm(N, generator=g)[:n]  # n dataset indices
         # The images as the test transform shows them (when the dataset offers it): one clean view per image.
         clean = clean_view(train)
-        feats, labels = self._embed(Subset(clean, pick.tolist()))
+        feats, labels = self._embed(Subset(clean, pick.tolist()), Features(self.model) if self.store_features else None)
         # Written at the current step, so the ages of the drift measurement count from the end of the warm-up.
         memory.enqueue(feats, labels, pick.to(self.device), step=self.step)
         return memory

@@ -177,3 +177,28 @@ def test_drift_probe_events_become_one_curve_per_dt(qtbot):
     x, y = panel.drift.curves["drift/D_100"].getOriginalDataset()
     assert x.tolist() == [100, 200] and y.tolist() == [1.5, 0.6]
     assert len(panel.loss.curves["loss"].getOriginalDataset()[0]) == 200  # the step curves are unaffected
+
+
+def test_staleness_and_backbone_drift_are_drawn_with_the_probe(qtbot):
+    from gui.monitor import MonitorPanel
+
+    events = [make_event("step", s, **step_fields(s, "xbm", 100, 320)) for s in range(1, 201)]
+    events.append(make_event("drift", 100, phase="xbm", D={"10": 0.1, "100": 0.5}, D_backbone={"100": 0.2},
+                             directed=0.5, staleness={"grad_share": {"0-10": 0.5, "10-100": 0.5}, "mean_age": 50.0,
+                                                      "active_neg_age": 40.0}))
+    events.append(make_event("drift", 200, phase="xbm", D={"10": 0.1, "100": 3.2}, D_backbone={"100": 0.4},
+                             directed=3.2, cos10=0.6,
+                             staleness={"grad_share": {"0-10": 0.1, "10-100": 0.15, "100-1000": 0.5, "1000+": 0.25},
+                                        "active_neg_age": 700.0, "mean_age": 650.0}))
+    panel = MonitorPanel()
+    qtbot.addWidget(panel)
+    panel.add_batch(EventBatch.from_events(events))
+    panel.redraw()
+    x, y = panel.drift.curves["drift/backbone_100"].getOriginalDataset()
+    assert x.tolist() == [100, 200] and y.tolist() == [0.2, 0.4]
+    x, y = panel.drift.curves["active_neg_age"].getOriginalDataset()
+    assert x.tolist() == [100, 200] and y.tolist() == [40.0, 700.0]
+    assert panel.data.evals["memory/grad_old"].y.tolist() == [0.0, 0.75]
+    cos = panel.data.evals["drift/cos10"]  # a series from its first value on
+    assert cos.x.tolist() == [200] and cos.y.tolist() == [0.6]
+    assert "directed ×3.2" in panel.drift.title and "≥100 steps old 75%" in panel.drift.title

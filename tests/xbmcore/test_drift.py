@@ -168,3 +168,10 @@ def test_drift_events_become_mlflow_metrics():
     from pipeline.tracking import MLflowSink
     ev = make_event("drift", 30, phase="warmup", D={"10": 0.5, "100": 0.25})
     assert MLflowSink.metrics_of(ev) == {"drift_probe/dt_10": 0.5, "drift_probe/dt_100": 0.25}
+    ev = make_event("drift", 30, phase="xbm", D={"10": 0.5}, D_backbone={"10": 0.125}, directed=2.5, cos10=0.75,
+                    staleness={"grad_share": {"0-10": 0.25, "1000+": 0.75}, "active_neg_age": 900.0,
+                               "mean_age": None})
+    assert MLflowSink.metrics_of(ev) == {
+        "drift_probe/dt_10": 0.5, "drift_probe/backbone_dt_10": 0.125, "drift_probe/directed": 2.5,
+        "drift_probe/cos10": 0.75, "memory/active_neg_age": 900.0, "memory/grad_share_0_10": 0.25,
+        "memory/grad_share_1000_plus": 0.75}
