@@ -20,8 +20,10 @@ import time
 from bench.common import PARAMS, prepared_splits, quiet_trainer
 from pipeline.cli import add_params_arguments
 
-METHODS = ["plain", "momentum0.99:memory.momentum=0.99", "refresh16:memory.refresh=16",
-           "refresh64:memory.refresh=64", "sdc0.5:memory.sdc_sigma=0.5", "features:memory.store=features"]
+# The selection's methods (docs/fresh-memory.md).
+METHODS = ["plain", "momentum0.99:memory.momentum=0.99", "momentum0.999:memory.momentum=0.999",
+           "refresh16:memory.refresh=16", "refresh64:memory.refresh=64", "sdc0.5:memory.sdc_sigma=0.5",
+           "sdc2:memory.sdc_sigma=2.0", "features:memory.store=features"]
 
 
 def main(argv: list[str] | None = None) -> int:

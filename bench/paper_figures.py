@@ -113,7 +113,8 @@ def groups(args) -> list[dict[str, Any]]:
                         runs.append(("fig1a", [*warm, "memory.enabled=false", "memory.ratio=1.0", *args.baseline_set],
                                      dict(batch=b, memory=False, ratio=0.0, method="baseline")))
                     for name, extra in args.method:
-                        runs.append(("fig1a", [*warm, "memory.enabled=true", "memory.ratio=1.0", *extra],
+                        runs.append(("fig1a", [*warm, "memory.enabled=true", "memory.ratio=1.0",
+                                               *_scaled(args, extra, b)],
                                      dict(batch=b, memory=True, ratio=1.0, method=name)))
                 if "fig1b" in args.only and b == b0 and norm == "batch":
                     for r in args.ratios:
@@ -134,10 +135,8 @@ def groups(args) -> list[dict[str, Any]]:
                 mine.append({"name": f"order-b{b}-seed{seed}", "warm": warm, "runs": runs})
         per_seed.append(mine)
     drift = [] if "drift" not in args.only else [
-        {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}", "train.drift_probe=128", f"train.warmup_steps={W}",
-                                               f"train.xbm_steps={X}"], "drift": True,
-         "runs": [("drift", [f"train.seed={seed}", "train.drift_probe=128", f"train.warmup_steps={W}",
-                             f"train.xbm_steps={X}", f"memory.enabled={str(e).lower()}",
+        {"name": f"drift-seed{seed}", "warm": [f"train.seed={seed}"], "drift": True,
+         "runs": [("drift", [f"train.seed={seed}", f"memory.enabled={str(e).lower()}",
                              *(extra if e else args.baseline_set)], dict(memory=e, method=name))
                   for e, name, extra in ([(False, "baseline", [])] if args.drift_baseline else []) +
                   [(True, name, extra) for name, extra in args.method]]} for seed in args.drift_seeds]
@@ -146,6 +145,20 @@ def groups(args) -> list[dict[str, Any]]:
          "runs": [("auto", [f"train.seed={seed}", "train.warmup_steps=auto", "memory.enabled=true"],
                    dict(memory=True))]} for seed in args.seeds_auto]
     return [*(per_seed[0] if per_seed else []), *drift, *(g for s in per_seed[1:] for g in s), *auto]
+
+
+def _scaled(args, overrides: list[str], batch: int) -> list[str]:
+    """--scale-momentum: a method's memory.momentum m, chosen at the smallest batch b0, becomes m ** (batch / b0), so
+    that the moving average spans the same number of images at every batch size (the EMA scaling rule of
+    Busbridge et al., "How to Scale Your EMA", NeurIPS 2023)."""
+    b0 = min(args.batches)
+    if not args.scale_momentum or batch == b0:
+        return overrides
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        out.append(f"{key}={float(value) ** (batch / b0)!r}" if key == "memory.momentum" else o)
+    return out
 
 
 def _method(spec: str) -> tuple[str, list[str]]:
@@ -539,8 +552,43 @@ def markdown_methods(args, rows: list[dict[str, str]]) -> str:
             out.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
         base = [float(r["recall@1"]) for r in small if r["method"] == "baseline"]
         out += [f"| 0 (baseline) | {_cell(base)} |", ""]
+    out += _drift_summary(args, rows)
     out += _cost_table(args, rows)
     return "\n".join(out)
+
+
+def _drift_summary(args, rows) -> list[str]:
+    """Per method at the smallest batch, from the probed runs: the mean over the XBM phase's probes (from its
+    1,000th step on, or all when shorter) of D(t; 100) of the head and of the backbone, the directedness, the share
+    of the memory gradient from entries 100 steps old or more, and the active negatives' age; per seed."""
+    b0 = min(args.batches)
+    probed = [(r, _read_drift(args, r)) for r in rows if r["figure"] == "fig1a" and r["norm"] == "batch"
+              and int(r["batch"]) == b0]
+    probed = [(r, h) for r, h in probed if h]
+    if not probed:
+        return []
+
+    def mean(hist, end, col) -> float | None:
+        phase = [h for h in hist if int(h["step"]) > end and h.get(col)]
+        late = [h for h in phase if int(h["step"]) >= end + 1000] or phase
+        return statistics.fmean(float(h[col]) for h in late) if late else None
+
+    def old(h) -> str:
+        return str(float(h["grad_100-1000"] or 0) + float(h["grad_1000+"] or 0)) if h.get("grad_0-10") else ""
+
+    out = [f"Drift and staleness at batch {b0}: means over the phase's probes from its 1,000th step on (D: squared "
+           "distance of unit vectors)", "",
+           "| method | seed | D(t; 100) head | D(t; 100) backbone | directed | memory gradient from entries >= 100 "
+           "steps old | active negatives' age |", "|---|---|---|---|---|---|---|"]
+    order = _method_order([r for r, _ in probed])
+    for r, hist in sorted(probed, key=lambda x: (order.index(x[0]["method"]), int(x[0]["seed"]))):
+        end = int(r["warmup_end"])
+        hist = [{**h, "old": old(h)} for h in hist]
+        vals = [mean(hist, end, c) for c in ("D_100", "Dbackbone_100", "directed", "old", "active_neg_age")]
+        fmt = ["{:.3f}", "{:.4f}", "{:.2f}", "{:.0%}", "{:.0f}"]
+        out.append(f"| {r['method']} | {r['seed']} | " + " | ".join("" if v is None else f.format(v)
+                                                                    for f, v in zip(fmt, vals)) + " |")
+    return out + [""]
 
 
 def _cell(vals: list[float]) -> str:
@@ -559,35 +607,42 @@ def _curve(args, r) -> list[tuple[int, float]]:
 
 
 def _cost_table(args, rows) -> list[str]:
-    """Per method at the smallest batch and first seed: training images/s, its ratio to plain XBM's, the best
-    validation R@1 and its step, and the best validation R@1 within plain XBM's wall time (the method's curve up to
-    the step plain XBM's speed reaches in the same time)."""
+    """Per method at the smallest batch and first seed: the step time against plain XBM's (from --cost, the JSON of
+    bench.freshness, paired in one process; else the runs' own images/s, which share the machine with whatever
+    ran beside them), the best validation R@1 and its step, and the best validation R@1 within the wall time plain
+    XBM takes for the phase (the method's curve up to the step its speed reaches in that time)."""
     b0 = min(args.batches)
     pick = [r for r in rows if r["figure"] == "fig1a" and int(r["batch"]) == b0 and r["norm"] == "batch"]
     if not pick:
         return []
     seed = min(int(r["seed"]) for r in pick)
     pick = {r["method"]: r for r in pick if int(r["seed"]) == seed}
+    bench = json.loads(Path(args.cost).read_text())["configs"] if args.cost else None
     plain = pick.get("plain")
-    if plain is None or not plain.get("images_per_s"):
+    if plain is None or (bench is None and not plain.get("images_per_s")):
         return []
-    ips0 = float(plain["images_per_s"])
-    out = [f"Cost, batch {b0}, seed {seed}: training images/s (the trainer's, evaluations excluded; the runs shared "
-           "2 cores) and the best validation Recall@1 of each run's curve, over the whole phase and within the wall "
-           "time plain XBM takes for it", "",
-           "| method | images/s | against plain | best val R@1 (step) | best val R@1 in plain's time (step) |",
+
+    def time_ratio(m: str) -> float | None:  # this method's step time / plain XBM's
+        if bench is not None:
+            return bench[m]["time_vs_plain"] if m in bench else None
+        return float(plain["images_per_s"]) / float(pick[m]["images_per_s"]) if pick[m].get("images_per_s") else None
+
+    source = ("bench.freshness, one process, the configurations in turns" if bench is not None else
+              "the runs' own images/s (runs beside each other on the same cores)")
+    out = [f"Cost, batch {b0}, seed {seed}: step time against plain XBM ({source}), the best validation Recall@1 of "
+           "each run's curve over the whole phase, and within the wall time plain XBM takes for the phase", "",
+           "| method | images/s | step time against plain | best val R@1 (step) | best val R@1 in plain's time (step) |",
            "|---|---|---|---|---|"]
     for m in _method_order(list(pick.values())):
-        r = pick[m]
-        ips = float(r["images_per_s"] or 0)
+        r, ratio = pick[m], time_ratio(m)
         curve = _curve(args, r)
-        if not curve or not ips:
+        if not curve or ratio is None:
             continue
+        ips = bench[m]["images_per_s"] if bench is not None else float(r["images_per_s"])
         best = max(curve, key=lambda c: (c[1], -c[0]))
-        budget = int(r["xbm_steps"]) * ips / ips0  # the steps this method takes in plain XBM's time
-        within = [c for c in curve if c[0] <= budget]
+        within = [c for c in curve if c[0] <= int(r["xbm_steps"]) / ratio]
         bw = max(within, key=lambda c: (c[1], -c[0])) if within else None
-        out.append(f"| {m} | {ips:.0f} | {ips / ips0:.2f} | {best[1]:.4f} ({best[0]}) | "
+        out.append(f"| {m} | {ips:.0f} | {ratio:.2f} | {best[1]:.4f} ({best[0]}) | "
                    + (f"{bw[1]:.4f} ({bw[0]})" if bw else "") + " |")
     return out + [""]
 
@@ -659,10 +714,11 @@ def plot_methods(args, rows: list[dict[str, str]]) -> list[str]:
     if curves:
         seed = min(int(r["seed"]) for r in curves)
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for r in sorted((r for r in curves if int(r["seed"]) == seed), key=lambda r: _method_order(curves).index(
-                r["method"])):
+        order = _method_order(curves)
+        for r in sorted((r for r in curves if int(r["seed"]) == seed), key=lambda r: order.index(r["method"])):
             c = _curve(args, r)
-            ax.plot([x for x, _ in c], [y for _, y in c], marker=".", label=r["method"])
+            ax.plot([x for x, _ in c], [y for _, y in c], marker=".", label=r["method"],
+                    color=f"C{order.index(r['method'])}")
         save(fig, ax, f"{prefix}val_curves.png", "step after the warm-up",
              f"Validation Recall@1 through the phase, batch {b0}, seed {seed}", ylabel="val Recall@1")
     written += _plot_staleness(args, rows, docs, plt, name=f"{prefix}staleness.png")
@@ -688,10 +744,11 @@ def _plot_staleness(args, rows, docs: Path, plt, name: str = "paper_staleness.pn
     b0 = min(int(r["batch"] or 0) for r in probed)
     probed = [r for r in probed if int(r["seed"]) == seed and int(r["batch"] or 0) == b0]
     fig, axes = plt.subplots(1, 4, figsize=(19, 4))
-    for i, r in enumerate(sorted(probed, key=lambda r: (r["method"] != "baseline", r["method"]))):
+    order = _method_order(probed)
+    for r in sorted(probed, key=lambda r: order.index(r["method"])):
         hist = _read_drift(args, r)
         end = int(r["warmup_end"])
-        colour = f"C{i}"
+        colour = f"C{order.index(r['method'])}"  # the colours of the validation curves
 
         def line(ax, col, **kw):
             pts = [(int(h["step"]) - end, float(h[col])) for h in hist if h.get(col)]
@@ -714,7 +771,7 @@ def _plot_staleness(args, rows, docs: Path, plt, name: str = "paper_staleness.pn
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].axhline(1, color="black", linewidth=0.8)
-    axes[0].legend(fontsize=8)
+    axes[3].legend(fontsize=7, ncol=2)
     fig.suptitle(f"Staleness of the memory, batch {b0}, seed {seed} ({rows[0]['split']} runs)")
     fig.tight_layout()
     fig.savefig(docs / name, dpi=110)
@@ -882,12 +939,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", type=int, default=0, metavar="N",
                     help="fig1a/b: the drift probe's N images in every run, its D(t; dt) and the memory's staleness "
                          "written to <out>/drift/<key>.csv (the drift figure's runs always probe 128)")
+    ap.add_argument("--scale-momentum", action="store_true",
+                    help="fig1a: a --method's memory.momentum m (chosen at the smallest batch b0) runs as m ** (b / b0) "
+                         "at batch b, the same images in the moving average at every batch size")
     ap.add_argument("--same-images", action="store_true",
                     help="fig1a: the XBM phase of batch b runs xbm_steps x (smallest batch) / b steps, the same images "
                          "at every batch size (the warm-up keeps its steps)")
-    ap.add_argument("--eval-every", type=int, default=250,
-                    help="validation Recall@1 every this many steps of the XBM / baseline phase; each run is scored "
-                         "at its best (0: at its last step)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="validation Recall@1 every this many steps of the XBM / baseline phase (at the smallest "
+                         "batch, with --same-images), each run scored at its best validation checkpoint, the "
+                         "tables and figures per --method; 0: scored at its last step, the earlier figures")
     ap.add_argument("--split", choices=["test", "val"], default="test",
                     help="the split each run is evaluated on: val to choose settings, test for the figures")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (groups sharing a warm-up run in one)")
@@ -896,6 +957,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "paper_figures"))
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--figure-prefix", default="paper_", help="the PNGs' names begin with this")
+    ap.add_argument("--cost", default=None, metavar="JSON",
+                    help="the output of bench.freshness: the cost table's step times (paired in one process)")
     ap.add_argument("--plot", action="store_true", help="only draw the figures from the results CSV")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as Markdown (to stderr)")
     ap.add_argument("--markdown-out", default=None, metavar="PATH",
@@ -928,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     portable = str(load_params(args.params, args.overrides).train.portable)
     rows = [r for r in everything if r["split"] == args.split and r["portable"] == portable]
     # Rows scored at their best validation checkpoint (--eval-every) are a study of their own: methods, figures.
-    scored = [r for r in rows if r.get("eval_every")]
+    scored = [r for r in rows if r.get("eval_every") not in (None, "", "0")]
     draw, tables = (plot, markdown) if not scored else (plot_methods, markdown_methods)
     rows = scored or rows
     summary = {"results": str(out / "results.csv"), "seconds": round(time.time() - t0),

@@ -44,6 +44,10 @@ FIELDS = (
           "gives more negatives per anchor; it is valid because embeddings drift slowly after the warm-up."),
     Field("memory.mode", "Memory mode", "queue: the paper's FIFO of recent batches; index: one slot per image, "
           "updated in place (drift measured exactly)."),
+    Field("memory.momentum", "Memory momentum", "0: the model writes the entries; 0.99-0.999: a moving average of "
+          "the model does (MoCo's key encoder), which keeps them consistent as the model moves."),
+    Field("memory.store", "Memory stores", "embedding: the paper's; features: the backbone's features, embedded by "
+          "the current head at every step, so the entries follow the head."),
     Field("train.batch_size", "Batch size", "B images per step; a multiple of the images per class."),
     Field("train.images_per_class", "Images per class", "M images of each sampled class in a batch (P x M = B)."),
     Field("train.lr", "Learning rate", "Optimiser learning rate."),

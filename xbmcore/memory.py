@@ -307,11 +307,18 @@ class CrossBatchMemory(nn.Module):
 
     # ------------------------------------------------------------------ refreshing
 
-    def oldest(self, n: int) -> Tensor:
+    def oldest(self, n: int, skip_next: int = 0) -> Tensor:
         """Slots of n stored entries written longest ago (by the step they were written; among entries of one step,
-        whichever torch.topk returns), oldest first."""
+        whichever torch.topk returns), oldest first. skip_next: in queue mode, leave out the next `skip_next` ring
+        slots, which the next enqueue of that many entries overwrites anyway (a refresh of them would be lost)."""
+        steps = self.steps[: self._fill]
+        if self.mode == "queue" and skip_next and self._fill == self.K:
+            skip = (self._ptr + torch.arange(min(int(skip_next), self.K), device=steps.device)) % self.K
+            steps = steps.clone()
+            steps[skip] = torch.iinfo(steps.dtype).max
+            n = min(int(n), self._fill - len(skip))
         n = min(int(n), self._fill)
-        return torch.topk(self.steps[: self._fill], n, largest=False, sorted=True).indices
+        return torch.topk(steps, n, largest=False, sorted=True).indices
 
     @torch.no_grad()
     def rewrite(self, slots: Tensor, feats: Tensor, step: int) -> None:

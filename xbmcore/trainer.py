@@ -365,10 +365,11 @@ class Trainer:
             if self.store_features and memory is not None and len(memory):
                 with torch.no_grad():  # the stored features as the current head embeds them
                     entries = self.model.embed_features(memory.get()[0])
+            extra = {} if entries is None else {"entries": entries}
             if not d.active:
-                out = self.objective(emb, labels, idx, memory, entries=entries)
+                out = self.objective(emb, labels, idx, memory, **extra)
             else:
-                out = self.objective(emb, labels, idx, memory, batch=batch, count=d.sum, entries=entries)
+                out = self.objective(emb, labels, idx, memory, batch=batch, count=d.sum, **extra)
             if memory is not None and self.probe is not None and (s.step + 1) % self.params.train.drift_every == 0:
                 # where the memory term's gradient comes from, by the age of the entries (a probe step's extra)
                 self.staleness = (s.step + 1, staleness(self.objective.loss, emb, labels, idx, memory, s.step + 1,
@@ -420,7 +421,8 @@ class Trainer:
         """memory.refresh: the oldest entries re-embedded with the current weights (the moving average's with
         memory.momentum), their images seen as memory initialisation sees them (the test view, eval mode); the
         same on every rank."""
-        slots = memory.oldest(self.params.memory.refresh)
+        # not the slots this step's batch overwrites: in queue mode those are the oldest, refreshed for nothing
+        slots = memory.oldest(self.params.memory.refresh, skip_next=self.params.train.batch_size * self.dist.world)
         items = memory.indices[slots].tolist()
         if not items:
             return

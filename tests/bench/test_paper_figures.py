@@ -145,3 +145,61 @@ def test_validation_runs_are_rows_of_their_own_and_stay_out_of_the_figures(tmp_p
     summary = capsys.readouterr().out
     seen = {v for row in json.loads(summary)["table"] for v in row["recall@1"]["runs"]}
     assert seen == {float(r["recall@1"]) for r in test}
+
+
+def test_methods_are_scored_at_their_best_validation_checkpoint(tmp_path, capsys, monkeypatch):
+    """--method runs beside the baseline, each scored on the test split with the model of its best validation
+    Recall@1 (the curve's argmax, the phase's start included); --same-images and --scale-momentum set each batch's
+    steps and momentum; the tables are built from the rows."""
+    import torch
+    from xbmcore.trainer import Trainer
+
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    validated: dict[int, dict] = {}  # this run's model state at each validated phase step
+    scored = {}  # row key -> (its best step's state, the state the test split was evaluated with)
+    measure, evaluate, append = paper_figures._Best._measure, Trainer.evaluate, paper_figures._append
+
+    def keep(self, trainer):
+        if trainer.step == self.start:
+            validated.clear()
+        measure(self, trainer)
+        validated[self.curve[-1][0]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    def spy(self, split="val"):
+        if split == "test":
+            validated["tested"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return evaluate(self, split)
+
+    def appended(csv_path, row):
+        scored[row["key"]] = (validated[int(row["best_step"])], validated["tested"])
+        append(csv_path, row)
+
+    monkeypatch.setattr(paper_figures._Best, "_measure", keep)
+    monkeypatch.setattr(Trainer, "evaluate", spy)
+    monkeypatch.setattr(paper_figures, "_append", appended)
+    argv = ["--out", str(out), "--docs", str(docs), "--batches", "8", "16", "--seeds", "0", "--only", "fig1a",
+            "--warmup-steps", "3", "--xbm-steps", "8", "--same-images", "--scale-momentum", "--eval-every", "2",
+            "--method", "plain", "--method", "ema:memory.momentum=0.5", *TINY, "-S", "train.lr=0.01"]
+    assert paper_figures.main(argv) == 0
+    got = [r for r in rows(out) if r["norm"] == "batch"]  # (from scratch, GroupNorm's runs are made too)
+    assert sorted((r["batch"], r["method"], r["xbm_steps"], r["eval_every"]) for r in got) == [
+        ("16", "baseline", "4", "1"), ("16", "ema", "4", "1"), ("16", "plain", "4", "1"),
+        ("8", "baseline", "8", "2"), ("8", "ema", "8", "2"), ("8", "plain", "8", "2")]
+    for r in got:
+        with open(out / "curves" / f"{r['key']}.csv", newline="") as f:
+            curve = [(int(c["step"]), float(c["val_recall@1"])) for c in csv.DictReader(f)]
+        assert [s for s, _ in curve] == list(range(0, int(r["xbm_steps"]) + 1, int(r["eval_every"])))
+        assert int(r["best_step"]) == max(curve, key=lambda c: (c[1], -c[0]))[0]  # the first best
+        best, tested = scored[r["key"]]
+        assert all(torch.equal(best[k], tested[k]) for k in best)  # scored with the best checkpoint's weights
+    # 0.5 at batch 8 is 0.5 ** (16 / 8) at batch 16: the momentum is in the run's params, hence in its key
+    assert paper_figures._scaled(paper_figures.argparse.Namespace(batches=[8, 16], scale_momentum=True),
+                                 ["memory.momentum=0.5", "train.lr=1"], 16) == ["memory.momentum=0.25", "train.lr=1"]
+    capsys.readouterr()
+    assert paper_figures.main([*argv, "--plot", "--markdown"]) == 0
+    md = capsys.readouterr().err
+    by = {(r["batch"], r["method"]): float(r["recall@1"]) for r in got}
+    line = next(x for x in md.splitlines() if x.startswith("| 8 | 0 |"))
+    assert line.split(" | ")[2:5] == [f"{by[('8', m)]:.4f}" for m in ("baseline", "plain", "ema")]
+    assert f"{100 * (by[('8', 'ema')] - by[('8', 'baseline')]):+.1f}" in line
+    assert sorted(p.name for p in docs.iterdir()) == ["paper_fig1a_batch.png", "paper_val_curves.png"]

@@ -129,6 +129,17 @@ def test_oldest_and_rewrite_by_hand():
     assert sorted(mem.oldest(2).tolist()) == [2, 3] and sorted(mem.oldest(99).tolist()[4:]) == [0, 1]
 
 
+def test_refresh_leaves_out_the_slots_the_next_batch_overwrites():
+    mem = CrossBatchMemory(6, 2, num_items=10)
+    for step, idx in enumerate(([0, 1], [2, 3], [4, 5]), start=1):
+        mem.enqueue(_unit(2, 2, seed=step), torch.tensor([0, 1]), torch.tensor(idx), step)
+    # full ring, next write at slot 0: slots 0 and 1 (the oldest) are overwritten by a batch of 2
+    assert sorted(mem.oldest(2, skip_next=2).tolist()) == [2, 3]
+    assert sorted(mem.oldest(9, skip_next=2).tolist()) == [2, 3, 4, 5]
+    mem.enqueue(_unit(2, 2, seed=7), torch.tensor([0, 1]), torch.tensor([6, 7]), 4)  # ptr -> 2
+    assert sorted(mem.oldest(2, skip_next=2).tolist()) == [4, 5]
+
+
 def test_refresh_re_embeds_the_oldest_entries_with_the_current_model():
     p = params_with({"refresh": 5})
     trainer, _ = make(p)
@@ -137,7 +148,9 @@ def test_refresh_re_embeds_the_oldest_entries_with_the_current_model():
     memory = trainer.init_memory()
     trainer.train_phase("xbm", 2, memory)
     before = memory.steps[: len(memory)].clone()
-    want_slots = torch.topk(before, 5, largest=False, sorted=True).indices
+    later = before.clone()  # the slots the next batch overwrites are not refreshed
+    later[(memory._ptr + torch.arange(p.train.batch_size)) % memory.K] = 10 ** 9
+    want_slots = torch.topk(later, 5, largest=False, sorted=True).indices
     trainer._refresh(memory)
     assert memory.steps[want_slots].tolist() == [trainer.step + 1] * 5
     x = torch.stack([trainer.splits.train[int(i)][0] for i in memory.indices[want_slots]])
