@@ -549,9 +549,10 @@ def markdown_methods(args, rows: list[dict[str, str]]) -> str:
         for ratio in sorted({float(r["ratio"]) for r in small if r["method"] != "baseline"}):
             cells = [_cell([float(r["recall@1"]) for r in small if r["method"] == m and float(r["ratio"]) == ratio])
                      for m in _method_order(small) if m != "baseline"]
-            out.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
+            out.append(f"| {ratio:.2f} | " + " | ".join(cells) + " |")
         base = [float(r["recall@1"]) for r in small if r["method"] == "baseline"]
-        out += [f"| 0 (baseline) | {_cell(base)} |", ""]
+        n = len([m for m in _method_order(small) if m != "baseline"])
+        out += ["| 0 (the baseline, no memory) | " + " | ".join([_cell(base)] * n) + " |", ""]
     out += _drift_summary(args, rows)
     out += _cost_table(args, rows)
     return "\n".join(out)
@@ -771,7 +772,7 @@ def _plot_staleness(args, rows, docs: Path, plt, name: str = "paper_staleness.pn
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].axhline(1, color="black", linewidth=0.8)
-    axes[3].legend(fontsize=7, ncol=2)
+    axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"Staleness of the memory, batch {b0}, seed {seed} ({rows[0]['split']} runs)")
     fig.tight_layout()
     fig.savefig(docs / name, dpi=110)
