@@ -73,15 +73,20 @@ def test_every_xbmcore_module_has_an_api_page():
 
 def test_quoted_figures_are_the_committed_ones():
     """The README and the pages quote `make run`'s test metrics and Fig. 1a's table: the same numbers as the
-    committed metrics.json and the generated docs/paper_figures/tables.md."""
+    committed metrics.json and the generated docs/fresh_memory/tables.md (each number of a README row in the
+    generated row of its batch)."""
     test = json.loads((ROOT / "metrics.json").read_text())["test"]
     row = "| test | " + " | ".join(f"{test[k]:.4f}" for k in
                                      ("recall@1", "recall@10", "recall@100", "map@r", "r_precision", "nmi")) + " |"
     for page in (README, DOCS / "index.md", DOCS / "results.md"):
         assert row in page.read_text(), f"{page.name} does not quote metrics.json's test row {row}"
-    tables = (DOCS / "paper_figures" / "tables.md").read_text()
-    fig1a = [line for line in README.read_text().splitlines() if re.match(r"\| \d+ \| 0 1 2 \|", line)]
-    assert len(fig1a) >= 3 and all(line in tables for line in fig1a)
+    tables = (DOCS / "fresh_memory" / "tables.md").read_text().splitlines()
+    fig1a = [line for line in README.read_text().splitlines() if re.match(r"\| \d+ \| 0\.\d{4}", line)]
+    assert [line.split("|")[1].strip() for line in fig1a] == ["16", "32", "64", "128", "256"]
+    for line in fig1a:
+        generated = next(g for g in tables if g.startswith(f"| {line.split('|')[1].strip()} | "))
+        numbers = re.findall(r"[+-]?\d+\.\d+(?: ± \d\.\d+)?", line)
+        assert len(numbers) >= 4 and all(n in generated for n in numbers), (line, generated)
 
 
 def test_selection_table_matches_its_runs():
@@ -102,13 +107,19 @@ def test_selection_table_matches_its_runs():
 
 
 def test_paper_figure_tables_are_generated(tmp_path):
-    """docs/paper_figures/tables.md is what bench.paper_figures writes from the committed results (no training)."""
+    """docs/paper_figures/tables.md (the earlier figures: plain XBM, 1,000 steps, the defaults of their time) and
+    docs/fresh_memory/tables.md are what bench.paper_figures writes from the committed results (no training)."""
     pytest.importorskip("matplotlib")
-    out = tmp_path / "tables.md"
-    proc = subprocess.run([sys.executable, "-m", "bench.paper_figures", "--plot", "--out",
-                           str(DOCS / "paper_figures"), "--docs", str(tmp_path), "--markdown-out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert out.read_text() == (DOCS / "paper_figures" / "tables.md").read_text(), \
-        "regenerate: python -m bench.paper_figures --plot --out docs/paper_figures " \
-        "--markdown-out docs/paper_figures/tables.md"
+    earlier = ["-S", "train.xbm_steps=1000", "-S", "memory.momentum=0"]
+    fresh = ["--only", "fig1a", "fig1b", "--batches", "16", "32", "64", "128", "256", "--xbm-steps", "3000",
+             "--same-images", "--scale-momentum", "--eval-every", "300", "--ratios", "0.01", "1.0",
+             "--cost", str(DOCS / "selection" / "freshness" / "cost.json")]
+    for folder, args in (("paper_figures", earlier), ("fresh_memory", fresh)):
+        out = tmp_path / f"{folder}.md"
+        proc = subprocess.run([sys.executable, "-m", "bench.paper_figures", "--plot", "--out", str(DOCS / folder),
+                               "--docs", str(tmp_path), "--markdown-out", str(out), *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert out.read_text() == (DOCS / folder / "tables.md").read_text(), \
+            f"regenerate: python -m bench.paper_figures --plot --out docs/{folder} " \
+            f"--markdown-out docs/{folder}/tables.md {' '.join(args)}"
