@@ -392,6 +392,28 @@ def _of_this_order(args, rows: list[dict[str, str]]) -> list[dict[str, str]]:
             and (r["memory"] == "False" or r["enqueue"] == base.memory.enqueue)]
 
 
+def _errorbars(ax, points: dict[float, list[float]], label, **kw) -> None:
+    """Mean per x with the range of the seeds as the error bar."""
+    xs = sorted(points)
+    means = [statistics.fmean(points[x]) for x in xs]
+    lo = [m - min(points[x]) for m, x in zip(means, xs)]
+    hi = [max(points[x]) - m for m, x in zip(means, xs)]
+    ax.errorbar(xs, means, yerr=[lo, hi], capsize=3, marker="o", label=label, **kw)
+
+
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str, title_size=None) -> str:
+    """Label, lay out and write one figure; returns its file name."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def plot(args, rows: list[dict[str, str]]) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -403,22 +425,9 @@ def plot(args, rows: list[dict[str, str]]) -> list[str]:
     rows = _of_this_order(args, rows)
 
     def save(fig, ax, name: str, xlabel: str, title: str) -> None:
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test Recall@1")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(docs / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save(plt, fig, ax, docs / name, xlabel, "test Recall@1", title))
 
-    def errorbars(ax, series, label, **kw):
-        xs = list(series)
-        means = [statistics.fmean(v) for v in series.values()]
-        lo = [m - min(v) for m, v in zip(means, series.values())]
-        hi = [max(v) - m for m, v in zip(means, series.values())]
-        ax.errorbar(xs, means, yerr=[lo, hi], capsize=3, marker="o", label=label, **kw)
+    errorbars = _errorbars
 
     # Fig. 1a/b: the schedule of these arguments; fig1a runs with a longer XBM phase are drawn dashed.
     sched = [r for r in rows if r["warmup"] == str(args.warmup_steps)]
@@ -662,23 +671,10 @@ def plot_methods(args, rows: list[dict[str, str]]) -> list[str]:
     prefix = args.figure_prefix
     written = []
 
-    def errorbars(ax, points: dict[float, list[float]], label, **kw):
-        xs = sorted(points)
-        means = [statistics.fmean(points[x]) for x in xs]
-        lo = [m - min(points[x]) for m, x in zip(means, xs)]
-        hi = [max(points[x]) - m for m, x in zip(means, xs)]
-        ax.errorbar(xs, means, yerr=[lo, hi], capsize=3, marker="o", label=label, **kw)
+    errorbars = _errorbars
 
     def save(fig, ax, name, xlabel, title, ylabel=f"{split} Recall@1 (best val checkpoint)"):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(docs / name, dpi=120)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save(plt, fig, ax, docs / name, xlabel, ylabel, title, title_size=10))
 
     fig1 = [r for r in rows if r["figure"] == "fig1a" and r["norm"] == "batch"]
     if fig1:

@@ -239,7 +239,9 @@ def test_staleness_shares_the_gradient_by_the_age_of_the_entries(loss):
     want_age = float((active.sum(0).double() * ages.double()).sum() / active.sum())
     assert out["active_neg_age"] == pytest.approx(want_age, rel=1e-6)
     assert out["mean_age"] == pytest.approx(float(ages.double().mean()))
-    assert 0 < out["grad_share"]["1000+"] < 1  # several buckets carry gradient: the split is tested
+    # the split is tested: as many buckets carry gradient as in the reference (more than one)
+    carrying = {bucket[k] for k in range(K) if g[k] > 0}
+    assert sum(v > 0 for v in out["grad_share"].values()) == len(carrying) >= 2
 
 
 def test_staleness_goes_out_with_the_drift_event_at_the_probe_steps():
