@@ -22,7 +22,14 @@ def _umask() -> int:
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `final` to write; on success it is fsynced and renamed to `final`, on an
-    error it is deleted. The file gets the mode a plain `open` would give (mkstemp's 0600 is widened)."""
+    error it is deleted. The file gets the mode a plain `open` would give (mkstemp's 0600 is widened).
+
+    Args:
+        final: the file to write (its folder is created).
+
+    Yields:
+        The temporary path (``.<name>.<random>.tmp`` in the same folder) to write to.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
@@ -40,12 +47,28 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
+    """Write `data` to `path` atomically.
+
+    Args:
+        path: the file to write.
+        data: its new content.
+
+    Returns:
+        `path`, as a Path.
+    """
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` atomically."""
+    """Write `text` (UTF-8) to `path` atomically.
+
+    Args:
+        path: the file to write.
+        text: its new content.
+
+    Returns:
+        `path`, as a Path.
+    """
     return write_bytes(path, text.encode("utf-8"))

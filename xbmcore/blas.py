@@ -22,6 +22,7 @@ import functools
 import os
 import platform
 import sys
+from types import ModuleType
 
 from xbmcore.portable import cpu_flags
 
@@ -34,7 +35,14 @@ _AVX512 = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")  # what Op
 
 
 def core_for(flags: frozenset[str]) -> str | None:
-    """The OpenBLAS core whose float32 kernels suit a CPU with these flags, or None (leave OpenBLAS's choice)."""
+    """The OpenBLAS core whose float32 kernels suit a CPU with these flags, or None (leave OpenBLAS's choice).
+
+    Args:
+        flags: the CPU's instruction-set flags (``xbmcore.portable.cpu_flags()``).
+
+    Returns:
+        ``"SkylakeX"`` (AVX-512), ``"Haswell"`` (AVX2 + FMA), or None.
+    """
     if all(f in flags for f in _AVX512):
         return "SkylakeX"
     if "avx2" in flags and "fma" in flags:
@@ -43,7 +51,13 @@ def core_for(flags: frozenset[str]) -> str | None:
 
 
 def select_openblas_core() -> str | None:
-    """Set OPENBLAS_CORETYPE for the OpenBLAS libraries loaded after this call; returns the core set, or None."""
+    """Set OPENBLAS_CORETYPE for the OpenBLAS libraries loaded after this call; returns the core set, or None.
+
+    Nothing is set when the user has set it, when faiss is loaded already, or on a CPU that is not x86-64.
+
+    Returns:
+        The core set, or None.
+    """
     if os.environ.get(ENV) or "faiss" in sys.modules or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     core = core_for(cpu_flags())
@@ -53,8 +67,15 @@ def select_openblas_core() -> str | None:
 
 
 @functools.cache
-def load_faiss():
-    """Import faiss, its OpenBLAS core chosen first (select_openblas_core); raises ImportError without faiss."""
+def load_faiss() -> ModuleType:
+    """Import faiss, its OpenBLAS core chosen first (select_openblas_core); raises ImportError without faiss.
+
+    Returns:
+        The faiss module (imported once per process).
+
+    Raises:
+        ImportError: faiss is not installed.
+    """
     select_openblas_core()
     import faiss
 
@@ -63,7 +84,11 @@ def load_faiss():
 
 def generic_blas() -> list[dict]:
     """The loaded OpenBLAS libraries that run a generic (pre-AVX2) core although this CPU has AVX2, as
-    threadpoolctl describes them; empty when all are fine or the CPU has no AVX2."""
+    threadpoolctl describes them; empty when all are fine or the CPU has no AVX2.
+
+    Returns:
+        threadpoolctl's description of each such library.
+    """
     from threadpoolctl import threadpool_info
 
     if "avx2" not in cpu_flags():

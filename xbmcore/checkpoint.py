@@ -15,7 +15,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +42,15 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` atomically (xbmcore.atomic): a reader, or a run killed half-way through the
-    write, sees the old file or the new one, never a torn one."""
+    write, sees the old file or the new one, never a torn one.
+
+    Args:
+        state: a plain dict of tensors, numbers, strings, lists and dicts (``TrainState.state_dict``).
+        path: the file to write (its folder is created).
+
+    Returns:
+        `path`, as a Path.
+    """
     path = Path(path)
     # Through a file object: given a path, torch.save names the archive's root folder after the (random) temp name,
     # and the same state would give other bytes at every write.
@@ -52,7 +60,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with the safe unpickler; a missing or unreadable file is a ValueError naming it."""
+    """Read a checkpoint with the safe unpickler; a missing or unreadable file is a ValueError naming it.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where the tensors are loaded (``torch.load``'s map_location).
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        ValueError: a missing file, one the safe unpickler cannot read, or content that is not a dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: checkpoint not found")
@@ -68,11 +87,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:
+    """Where the periodic checkpoint of `step` lives.
+
+    Args:
+        folder: the phase's checkpoint folder.
+        step: the global step.
+
+    Returns:
+        ``folder/step_<step, 8 digits>.pt``.
+    """
     return Path(folder) / f"step_{step:08d}.pt"
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of the periodic checkpoints in `folder`, oldest first (temp files are ignored)."""
+    """(step, path) of the periodic checkpoints in `folder`, oldest first (temp files are ignored).
+
+    Args:
+        folder: the phase's checkpoint folder (it may not exist).
+
+    Returns:
+        ``[(step, path), ...]`` sorted by step; empty without the folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -81,7 +116,12 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(folder: str | Path, keep: int = 2) -> None:
-    """Delete all but the newest `keep` periodic checkpoints (and stale temp files of killed writes)."""
+    """Delete all but the newest `keep` periodic checkpoints (and stale temp files of killed writes).
+
+    Args:
+        folder: the phase's checkpoint folder.
+        keep: how many of the newest to keep (0: delete them all).
+    """
     folder = Path(folder)
     for _, p in list_checkpoints(folder)[:-keep] if keep else list_checkpoints(folder):
         p.unlink(missing_ok=True)
@@ -95,7 +135,12 @@ def prune_checkpoints(folder: str | Path, keep: int = 2) -> None:
 def code_fingerprint() -> str:
     """Hash of this library's sources. A phase killed and run again by the same code resumes; after a code
     change (DVC reruns the stage because its code deps changed) it starts over instead of finishing a run begun
-    by other code."""
+    by other code.
+
+    Returns:
+        The first 12 hex characters of the sha256 of xbmcore's ``*.py`` files (paths and bytes), computed once
+            per process.
+    """
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
@@ -109,6 +154,15 @@ def training_digest(params: Params, phase: str) -> str:
 
     The warm-up depends neither on the memory nor on the XBM phase's length, lr and schedule, so changing those
     keeps a warm-up checkpoint valid.
+
+    Args:
+        params: the run's params.
+        phase: ``"warmup"``, or any other phase (``"xbm"``, ``"baseline"``): the XBM phase also depends on the
+            memory section and its own length, lr and schedule.
+
+    Returns:
+        A 12-character hex digest. Operational settings (checkpoint and evaluation intervals, threads, device,
+            precision, log interval, nproc) do not enter it, nor the drift probe's unless the warm-up is auto.
     """
     skip = _OPERATIONAL + (() if params.train.warmup_steps == "auto" else _DRIFT)
     if phase == "warmup":
@@ -123,7 +177,22 @@ def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: 
                          delete_stale: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """(path, state) of the newest checkpoint in `folder` that continues this phase: same phase, same digest
     (training_digest), same starting step, step within [start, end]. Others are stale (other parameters or code,
-    or a phase that started elsewhere); `delete_stale` removes them, with a warning, so they cannot pile up."""
+    or a phase that started elsewhere); `delete_stale` removes them, with a warning, so they cannot pile up.
+
+    Args:
+        folder: the phase's checkpoint folder.
+        params: the run's params (their `training_digest` must match).
+        phase: the phase's name.
+        start: the step the phase started at.
+        end: the phase's last step.
+        delete_stale: delete the checkpoints that do not continue this phase (and unreadable ones).
+
+    Returns:
+        ``(path, state)`` of the newest checkpoint that continues the phase, or None.
+
+    Raises:
+        ValueError: the checkpoint that would continue the phase was written by another number of processes.
+    """
     folder = Path(folder)
     digest = training_digest(params, phase)
     stale, found = [], None
@@ -158,6 +227,12 @@ def resumable_checkpoint(folder: str | Path, params: Params, phase: str, start: 
 # ---- RNG states (global generators the data pipeline and the model may draw from) ----
 
 def rng_state() -> dict[str, Any]:
+    """The global generators' states: torch's, numpy's, Python's and (where initialised) CUDA's.
+
+    Returns:
+        A plain dict of tensors, ints, floats and lists (the safe unpickler reads it): what `set_rng_state`
+            takes.
+    """
     np_name, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -172,6 +247,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global generators from `rng_state`'s dict.
+
+    Args:
+        state: what `rng_state` returned; its CUDA states are restored where CUDA is available.
+    """
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -182,7 +262,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def preserved_rng():
+def preserved_rng() -> Iterator[None]:
     """Run a block (evaluation) without moving the global RNG streams, so training does not depend on it."""
     state = rng_state()
     try:

@@ -25,7 +25,19 @@ class _Section(BaseModel):
 
 
 class SyntheticParams(_Section):
-    """The embedded SOP-like benchmark, generated from a seed (no download)."""
+    """The embedded SOP-like benchmark, generated from a seed (no download): `data.synthetic`.
+
+    Attributes:
+        num_classes: classes of train, val and test (8..20000); the first half train (and val), the second half
+            test.
+        images_per_class_min: the fewest images of a class (>= 2).
+        images_per_class_max: the most images of a class (>= images_per_class_min); the counts lean towards the
+            minimum, like SOP's long tail.
+        classes_per_superclass: classes sharing one super-class (look-alike siblings: the hard negatives).
+        image_size: the rendered images' side in pixels (16..256).
+        seed: the generator's seed: the same seed and parameters give the same bytes on every machine.
+        pretrain_classes: further classes, in super-classes of their own, for the `pretrain` split (0: none).
+    """
 
     num_classes: int = Field(1000, ge=8, le=20000)
     images_per_class_min: int = Field(4, ge=2)
@@ -51,6 +63,33 @@ class SyntheticParams(_Section):
 
 
 class DataParams(_Section):
+    """Which dataset, where it lies, how it is split and how its images are shown to the network: `data`.
+
+    Attributes:
+        name: the dataset: ``synthetic`` (embedded, generated), ``sop``, ``inshop``, ``cub``, ``cars``,
+            ``vehicleid`` (the published benchmarks), ``folder`` or ``csv`` (your own images).
+        root: for the published datasets, the folder holding their folders; for ``folder``, the image folder
+            itself (``<root>/<class>/<image>``); for ``csv``, the CSV file (header ``path,label[,split]``).
+        prepared: where prepared datasets go (``<prepared>/<name>``).
+        download: fetch a published dataset that is not under `root` (where it has a public address).
+        val_fraction: the fraction of the training classes moved to a `val` split, in [0, 1) (whole classes).
+        test_fraction: ``folder`` / ``csv`` without a given split: the fraction of classes held out for testing,
+            drawn with `split_seed`, in (0, 1).
+        split_seed: the seed of those class draws.
+        skip_corrupt: leave out unreadable images (with a warning) instead of stopping.
+        max_pixels: images over this many pixels (width x height, from the header) are refused as unreadable.
+        cache_size: the shorter side real images are decoded to, once, into the prepared cache (256: the paper's
+            Resize(256) before the 224 crop).
+        cache_workers: processes that decode images while the cache is built (None: one per CPU core).
+        train_size: the side of the training crop (RandomResizedCrop's output), in pixels.
+        test_resize: the shorter side test images are resized to before the centre crop.
+        test_size: the side of the test centre crop (<= test_resize).
+        vehicleid_test: which VehicleID test list (800, 1600 or 2400 vehicles).
+        train_crop_scale: the area range (low, high) of the training RandomResizedCrop, 0 < low <= high <= 1.
+        num_workers: DataLoader worker processes (0: load in the training process).
+        synthetic: the embedded benchmark's parameters.
+    """
+
     name: Literal["synthetic", "sop", "inshop", "cub", "cars", "vehicleid", "folder", "csv"] = "synthetic"
     # The published datasets: the folder holding their folders. folder: the image folder itself. csv: the CSV file.
     root: str = "data/raw"
@@ -91,6 +130,20 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
+    """The embedding network (xbmcore.models): `model`.
+
+    Attributes:
+        backbone: ``smallcnn`` (four conv blocks, for the embedded benchmark on a CPU), ``resnet18`` or
+            ``resnet50`` (torchvision).
+        embedding_dim: D, the embedding's dimension (>= 2).
+        pretrained: ``none``, ``imagenet`` (torchvision's weights for the ResNets), or the path of a local
+            weights file: the pretrain stage's output, or a state dict of this model or of its backbone.
+        freeze_bn: keep the backbone's BatchNorm statistics and affine parameters fixed (pretrained backbones,
+            small batches).
+        norm: smallcnn's normalisation: ``batch`` (BatchNorm) or ``group`` (GroupNorm: independent of the batch).
+        sync_bn: with several processes, BatchNorm over the whole global batch (SyncBatchNorm; GPUs only).
+    """
+
     backbone: Literal["smallcnn", "resnet18", "resnet50"] = "smallcnn"
     embedding_dim: int = Field(128, ge=2)
     # none, imagenet (torchvision's weights for the ResNets), or the path of a local weights file: the pretrain
@@ -114,7 +167,17 @@ class ModelParams(_Section):
 
 class PretrainParams(_Section):
     """The pretrain stage: the model trained as a classifier with a normalised softmax (cosine logits over one
-    learned proxy per class, divided by a temperature) on the dataset's pretrain split."""
+    learned proxy per class, divided by a temperature) on the dataset's pretrain split: `pretrain`.
+
+    Attributes:
+        steps: optimiser steps (Adam, cosine decay of the lr to 0).
+        batch_size: images per step (random images, not P x M).
+        lr: the initial learning rate.
+        weight_decay: Adam's weight decay.
+        temperature: the softmax temperature dividing the cosine logits.
+        seed: the seed of the image order (and, in the pipeline, of the model's and the proxies' initialisation).
+        num_threads: CPU threads of the stage: torch, faiss and their BLAS (None: one per core).
+    """
 
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -126,6 +189,20 @@ class PretrainParams(_Section):
 
 
 class LossParams(_Section):
+    """The pair loss of both terms (xbmcore.losses): `loss`.
+
+    Attributes:
+        name: ``contrastive`` (the paper's), ``multi_similarity`` or ``triplet``.
+        margin: the contrastive loss's negative margin, a cosine in [-1, 1]: negatives more similar are pushed.
+        ms_alpha: multi-similarity's positive scale (> 0).
+        ms_beta: multi-similarity's negative scale (> 0).
+        ms_base: multi-similarity's similarity offset, in [-1, 1].
+        ms_epsilon: multi-similarity's mining margin (>= 0).
+        triplet_margin: the triplet loss's margin (>= 0).
+        reduction: ``mean_active`` (sum / active terms: independent of the memory size) or ``sum_over_batch``
+            (sum / B, as the official code: grows with the memory size).
+    """
+
     name: Literal["contrastive", "multi_similarity", "triplet"] = "contrastive"
     margin: float = Field(0.5, ge=-1.0, le=1.0)
     ms_alpha: float = Field(2.0, gt=0)
@@ -137,6 +214,27 @@ class LossParams(_Section):
 
 
 class MemoryParams(_Section):
+    """The cross-batch memory (xbmcore.memory) and how it is kept consistent with the model: `memory`.
+
+    Attributes:
+        enabled: train the XBM phase with the memory; false runs the baseline (the same schedule without it).
+        mode: ``queue`` (the paper's FIFO of embeddings) or ``index`` (one slot per training image).
+        ratio: K as a fraction of the training set, in (0, 1] (used when `size` is None).
+        size: K, the number of entries (None: ``round(ratio * N)``).
+        weight: w in L = L(batch, batch) + w * L(batch, memory) (>= 0).
+        dtype: the entries' storage dtype: ``float32``, ``bfloat16`` or ``float16``.
+        enqueue: ``before`` (Alg. 1: the batch joins the memory before the loss pairs with it) or ``after``
+            (the batch joins it for the next steps only).
+        momentum: the entries are written by an exponential moving average of the model with this momentum
+            (MoCo's key encoder), in [0, 1); 0: by the model itself.
+        refresh: how many of the oldest entries are re-embedded with the current model at each step (0: none).
+        sdc_sigma: drift compensation's Gaussian width (0: off).
+        sdc_pool: the newest enqueued images whose drift observations compensation averages.
+        store: ``embedding`` (the paper: the memory stores embeddings) or ``features`` (it stores the backbone's
+            pooled features, which the current head embeds at every step); features excludes sdc_sigma and
+            momentum.
+    """
+
     enabled: bool = True
     mode: Literal["queue", "index"] = "queue"
     ratio: float = Field(0.5, gt=0.0, le=1.0)
@@ -167,6 +265,44 @@ class MemoryParams(_Section):
 
 
 class TrainParams(_Section):
+    """The training run (xbmcore.trainer): `train`.
+
+    Attributes:
+        seed: the run's seed: the sampler's stream, the memory's initial images, the drift probe's images, the
+            loader workers, and (in the pipeline) the model's initialisation and the augmentation.
+        device: ``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu`` or ``cuda``.
+        batch_size: images per process and step (the global batch is nproc x batch_size); a multiple of
+            images_per_class.
+        images_per_class: M of the P x M batches.
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9, Nesterov).
+        lr: the XBM (and baseline) phase's learning rate.
+        warmup_lr: the warm-up phase's learning rate (separate, so that changing lr keeps the warm-up).
+        weight_decay: the optimiser's weight decay.
+        lr_schedule: ``constant``, or ``cosine``: a decay to 0 over the XBM phase (the warm-up stays constant).
+        warmup_steps: the warm-up's steps, or ``auto``: end it at the first drift probe (from warmup_min_steps
+            on) where the mean D(t; warmup_drift_dt) over warmup_drift_window probes is below warmup_drift, at
+            warmup_max_steps at the latest.
+        warmup_drift: the auto warm-up's drift threshold.
+        warmup_drift_dt: the dt of the D(t; dt) the auto warm-up reads (one of drift_dts).
+        warmup_drift_window: how many consecutive probes the auto rule averages.
+        warmup_min_steps: the auto warm-up's earliest end.
+        warmup_max_steps: the auto warm-up's latest end (its budget).
+        drift_probe: the number of fixed training images the drift probe embeds (0: no probe).
+        drift_every: steps between drift probes.
+        drift_dts: the dt of each D(t; dt) the probe reports.
+        xbm_steps: the XBM (or baseline) phase's steps.
+        checkpoint_every: steps between checkpoints.
+        eval_every: steps between validation evaluations (0: none during training).
+        num_threads: CPU threads of the training stages: torch, faiss and their BLAS (None: one per core).
+        portable: compute with every library's kernels at the AVX2 level, so every x86-64 CPU with AVX2 gives
+            the same bytes (xbmcore.portable).
+        precision: ``auto`` (bfloat16 autocast on a GPU that has it, else float32), ``float32``, ``bfloat16``
+            or ``float16`` (GPU only, with loss scaling).
+        log_every: steps between reads of the step's scalars from the device (events, the NaN check): each read
+            is a host-device sync.
+        nproc: processes per node (torchrun); batch_size is per process.
+    """
+
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(64, ge=2)
@@ -237,6 +373,14 @@ class TrainParams(_Section):
 
 
 class EvalParams(_Section):
+    """Evaluation (xbmcore.evaluate): `eval`.
+
+    Attributes:
+        recall_at: the K of each Recall@K.
+        batch_size: images per forward pass while embedding.
+        num_threads: CPU threads of the evaluate stage (torch, faiss, their BLAS); None: one per core.
+    """
+
     recall_at: list[int] = Field(default_factory=lambda: [1, 10, 100])
     batch_size: int = Field(256, ge=1)
     # CPU threads of the evaluate stage (torch, faiss, their BLAS); null: one per core.
@@ -250,6 +394,15 @@ class EvalParams(_Section):
 
 
 class TrackingParams(_Section):
+    """Experiment tracking (the pipeline's MLflow glue): `tracking`.
+
+    Attributes:
+        experiment: the MLflow experiment's name.
+        uri: the MLflow tracking URI (None: ``sqlite:///<project home>/mlflow.db``; the MLFLOW_TRACKING_URI
+            environment variable overrides both).
+        runs_dir: the folder of the runs' event files (``<runs_dir>/<run key>/events.jsonl``).
+    """
+
     experiment: str = "xbm"
     uri: str | None = None
     runs_dir: str = "runs"
@@ -264,6 +417,16 @@ class TuneSpace(_Section):
     Each range maps to one params key (the Optuna parameter is named after it, e.g. "memory.ratio"), so the best
     trial converts to `dvc exp run -S key=value` without translation. Keys that the warm-up does not depend on are
     the only ones here: every trial then reuses one warm-up checkpoint.
+
+    Attributes:
+        memory_ratio: range of memory.ratio (log scale), within (0, 1].
+        margin: range of loss.margin (the contrastive loss).
+        triplet_margin: range of loss.triplet_margin (with loss.name triplet).
+        memory_weight: range of memory.weight (log scale).
+        lr: range of train.lr, the XBM phase's learning rate (log scale).
+        ms_alpha: range of loss.ms_alpha (with loss.name multi_similarity).
+        ms_beta: range of loss.ms_beta.
+        ms_base: range of loss.ms_base.
     """
 
     # The paper's ablation spans 1% to 100% of the train set; log scale because the effect is multiplicative.
@@ -298,6 +461,28 @@ class TuneSpace(_Section):
 
 
 class TuneParams(_Section):
+    """The Optuna study (the pipeline's tune stage): `tune`.
+
+    Attributes:
+        study_name: the study's name in its storage.
+        storage: an RDB URL or a journal file path (None: ``sqlite:///<project root>/optuna.db``).
+        n_trials: the study's budget across restarts and workers (complete, pruned and failed trials count).
+        sampler: ``tpe`` or ``random``.
+        startup_trials: trials drawn at random before TPE models the results.
+        seed: the sampler's seed; trial n draws from (seed, n).
+        pruner: ``median`` or ``none``.
+        prune_startup_trials: trials finished before pruning starts.
+        prune_grace_steps: steps after the memory switches on during which a trial is not pruned.
+        metric: the validation metric maximised: ``recall@1`` or ``map@r``.
+        xbm_steps: XBM-phase steps per trial (None: train.xbm_steps).
+        eval_every: validation interval in a trial (None: train.eval_every, or 5 points per trial when that is 0).
+        heartbeat_s: seconds between a worker's heartbeats.
+        stale_after_s: a running trial without a heartbeat for this long is failed by the next worker (more than
+            twice heartbeat_s).
+        keep_artifacts: ``best`` (delete the artifacts of finished trials that are not the best) or ``all``.
+        space: the search ranges.
+    """
+
     study_name: str = "xbm"
     # null: sqlite:///<project root>/optuna.db. An RDB URL (relative sqlite paths are taken from the project
     # root) or a plain path, which is a journal file (optuna JournalStorage) that several workers can share.
@@ -338,12 +523,35 @@ class TuneParams(_Section):
 
 
 class ServeParams(_Section):
+    """The served model: `serve`.
+
+    Attributes:
+        max_images: images per request (1..4096); a larger request is refused with HTTP 400 before decoding.
+    """
+
     # Images per request to the served model (the evaluate stage logs it into the model's config); a larger
     # request is refused with HTTP 400 before any image is decoded.
     max_images: int = Field(64, ge=1, le=4096)
 
 
 class Params(_Section):
+    """The whole of params.yaml, one typed section per key; `load_params` reads and validates it.
+
+    Every section forbids unknown keys and validates on assignment (``params.train.lr = 0`` raises).
+
+    Attributes:
+        data: the dataset.
+        model: the embedding network.
+        pretrain: the pretrain stage.
+        loss: the pair loss.
+        memory: the cross-batch memory.
+        train: the training run.
+        eval: evaluation.
+        tracking: experiment tracking.
+        tune: the Optuna study.
+        serve: the served model.
+    """
+
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     pretrain: PretrainParams = PretrainParams()
@@ -356,7 +564,11 @@ class Params(_Section):
     serve: ServeParams = ServeParams()
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys (memory.ratio -> 0.5): the form MLflow, Optuna and `dvc exp run -S` use."""
+        """Dotted keys (memory.ratio -> 0.5): the form MLflow, Optuna and `dvc exp run -S` use.
+
+        Returns:
+            ``{"data.name": "synthetic", ..., "memory.ratio": 0.5, ...}``, JSON values.
+        """
         return flatten(self.model_dump(mode="json"))
 
     def digest(self, sections: tuple[str, ...] | None = None, *, drop: tuple[str, ...] = (),
@@ -367,7 +579,18 @@ class Params(_Section):
 
         weights: "content" hashes a `model.pretrained` file by its bytes (sha256:...), so what is keyed is the
         weights, not where they lie (checkpoints, figure rows); "path" keeps the setting as written (the MLflow
-        run key: the pretrain stage rewrites that file while one pipeline execution runs)."""
+        run key: the pretrain stage rewrites that file while one pipeline execution runs).
+
+        Args:
+            sections: the top-level sections to hash (e.g. ``("data", "model")``); None: all.
+            drop: dotted keys left out (``"train.eval_every"``).
+            weights: ``"content"`` or ``"path"``, how `model.pretrained` enters the hash (see above).
+            extra: further JSON-able data hashed with the params.
+            length: hex characters of the digest.
+
+        Returns:
+            A hex digest of `length` characters, independent of dict order.
+        """
         d = self.model_dump(mode="json")
         if weights == "content" and (sha := pretrained_sha256(d["model"]["pretrained"])):
             d["model"]["pretrained"] = "sha256:" + sha
@@ -382,13 +605,29 @@ class Params(_Section):
 
 def pretrained_sha256(pretrained: str) -> str | None:
     """sha256 of a `model.pretrained` weights file, None for none, imagenet or a path that is not a file: what a
-    run depends on is the weights' bytes, not where they lie."""
+    run depends on is the weights' bytes, not where they lie.
+
+    Args:
+        pretrained: the `model.pretrained` setting.
+
+    Returns:
+        The file's sha256 in hex, or None.
+    """
     if pretrained in ("none", "imagenet") or not Path(pretrained).is_file():
         return None
     return file_digest(pretrained)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``.
+
+    Args:
+        d: a nested mapping with string keys.
+        prefix: prepended to every key (used by the recursion).
+
+    Returns:
+        The flat dict; non-dict values (lists included) are leaves.
+    """
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -403,7 +642,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class ParamError:
     """One problem with the params: `path` the dotted key ("train.lr"; "train" for a rule across a section's
     fields, which names them in `fields`; "<root>" for the whole file), what is wrong, and the value that came
-    (for a rule across fields: {field: value})."""
+    (for a rule across fields: {field: value}).
+
+    Attributes:
+        path: the dotted key (``"train.lr"``), a section for a cross-field rule, ``"<root>"`` for the file.
+        message: what is wrong or expected.
+        value: the value that came.
+        fields: the dotted keys a cross-field rule involves; () for a single key.
+    """
 
     path: str
     message: str
@@ -411,7 +657,11 @@ class ParamError:
     fields: tuple[str, ...] = ()  # dotted keys a cross-field rule involves; () for a single key
 
     def keys(self) -> tuple[str, ...]:
-        """The keys to mark: the fields a rule names, else the path itself."""
+        """The keys to mark: the fields a rule names, else the path itself.
+
+        Returns:
+            Dotted keys (what a form highlights).
+        """
         return self.fields or (self.path,)
 
     def __str__(self) -> str:
@@ -420,7 +670,17 @@ class ParamError:
 
 class ParamsError(ValueError):
     """Params the schema refuses: `errors` holds one ParamError per problem, str() is the report a person reads
-    (the source, then one line per error). A ValueError, so callers that only print it need not know it."""
+    (the source, then one line per error). A ValueError, so callers that only print it need not know it.
+
+    Args:
+        errors: one ParamError per problem.
+        source: where the params came from (a file name, "override"), the report's first word.
+        text: the message; None: the source and one line per error.
+
+    Attributes:
+        errors (list[ParamError]): the problems.
+        source (str): where the params came from.
+    """
 
     def __init__(self, errors: list[ParamError], source: str = "params", text: str | None = None):
         self.errors = list(errors)
@@ -434,7 +694,14 @@ def _rule(message: str, *fields: str) -> PydanticCustomError:
 
 
 def param_errors(err: ValidationError) -> list[ParamError]:
-    """pydantic's errors as ParamError records."""
+    """pydantic's errors as ParamError records.
+
+    Args:
+        err: the ValidationError of a ``Params`` validation.
+
+    Returns:
+        One ParamError per pydantic error; unknown keys and cross-field rules get readable messages.
+    """
     out = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
@@ -455,7 +722,18 @@ def param_errors(err: ValidationError) -> list[ParamError]:
 
 
 def validate_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
-    """The params of a mapping (params.yaml's content); ParamsError names each refused key."""
+    """The params of a mapping (params.yaml's content); ParamsError names each refused key.
+
+    Args:
+        raw: the mapping of sections (missing sections and keys take their defaults); None: all defaults.
+        source: named in the error report.
+
+    Returns:
+        The validated Params.
+
+    Raises:
+        ParamsError: unknown keys, values of the wrong type or range, or broken cross-field rules, all listed.
+    """
     try:
         return Params.model_validate(raw or {})
     except ValidationError as err:
@@ -463,7 +741,20 @@ def validate_params(raw: dict[str, Any] | None, source: str = "params") -> Param
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read and validate a params file; `overrides` are `dvc exp run -S` style `a.b=value` strings."""
+    """Read and validate a params file; `overrides` are `dvc exp run -S` style `a.b=value` strings.
+
+    Args:
+        path: the YAML file (params.yaml).
+        overrides: ``"section.key=value"`` strings applied in order before validation; each value is parsed as
+            YAML (``memory.ratio=0.2``, ``train.drift_dts=[10,100]``).
+
+    Returns:
+        The validated Params.
+
+    Raises:
+        ValueError: a missing file, invalid YAML, or a top level that is not a mapping.
+        ParamsError: an invalid override or invalid params (a ValueError too).
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -479,7 +770,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
 
 
 def set_dotted(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `section.key=value` override in place; the value is parsed as YAML (0.2, true, [1, 10])."""
+    """Apply one `section.key=value` override in place; the value is parsed as YAML (0.2, true, [1, 10]).
+
+    Args:
+        raw: the params mapping to change (sections are created where missing).
+        assignment: ``"a.b=value"``; the key may be any depth (``data.synthetic.seed=3``).
+
+    Raises:
+        ParamsError: no ``=``, or a key that runs through a value that is not a section.
+    """
     if "=" not in assignment:
         text = f"override {assignment!r}: expected KEY=VALUE, e.g. memory.ratio=0.2"
         raise ParamsError([ParamError(assignment.strip(), "expected KEY=VALUE", assignment)], "override", text)

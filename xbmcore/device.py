@@ -18,7 +18,17 @@ class OutOfMemory(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """`train.device`: auto (CUDA when torch sees a GPU, else CPU), cpu, or cuda (an error without a GPU)."""
+    """`train.device`: auto (CUDA when torch sees a GPU, else CPU), cpu, or cuda (an error without a GPU).
+
+    Args:
+        name: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The torch device.
+
+    Raises:
+        ValueError: ``"cuda"`` without a visible GPU (the message says how to proceed), or an unknown name.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -36,7 +46,11 @@ def resolve_device(name: str) -> torch.device:
 def set_cpu_threads(n: int | None) -> None:
     """`n` CPU threads for torch and for faiss's OpenMP and OpenBLAS (faiss is loaded first, so that its libraries
     are there to limit): a sum split across threads depends on how many there are, so a fixed number gives the same
-    bytes on a machine with more cores. None leaves each library's default (one thread per core)."""
+    bytes on a machine with more cores. None leaves each library's default (one thread per core).
+
+    Args:
+        n: the number of threads, or None (or 0) to leave the defaults.
+    """
     if not n:
         return
     from threadpoolctl import threadpool_limits
@@ -52,7 +66,18 @@ def set_cpu_threads(n: int | None) -> None:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype of `train.precision`, None for float32. auto: bfloat16 on a GPU that has it, else float32."""
+    """Autocast dtype of `train.precision`, None for float32. auto: bfloat16 on a GPU that has it, else float32.
+
+    Args:
+        name: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        device: the training device.
+
+    Returns:
+        ``torch.bfloat16`` or ``torch.float16`` for autocast, None for float32.
+
+    Raises:
+        ValueError: float16 on the CPU.
+    """
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if name == "float32":
@@ -63,9 +88,21 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return _PRECISIONS[name]
 
 
-def oom_message(err: BaseException, params: "Params", device: torch.device, memory: "CrossBatchMemory | None",
+def oom_message(err: BaseException, params: Params, device: torch.device, memory: CrossBatchMemory | None,
                 step: int, phase: str | None) -> str:
-    """What an OutOfMemory says: where it happened and the params that lower the memory use."""
+    """What an OutOfMemory says: where it happened and the params that lower the memory use.
+
+    Args:
+        err: torch's out-of-memory error (quoted at the end).
+        params: the run's params (their current values are quoted).
+        device: the CUDA device that ran out.
+        memory: the cross-batch memory, whose size is quoted; None outside the XBM phase.
+        step: the step that failed.
+        phase: the phase it failed in.
+
+    Returns:
+        The message.
+    """
     p = params
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     mem = ""

@@ -20,18 +20,31 @@ from torch import Tensor
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process was started by torchrun (its environment variables are set).
+
+    Returns:
+        True inside a torchrun job, before or after the process group is joined.
+    """
     return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ)
 
 
 def world_size() -> int:
-    """Processes in the job: the process group's size, or what torchrun announces before it is joined."""
+    """Processes in the job: the process group's size, or what torchrun announces before it is joined.
+
+    Returns:
+        The number of ranks; 1 outside torchrun.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
 
 
 def init_process_group(device: torch.device) -> None:
-    """Join the job torchrun started (no-op outside torchrun): NCCL on GPUs, gloo on the CPU."""
+    """Join the job torchrun started (no-op outside torchrun): NCCL on GPUs, gloo on the CPU.
+
+    Args:
+        device: the training device; on a GPU, this rank's GPU (LOCAL_RANK) becomes the current one.
+    """
     if dist.is_initialized() or not launched_by_torchrun():
         return
     if device.type == "cuda":
@@ -60,7 +73,16 @@ class _GatherRankOrder(torch.autograd.Function):
 
 
 class Dist:
-    """The job's ranks as seen from one of them; inactive (world 1) when torch.distributed is not initialised."""
+    """The job's ranks as seen from one of them; inactive (world 1) when torch.distributed is not initialised.
+
+    Every collective is the identity when inactive. Collectives must be called by every rank, in the same order.
+
+    Attributes:
+        active (bool): whether a process group is initialised.
+        world (int): the number of ranks (1 when inactive).
+        rank (int): this process's rank (0 when inactive).
+        is_main (bool): rank 0, the one that writes checkpoints and events.
+    """
 
     def __init__(self) -> None:
         self.active = dist.is_available() and dist.is_initialized()
@@ -69,7 +91,16 @@ class Dist:
         self.is_main = self.rank == 0
 
     def gather(self, x: Tensor, differentiable: bool = False) -> Tensor:
-        """Concatenation of every rank's `x` (same shape on all ranks) along dim 0, in rank order."""
+        """Concatenation of every rank's `x` (same shape on all ranks) along dim 0, in rank order.
+
+        Args:
+            x: this rank's tensor.
+            differentiable: keep the autograd graph: the backward pass sums every rank's gradient for this
+                rank's rows (an all_reduce).
+
+        Returns:
+            world x rows of `x`, rank 0's first; `x` itself when inactive.
+        """
         if not self.active:
             return x
         if differentiable:
@@ -79,7 +110,14 @@ class Dist:
         return torch.cat(parts)
 
     def gather_rows(self, x: Tensor) -> Tensor:
-        """Like gather, for row counts that differ between ranks (a shard of a split)."""
+        """Like gather, for row counts that differ between ranks (a shard of a split).
+
+        Args:
+            x: this rank's rows (the other dimensions equal on all ranks).
+
+        Returns:
+            Every rank's rows, concatenated in rank order (not differentiable).
+        """
         if not self.active:
             return x
         n = torch.tensor([x.shape[0]], device=x.device)
@@ -90,7 +128,14 @@ class Dist:
         return torch.cat([r[:c] for r, c in zip(rows, counts)])
 
     def sum(self, x: Tensor) -> Tensor:
-        """Sum over ranks (a new tensor; no host sync)."""
+        """Sum over ranks (a new tensor; no host sync).
+
+        Args:
+            x: this rank's tensor (same shape on all ranks).
+
+        Returns:
+            The elementwise sum over ranks; `x` itself when inactive.
+        """
         if not self.active:
             return x
         x = x.clone()
@@ -98,7 +143,14 @@ class Dist:
         return x
 
     def objects(self, obj: Any) -> list[Any]:
-        """Every rank's `obj` (picklable), in rank order."""
+        """Every rank's `obj` (picklable), in rank order.
+
+        Args:
+            obj: any picklable object.
+
+        Returns:
+            A list of world objects, rank 0's first.
+        """
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world
@@ -106,7 +158,14 @@ class Dist:
         return out
 
     def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank."""
+        """Rank 0's `obj` on every rank.
+
+        Args:
+            obj: rank 0's object (picklable); the other ranks' is ignored.
+
+        Returns:
+            Rank 0's object.
+        """
         if not self.active:
             return obj
         box = [obj]
@@ -114,6 +173,13 @@ class Dist:
         return box[0]
 
     def shard(self, n: int) -> slice:
-        """This rank's contiguous part of range(n): gathered in rank order, the parts give range(n) back."""
+        """This rank's contiguous part of range(n): gathered in rank order, the parts give range(n) back.
+
+        Args:
+            n: the number of items to share out.
+
+        Returns:
+            The slice of this rank's items (sizes differ by at most one between ranks).
+        """
         bounds = [n * r // self.world for r in range(self.world + 1)]
         return slice(bounds[self.rank], bounds[self.rank + 1])

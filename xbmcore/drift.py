@@ -26,12 +26,16 @@ without gradients on a preserved RNG, so a run trains bit-identically with the p
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
+
+if TYPE_CHECKING:
+    from xbmcore.losses import PairLoss
+    from xbmcore.memory import CrossBatchMemory
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,11 @@ AGE_NAMES = ("0-10", "10-100", "100-1000", "1000+")
 
 
 class WithBackbone(nn.Module):
-    """An EmbeddingNet's embedding and its normalised pooled backbone features, side by side: B x (D + C)."""
+    """An EmbeddingNet's embedding and its normalised pooled backbone features, side by side: B x (D + C).
+
+    Args:
+        net: a model with `backbone`, `pool` and `head` (an EmbeddingNet; see `wraps`).
+    """
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -49,32 +57,75 @@ class WithBackbone(nn.Module):
 
     @staticmethod
     def wraps(net: nn.Module) -> bool:
+        """Whether `net` exposes what this wrapper reads (backbone, pool, head, embedding_dim).
+
+        Args:
+            net: any model.
+
+        Returns:
+            True for an EmbeddingNet-like model.
+        """
         return all(hasattr(net, a) for a in ("backbone", "pool", "head", "embedding_dim"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding and the normalised features of a batch.
+
+        Args:
+            x: B x 3 x H x W images.
+
+        Returns:
+            B x (D + C): the unit-norm embedding, then the unit-norm pooled backbone features.
+        """
         f = self.net.pool(self.net.backbone(x))
         return torch.cat([F.normalize(self.net.head(f), dim=1), F.normalize(f.float(), dim=1).to(f.dtype)], 1)
 
 
 class Features(nn.Module):
-    """An EmbeddingNet's pooled backbone features (B x C, float32): what a memory with store: features keeps."""
+    """An EmbeddingNet's pooled backbone features (B x C, float32): what a memory with store: features keeps.
+
+    Args:
+        net: a model with `backbone` and `pool` (an EmbeddingNet).
+    """
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features of a batch.
+
+        Args:
+            x: B x 3 x H x W images.
+
+        Returns:
+            B x C float32 pooled backbone features (not normalised).
+        """
         return self.net.pool(self.net.backbone(x)).float()
 
 
 @torch.no_grad()
-def staleness(loss, emb: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, memory, step: int,
-              entries: torch.Tensor | None = None) -> dict[str, Any]:
+def staleness(loss: PairLoss, emb: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+              memory: CrossBatchMemory, step: int, entries: torch.Tensor | None = None) -> dict[str, Any]:
     """Where the memory term's gradient comes from: `grad_share` {bucket: share of sum |dL/ds_ij| over the pairs
     whose entry's age falls in the bucket}, `active_neg_age` (mean age of the entries in active negative pairs,
     those with a non-zero gradient; None without any), `mean_age` of all entries. Ages are `step` - the step
     each entry was written. `loss` is the objective's pair loss; emb, labels, indices: this rank's batch; entries:
-    what the loss pairs the anchors with when it is not the stored vectors (memory.store: features)."""
+    what the loss pairs the anchors with when it is not the stored vectors (memory.store: features).
+
+    Args:
+        loss: the objective's pair loss (``XBMObjective.loss``); its `sim_gradient` gives dL/ds.
+        emb: B x D anchor embeddings of this rank's batch.
+        labels: B integer labels of the anchors.
+        indices: B dataset indices of the anchors.
+        memory: the (non-empty) cross-batch memory.
+        step: the current step; an entry's age is ``step - memory.steps[slot]``.
+        entries: n x D embeddings standing in for the stored vectors (``memory.store: features``), or None.
+
+    Returns:
+        ``{"grad_share": {"0-10": ..., "10-100": ..., "100-1000": ..., "1000+": ...}, "active_neg_age": ...,
+            "mean_age": ...}``: shares in [0, 1] (None when the gradient is zero), ages in steps (None when
+            there is nothing to average).
+    """
     feats, mem_labels, mem_indices = memory.get()
     feats = feats if entries is None else entries
     g, neg = loss.sim_gradient(emb, labels, feats, mem_labels, indices, mem_indices)  # B x K each
@@ -90,8 +141,15 @@ def staleness(loss, emb: torch.Tensor, labels: torch.Tensor, indices: torch.Tens
             "mean_age": float(age.mean()) if len(age) else None}
 
 
-def clean_view(dataset):
-    """The dataset as the test transform shows it (when it offers that): one deterministic view per image."""
+def clean_view(dataset: Dataset) -> Dataset:
+    """The dataset as the test transform shows it (when it offers that): one deterministic view per image.
+
+    Args:
+        dataset: any dataset; an ImageDataset offers ``without_augmentation()``.
+
+    Returns:
+        ``dataset.without_augmentation()``, or `dataset` itself when it has no such method.
+    """
     return dataset.without_augmentation() if hasattr(dataset, "without_augmentation") else dataset
 
 
@@ -103,9 +161,32 @@ class DriftProbe:
     the first step of a phase); it returns the `{dt: D(step; dt)}` of a probe step (the dts whose earlier snapshot
     exists), else None. `history` holds every probe step's values; state_dict / load_state_dict carry snapshots
     and history through checkpoints.
+
+    Args:
+        dataset: the training split; the probe images are a seeded subset of it, seen through `clean_view`.
+        size: the number of probe images (``train.drift_probe``; capped at the dataset's size).
+        every: the probe interval in steps (``train.drift_every``): D is reported at steps 0, every, 2 every, ...
+        dts: the dt of each D(t; dt) (``train.drift_dts``), each >= 1.
+        seed: the seed that picks the probe images.
+        embed: ``embed(dataset) -> N x D`` embeddings of the current model, without side effects on the training
+            (the trainer's: eval mode, no gradient, preserved RNG).
+        split: when `embed` returns ``[embedding | backbone features]``, the column where the features start
+            (``D_backbone`` is then measured on them); None: `embed` returns the embedding alone.
+
+    Raises:
+        ValueError: size, every or a dt below 1, or no dts.
+
+    Attributes:
+        items (Tensor): the probe images' dataset indices, sorted.
+        every (int): the probe interval.
+        dts (tuple[int, ...]): the sorted distinct dts.
+        snapshots (dict[int, Tensor]): step -> n x D float32 embeddings kept for a later probe step.
+        history (list[dict]): one entry per probe step: ``{"step": t, "D": {dt: value}}``, plus ``D_backbone``
+            and ``cos10`` where measured (and ``directed`` and ``staleness`` added by DriftMonitor).
+        last (int): the last step observed (-1: none).
     """
 
-    def __init__(self, dataset, size: int, every: int, dts: Sequence[int], seed: int,
+    def __init__(self, dataset: Dataset, size: int, every: int, dts: Sequence[int], seed: int,
                  embed: Callable[[Dataset], torch.Tensor], split: int | None = None):
         if size < 1 or every < 1 or not dts or min(dts) < 1:
             raise ValueError(f"DriftProbe: expected size >= 1, every >= 1 and dts >= 1, got {size}, {every}, "
@@ -125,10 +206,25 @@ class DriftProbe:
     # ---- which steps ----
 
     def is_probe_step(self, step: int) -> bool:
+        """Whether D(step; dt) is reported at `step`.
+
+        Args:
+            step: a global optimiser step.
+
+        Returns:
+            True when `step` is a multiple of `every`.
+        """
         return step % self.every == 0
 
     def wanted(self, step: int) -> bool:
-        """A probe step, or t - dt of a later probe step t."""
+        """A probe step, or t - dt of a later probe step t.
+
+        Args:
+            step: a global optimiser step.
+
+        Returns:
+            Whether the probe images must be embedded at `step`.
+        """
         return self.is_probe_step(step) or any(self.is_probe_step(step + dt) for dt in self.dts)
 
     def _needed_after(self, s: int, now: int) -> bool:
@@ -137,10 +233,24 @@ class DriftProbe:
     # ---- measuring ----
 
     def embed(self) -> torch.Tensor:
-        """f(x) of the probe images: n x D float32 on the CPU."""
+        """f(x) of the probe images: n x D float32 on the CPU.
+
+        Returns:
+            The current model's embeddings (and features, with `split`) of the probe images.
+        """
         return self._embed(self._subset).detach().float().cpu()
 
     def observe(self, step: int) -> dict[int, float] | None:
+        """Embed the probe images if `step` needs them, and at a probe step compute D(step; dt).
+
+        Snapshots no later probe step needs are dropped. A step at or before the last one observed is skipped.
+
+        Args:
+            step: the global step just completed (or where a phase starts).
+
+        Returns:
+            ``{dt: D(step; dt)}`` for the dts whose earlier snapshot exists, at a probe step; None otherwise.
+        """
         if step <= self.last or not self.wanted(step):
             return None
         self.last = step
@@ -166,7 +276,15 @@ class DriftProbe:
         return out
 
     def value(self, step: int, dt: int) -> float | None:
-        """D(step; dt) when it was measured."""
+        """D(step; dt) when it was measured.
+
+        Args:
+            step: a probe step.
+            dt: one of the probe's dts.
+
+        Returns:
+            The value from `history`, or None when it was not measured.
+        """
         for h in reversed(self.history):
             if h["step"] == step:
                 return h["D"].get(dt)
@@ -180,13 +298,25 @@ class DriftProbe:
         return {"items": self.items.clone(), "every": self.every, "dts": list(self.dts)}
 
     def state_dict(self) -> dict[str, Any]:
+        """The probe's images, interval, dts, snapshots and history, for a checkpoint.
+
+        Returns:
+            A plain dict (tensors, numbers, lists; string keys) that the safe unpickler reads.
+        """
         return {**self._config(), "last": self.last, "snapshots": dict(self.snapshots), "last_move": self._last_move,
                 "history": [{**h, **{f: {str(k): v for k, v in h[f].items()} for f in ("D", "D_backbone") if f in h}}
                             for h in self.history]}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> bool:
         """Restore snapshots and history; a state of another probe (images, interval, dts) or none is ignored
-        (the probe starts afresh, with a warning). Returns whether it was restored."""
+        (the probe starts afresh, with a warning). Returns whether it was restored.
+
+        Args:
+            state: what `state_dict` returned, or None (a checkpoint without a probe).
+
+        Returns:
+            True when the state was restored, False when the probe starts afresh.
+        """
         mine = self._config()
         if state is None or state["every"] != mine["every"] or list(state["dts"]) != mine["dts"] \
                 or not torch.equal(state["items"], mine["items"]):

@@ -13,7 +13,7 @@ query and gallery sets (In-Shop, VehicleID).
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from xbmcore.blas import load_faiss
 from xbmcore.data.batch import collate_for, to_device
+
+if TYPE_CHECKING:
+    from xbmcore.data.prepare import Splits
 
 NMI_SEED = 0
 NMI_NITER = 20
@@ -43,6 +46,21 @@ def compute_embeddings(
     Runs in eval mode without gradients and restores the model's train/eval mode afterwards. The model must
     already be on `device`. progress(done, total) is called after each batch (a window's progress bar; it may
     raise to stop early).
+
+    Args:
+        model: the embedding network (B x 3 x H x W -> B x D), already on `device`.
+        dataset: items ``(image, label, index)``, e.g. an ImageDataset split (its test view for evaluation).
+        batch_size: images per forward pass (>= 1).
+        device: where the model runs; batches are moved (and cached batches augmented) there.
+        num_workers: DataLoader worker processes (0: load in this process).
+        progress: called as ``progress(done, total)`` after each batch, with images embedded so far and
+            ``len(dataset)``; may raise to stop early.
+
+    Returns:
+        ``(embeddings, labels)``: N x D float32 (C-contiguous) and N int64, in the dataset's order.
+
+    Raises:
+        ValueError: batch_size < 1, or an empty dataset.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
@@ -87,8 +105,9 @@ def _as_embeddings(name: str, x, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def retrieval_metrics(
-    query, query_labels, gallery=None, gallery_labels=None, recall_at: Sequence[int] = (1, 10, 100),
-    nmi: bool = True, device: str | torch.device = "cpu",
+    query: np.ndarray | torch.Tensor, query_labels: np.ndarray | torch.Tensor,
+    gallery: np.ndarray | torch.Tensor | None = None, gallery_labels: np.ndarray | torch.Tensor | None = None,
+    recall_at: Sequence[int] = (1, 10, 100), nmi: bool = True, device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Recall@K for each K, MAP@R, R-precision and (when `nmi`) NMI of the query embeddings.
 
@@ -98,6 +117,26 @@ def retrieval_metrics(
     items of the query, average over queries with R > 0 (NaN if there is none). NMI: k-means (faiss, seeded) on
     the query embeddings with as many clusters as query classes, against the labels. K larger than the gallery
     is allowed (then Recall@K is the fraction of queries with any relevant item).
+
+    Args:
+        query: n x D query embeddings (numpy or torch; normalised to unit length here, so inner product =
+            cosine). NaN or inf rows are refused.
+        query_labels: n integer labels of the queries.
+        gallery: N x D gallery embeddings; None: the queries are their own gallery, each query excluded from its
+            own neighbours.
+        gallery_labels: N integer labels of the gallery; given exactly when `gallery` is.
+        recall_at: the K of each Recall@K (a non-empty list of integers >= 1).
+        nmi: also compute NMI (a seeded faiss k-means of the queries; costly on large sets).
+        device: where the similarity blocks are computed (``"cpu"`` or a CUDA device); the same result on both.
+
+    Returns:
+        ``{"recall@K": ... for each K, "map@r": ..., "r_precision": ..., "nmi": ...}`` (nmi only with `nmi`),
+            floats in [0, 1]; map@r and r_precision are NaN when no query has a relevant item.
+
+    Raises:
+        ValueError: empty, mis-shaped or non-finite embeddings, labels that do not match them, gallery without
+            gallery_labels (or the reverse), dimensions that differ, fewer than 2 queries searched in themselves,
+            or an invalid recall_at.
     """
     q, ql = _as_embeddings("query", query, query_labels)
     self_excluded = gallery is None
@@ -224,7 +263,16 @@ def _count_ge(row: torch.Tensor, k: torch.Tensor, n: int, P: int) -> torch.Tenso
     return hist.flip(1).cumsum(1)[:, :P]
 
 def nmi_score(emb: np.ndarray, labels: np.ndarray, seed: int = NMI_SEED) -> float:
-    """NMI between the labels and a seeded k-means clustering (C = number of classes) of the embeddings."""
+    """NMI between the labels and a seeded k-means clustering (C = number of classes) of the embeddings.
+
+    Args:
+        emb: N x D embeddings (float32; normalised for cosine clustering).
+        labels: N integer labels; their number of distinct values is the number of clusters.
+        seed: faiss k-means' seed (20 iterations).
+
+    Returns:
+        The normalised mutual information in [0, 1] (sklearn's, arithmetic mean).
+    """
     C = len(np.unique(labels))
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     # min_points_per_centroid=1: retrieval test sets have ~5 items per class, far below faiss's default 39.
@@ -234,10 +282,21 @@ def nmi_score(emb: np.ndarray, labels: np.ndarray, seed: int = NMI_SEED) -> floa
     return float(normalized_mutual_info_score(labels, assign[:, 0]))
 
 
-def eval_sets(splits, which: Literal["val", "test"]) -> tuple[Dataset, Dataset | None]:
+def eval_sets(splits: Splits, which: Literal["val", "test"]) -> tuple[Dataset, Dataset | None]:
     """(query set, gallery set) of a split: "val" searches the val split in itself (gallery None); "test" the test
     split in itself, or, for datasets with query and gallery sets (splits.test is None), the query set in the
-    gallery set."""
+    gallery set.
+
+    Args:
+        splits: the prepared dataset's splits (``xbmcore.data.open_splits``).
+        which: ``"val"`` or ``"test"``.
+
+    Returns:
+        ``(query_set, gallery_set)``, gallery_set None when the query set is its own gallery.
+
+    Raises:
+        ValueError: an unknown `which`, no val split, or neither a test split nor query and gallery sets.
+    """
     if which == "val":
         if splits.val is None:
             raise ValueError("evaluate 'val': the dataset has no val split (set data.val_fraction > 0)")
@@ -252,11 +311,25 @@ def eval_sets(splits, which: Literal["val", "test"]) -> tuple[Dataset, Dataset |
 
 
 def embed_split(
-    model: torch.nn.Module, splits, which: Literal["val", "test"], batch_size: int = 256,
+    model: torch.nn.Module, splits: Splits, which: Literal["val", "test"], batch_size: int = 256,
     device: str | torch.device = "cpu", num_workers: int = 0, progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(query, query_labels, gallery, gallery_labels) embeddings of a split (see eval_sets); gallery None when
-    the query set is its own gallery: retrieval_metrics' arguments. progress(done, total) counts both sets."""
+    the query set is its own gallery: retrieval_metrics' arguments. progress(done, total) counts both sets.
+
+    Args:
+        model: the embedding network, already on `device`.
+        splits: the prepared dataset's splits.
+        which: ``"val"`` or ``"test"`` (see `eval_sets`).
+        batch_size: images per forward pass.
+        device: where the model runs.
+        num_workers: DataLoader worker processes.
+        progress: called as ``progress(done, total)`` over the query and gallery sets together.
+
+    Returns:
+        ``(query, query_labels, gallery, gallery_labels)``: N x D float32 and N int64 arrays; the gallery pair
+            is ``(None, None)`` when the query set is its own gallery.
+    """
     query_set, gallery_set = eval_sets(splits, which)
     total = len(query_set) + (len(gallery_set) if gallery_set is not None else 0)
 
@@ -270,9 +343,25 @@ def embed_split(
 
 
 def evaluate_model(
-    model: torch.nn.Module, splits, which: Literal["val", "test"], recall_at: Sequence[int] = (1, 10, 100),
+    model: torch.nn.Module, splits: Splits, which: Literal["val", "test"], recall_at: Sequence[int] = (1, 10, 100),
     batch_size: int = 256, device: str | torch.device = "cpu", nmi: bool = True, num_workers: int = 0,
 ) -> dict[str, float]:
-    """Embed a split (see eval_sets) and score it."""
+    """Embed a split (see eval_sets) and score it.
+
+    Runs the model in eval mode without gradients (its mode is restored), on its own device.
+
+    Args:
+        model: the embedding network, already on `device`.
+        splits: the prepared dataset's splits.
+        which: ``"val"`` or ``"test"`` (see `eval_sets`).
+        recall_at: the K of each Recall@K.
+        batch_size: images per forward pass.
+        device: where the model runs and the metrics are computed.
+        nmi: also compute NMI.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        The metrics, as `retrieval_metrics` returns them.
+    """
     return retrieval_metrics(*embed_split(model, splits, which, batch_size, device, num_workers),
                              recall_at=recall_at, nmi=nmi, device=device)

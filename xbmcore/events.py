@@ -40,7 +40,25 @@ def _f(curve: bool = True, metric: bool = True):
 @dataclass
 class StepRecord:
     """One optimiser step, the one list of its fields: the `step` event's schema, the history columns (and the
-    plots header), and the MLflow metric names are all derived from it."""
+    plots header), and the MLflow metric names are all derived from it.
+
+    Attributes:
+        step: the global optimiser step, 1-based, counted across phases.
+        phase: the phase the step belongs to (``"warmup"``, ``"xbm"``, ``"baseline"``).
+        loss: the objective XBMObjective minimised; None (JSON null) when not finite.
+        loss_batch: L(batch, batch), the batch term.
+        loss_memory: L(batch, memory), the memory term before its weight (0 without a memory).
+        pos_pairs: active positive pairs of the batch term.
+        neg_pairs: active negative pairs of the batch term.
+        mem_pos_pairs: active positive pairs of the memory term.
+        mem_neg_pairs: active negative pairs of the memory term.
+        memory_fill: the memory's fill level, 0..1 (0 without a memory).
+        memory_size: entries stored (memory_fill x K); not a curve, not a metric.
+        drift: mean ||new - old||^2 of the images that re-entered the memory at this step; None when none did.
+        drift_age: mean age in steps of the embeddings they replaced; None when none did.
+        lr: the learning rate of the step.
+        images_per_s: training throughput (a timing: kept out of the curves, which are reproducible).
+    """
 
     step: int = _f(metric=False)  # global optimiser step, 1-based
     phase: str = _f(metric=False)
@@ -60,11 +78,26 @@ class StepRecord:
 
     @classmethod
     def of(cls, **values: Any) -> "StepRecord":
-        """A record with each value converted to its declared type (counts to int, the rest to float or str)."""
+        """A record with each value converted to its declared type (counts to int, the rest to float or str).
+
+        Args:
+            **values: one value per field (tensors' Python numbers, numpy scalars, ...); None stays None.
+
+        Returns:
+            The record.
+
+        Raises:
+            KeyError: a field without a value.
+        """
         return cls(**{f.name: None if values[f.name] is None else _CONVERT[f.type](values[f.name])
                       for f in _RECORD})
 
     def event(self) -> dict[str, Any]:
+        """The record as a ``step`` event (`make_event`), ready for a Sink.
+
+        Returns:
+            ``{"kind": "step", "time": ..., "step": ..., <the other fields>}``.
+        """
         fields_ = asdict(self)
         return make_event("step", fields_.pop("step"), **fields_)
 
@@ -87,6 +120,19 @@ def _clean(v: Any) -> Any:
 
 
 def make_event(kind: str, step: int, **fields: Any) -> dict[str, Any]:
+    """An event: `kind`, the current unix time, `step` and the fields; non-finite floats become None.
+
+    Args:
+        kind: one of `KINDS` (start, phase, step, eval, drift, checkpoint, end; see the module docstring).
+        step: the global optimiser step the event belongs to.
+        **fields: the kind's fields (a ``step`` event needs every one of `STEP_FIELDS`), JSON-serialisable.
+
+    Returns:
+        The event as a dict, one JSON line of ``events.jsonl`` once a sink writes it.
+
+    Raises:
+        ValueError: an unknown kind, or a step event without all its fields.
+    """
     if kind not in KINDS:
         raise ValueError(f"event kind must be one of {KINDS}, got {kind!r}")
     if kind == "step":
@@ -99,22 +145,43 @@ def make_event(kind: str, step: int, **fields: Any) -> dict[str, Any]:
 
 
 class Sink(Protocol):
-    def emit(self, event: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    """Where a run's events go: anything with these two methods (the trainer calls `emit` only)."""
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Take one event.
+
+        Args:
+            event: an event from `make_event`.
+        """
+        ...
+
+    def close(self) -> None:
+        """Flush and release what the sink holds; no event follows."""
+        ...
 
 
 class NullSink:
     """Drops every event: a rank other than 0, a benchmark."""
 
     def emit(self, event: dict[str, Any]) -> None:
+        """Drop the event.
+
+        Args:
+            event: any event.
+        """
         pass
 
     def close(self) -> None:
+        """Nothing to close."""
         pass
 
 
 class JsonlSink:
-    """Append-only JSON-lines file, flushed per event so a tailing reader sees each step at once."""
+    """Append-only JSON-lines file, flushed per event so a tailing reader sees each step at once.
+
+    Args:
+        path: the events file (``events.jsonl``); its folder is created, an existing file is appended to.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -122,10 +189,16 @@ class JsonlSink:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def emit(self, event: dict[str, Any]) -> None:
+        """Append the event as one JSON line and flush it.
+
+        Args:
+            event: an event from `make_event`.
+        """
         self._f.write(json.dumps(event, separators=(",", ":")) + "\n")
         self._f.flush()
 
     def close(self) -> None:
+        """Flush, fsync and close the file (again: a no-op)."""
         if not self._f.closed:
             self._f.flush()
             os.fsync(self._f.fileno())
@@ -133,7 +206,12 @@ class JsonlSink:
 
 
 class ProgressSink:
-    """tqdm bar over the steps, only when stderr is a terminal (never clutters logs or DVC output)."""
+    """tqdm bar over the steps, only when stderr is a terminal (never clutters logs or DVC output).
+
+    Args:
+        total: unused (each ``phase`` event gives its phase's total steps).
+        enabled: show the bar; None: only when stderr is a terminal.
+    """
 
     def __init__(self, total: int | None = None, enabled: bool | None = None):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
@@ -141,6 +219,11 @@ class ProgressSink:
         self._total = total
 
     def emit(self, event: dict[str, Any]) -> None:
+        """A ``phase`` event starts a bar over its steps, a ``step`` event advances it (with loss and fill).
+
+        Args:
+            event: an event from `make_event`; other kinds are ignored.
+        """
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -156,19 +239,32 @@ class ProgressSink:
                                   fill=f"{event['memory_fill']:.2f}")
 
     def close(self) -> None:
+        """Close the current bar."""
         if self._bar is not None:
             self._bar.close()
 
 
 class MultiSink:
+    """Several sinks as one: each event goes to every sink, in order.
+
+    Args:
+        sinks: the sinks (e.g. a JsonlSink and a ProgressSink).
+    """
+
     def __init__(self, sinks: Iterable[Sink]):
         self.sinks = list(sinks)
 
     def emit(self, event: dict[str, Any]) -> None:
+        """Pass the event to every sink.
+
+        Args:
+            event: an event from `make_event`.
+        """
         for s in self.sinks:
             s.emit(event)
 
     def close(self) -> None:
+        """Close every sink."""
         for s in self.sinks:
             s.close()
 
@@ -179,6 +275,11 @@ class EventReader:
 
     Keeps the byte offset of the last complete line; a partial last line is left for the next poll, a complete
     line that is not a valid event is skipped and counted in `bad_lines`.
+
+    Attributes:
+        path: the events file (it may not exist yet).
+        offset: the byte offset up to which the file has been read.
+        bad_lines: complete lines skipped because they are not valid events.
     """
 
     path: Path
@@ -187,6 +288,11 @@ class EventReader:
     _pending: bytes = field(default=b"", repr=False)
 
     def poll(self) -> list[dict[str, Any]]:
+        """The events completed since the last poll.
+
+        Returns:
+            The new events in file order; empty when nothing new (or no file yet).
+        """
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
@@ -216,4 +322,12 @@ class EventReader:
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete, valid event of an events file.
+
+    Args:
+        path: the ``events.jsonl`` file.
+
+    Returns:
+        The events in file order (a partial last line and invalid lines left out); empty without the file.
+    """
     return EventReader(Path(path)).poll()

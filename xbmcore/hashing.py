@@ -12,7 +12,19 @@ _CHUNK = 1 << 22
 
 def file_digest(path: str | Path, algo: str = "sha256", missing_ok: bool = False) -> str | None:
     """Hex digest (`algo`: sha256, md5, ...) of a file's bytes, read in 4 MiB blocks; None for a file that cannot
-    be read when `missing_ok`, else its OSError."""
+    be read when `missing_ok`, else its OSError.
+
+    Args:
+        path: the file.
+        algo: a hashlib algorithm name.
+        missing_ok: return None instead of raising when the file cannot be read.
+
+    Returns:
+        The hex digest, or None (with `missing_ok`).
+
+    Raises:
+        OSError: the file cannot be read (without `missing_ok`).
+    """
     h = hashlib.new(algo)
     try:
         with open(path, "rb") as f:
@@ -26,5 +38,13 @@ def file_digest(path: str | Path, algo: str = "sha256", missing_ok: bool = False
 
 
 def data_digest(data: Any, length: int = 12) -> str:
-    """Short sha256 of JSON-able data, independent of dict order."""
+    """Short sha256 of JSON-able data, independent of dict order.
+
+    Args:
+        data: JSON-serialisable data.
+        length: hex characters kept.
+
+    Returns:
+        The first `length` hex characters of the sha256 of the sorted-key JSON.
+    """
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:length]

@@ -22,7 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStopped(RuntimeError):
-    """SIGTERM or SIGINT: the run stopped cleanly after `step`, with a checkpoint (its path, once written)."""
+    """SIGTERM or SIGINT: the run stopped cleanly after `step`, with a checkpoint (its path, once written).
+
+    Args:
+        signum: the signal received (``signal.SIGTERM`` or ``signal.SIGINT``).
+        step: the last step trained.
+        phase: the phase it stopped in.
+        checkpoint: the checkpoint written at `step` (set by ``Trainer.stop``); None without a checkpoint folder.
+    """
 
     def __init__(self, signum: int, step: int, phase: str | None, checkpoint: Path | None = None):
         super().__init__(signum, step, phase)
@@ -48,26 +55,58 @@ class Hook:
                                   be on the device: call trainer.flush() before reading trainer.history.
                                   Time spent here is not counted in images_per_s.
     on_phase_end(trainer, error)  always, last; error is the exception that ends the phase, or None
+
+    A hook ends a phase early through ``trainer.end_phase()`` or ``trainer.stop(error)``; it reads the training
+    state through the trainer (``trainer.step``, ``trainer.phase``, ``trainer.state``, ``trainer.model``).
     """
 
-    def on_phase_start(self, trainer: "Trainer") -> None:
+    def on_phase_start(self, trainer: Trainer) -> None:
+        """After the phase event; ``trainer.step`` is where the phase (re)starts. Does nothing by default.
+
+        Args:
+            trainer: the trainer running the phase.
+        """
         pass
 
-    def on_step(self, trainer: "Trainer") -> None:
+    def on_step(self, trainer: Trainer) -> None:
+        """After each optimiser step; ``trainer.step`` counts it. Does nothing by default.
+
+        The step's scalars may still be on the device: call ``trainer.flush()`` before reading
+        ``trainer.history``. Time spent here is not counted in images_per_s.
+
+        Args:
+            trainer: the trainer running the phase.
+        """
         pass
 
-    def on_phase_end(self, trainer: "Trainer", error: BaseException | None) -> None:
+    def on_phase_end(self, trainer: Trainer, error: BaseException | None) -> None:
+        """Always, last, also when the phase fails or stops. Does nothing by default.
+
+        Args:
+            trainer: the trainer running the phase.
+            error: the exception that ends the phase, or None when it completed.
+        """
         pass
 
 
 class Evaluation(Hook):
     """Val Recall@K etc. every `every` steps (0: never): an `eval` event, the curves, then `on_eval(step,
-    metrics)`; an exception from on_eval propagates after a checkpoint of that step."""
+    metrics)`; an exception from on_eval propagates after a checkpoint of that step.
+
+    Args:
+        every: steps between evaluations of the val split (``train.eval_every``; 0: never).
+        on_eval: called as ``on_eval(step, metrics)`` after each evaluation, or None.
+    """
 
     def __init__(self, every: int, on_eval: Callable[[int, dict], None] | None = None):
         self.every, self.on_eval = every, on_eval
 
-    def on_step(self, trainer: "Trainer") -> None:
+    def on_step(self, trainer: Trainer) -> None:
+        """At every `every`-th step: evaluate, record, emit, then call on_eval.
+
+        Args:
+            trainer: the trainer running the phase.
+        """
         if not self.every or trainer.step % self.every:
             return
         trainer.flush()
@@ -82,12 +121,22 @@ class Evaluation(Hook):
 
 
 class Checkpointing(Hook):
-    """A checkpoint every `every` steps and at the phase's last step."""
+    """A checkpoint every `every` steps and at the phase's last step.
+
+    Args:
+        every: steps between checkpoints (``train.checkpoint_every``).
+        end: the phase's last step.
+    """
 
     def __init__(self, every: int, end: int):
         self.every, self.end = every, end
 
-    def on_step(self, trainer: "Trainer") -> None:
+    def on_step(self, trainer: Trainer) -> None:
+        """Write a checkpoint at every `every`-th step and at `end`.
+
+        Args:
+            trainer: the trainer running the phase.
+        """
         if trainer.step % self.every == 0 or trainer.step == self.end:
             trainer.checkpoint()
 
@@ -100,7 +149,12 @@ class StopOnSignals(Hook):
     def __init__(self):
         self._previous: dict = {}
 
-    def on_phase_start(self, trainer: "Trainer") -> None:
+    def on_phase_start(self, trainer: Trainer) -> None:
+        """Install the SIGTERM/SIGINT handlers (in the main thread only; elsewhere signals are left alone).
+
+        Args:
+            trainer: the trainer running the phase; its `stop_signal` is reset.
+        """
         trainer.stop_signal = None
         if threading.current_thread() is not threading.main_thread():
             return
@@ -114,13 +168,24 @@ class StopOnSignals(Hook):
             self._previous[s] = signal.getsignal(s)
             signal.signal(s, handler)
 
-    def on_step(self, trainer: "Trainer") -> None:
+    def on_step(self, trainer: Trainer) -> None:
+        """Stop the phase (``trainer.stop(TrainingStopped(...))``) when a signal came.
+
+        Args:
+            trainer: the trainer running the phase.
+        """
         signum = trainer.stop_seen if trainer.dist.active else trainer.stop_signal
         if signum is None:
             return
         trainer.stop(TrainingStopped(signum, trainer.step, trainer.phase))
 
-    def on_phase_end(self, trainer: "Trainer", error: BaseException | None) -> None:
+    def on_phase_end(self, trainer: Trainer, error: BaseException | None) -> None:
+        """Put the previous signal handlers back.
+
+        Args:
+            trainer: the trainer running the phase.
+            error: the exception that ends the phase, or None.
+        """
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
@@ -133,10 +198,20 @@ class DriftMonitor(Hook):
     warmup_drift_window probes is below warmup_drift; the phase's own length, warmup_max_steps, bounds it from
     above."""
 
-    def on_phase_start(self, trainer: "Trainer") -> None:
+    def on_phase_start(self, trainer: Trainer) -> None:
+        """Observe the model where the phase (re)starts.
+
+        Args:
+            trainer: the trainer running the phase (with a drift probe).
+        """
         self._observe(trainer)
 
-    def on_step(self, trainer: "Trainer") -> None:
+    def on_step(self, trainer: Trainer) -> None:
+        """Observe the model after the step; in an auto warm-up, end the phase once drift has settled.
+
+        Args:
+            trainer: the trainer running the phase (with a drift probe).
+        """
         D, t = self._observe(trainer), trainer.params.train
         if D is None or trainer.phase != "warmup" or t.warmup_steps != "auto" or trainer.step < t.warmup_min_steps:
             return
@@ -154,7 +229,7 @@ class DriftMonitor(Hook):
         trainer.end_phase()
 
     @staticmethod
-    def _observe(trainer: "Trainer") -> dict[int, float] | None:
+    def _observe(trainer: Trainer) -> dict[int, float] | None:
         probe = trainer.probe
         if trainer.step <= probe.last or not probe.wanted(trainer.step):
             return None

@@ -64,6 +64,18 @@ def _check(queries, gallery, k: int) -> None:
 
 
 def resolve_backend(backend: str, device: str | torch.device) -> str:
+    """The backend a search on `device` uses.
+
+    Args:
+        backend: ``"auto"`` (faiss on the CPU where it is installed, else torch), ``"faiss"`` or ``"torch"``.
+        device: where the search runs.
+
+    Returns:
+        ``"faiss"`` or ``"torch"``.
+
+    Raises:
+        ValueError: an unknown backend, faiss on a GPU, or faiss asked for but not installed.
+    """
     device = torch.device(device)
     if backend == "auto":
         return "faiss" if device.type == "cpu" and _faiss() is not None else "torch"
@@ -77,12 +89,29 @@ def resolve_backend(backend: str, device: str | torch.device) -> str:
 
 
 def iter_exact_knn(
-    queries, gallery, k: int, device: str | torch.device = "cpu", backend: str = "auto", chunk: int | None = None,
+    queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int,
+    device: str | torch.device = "cpu", backend: str = "auto", chunk: int | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """Yield (start, end, sims, ids) for consecutive query chunks: sims (end-start) x k float32, descending, and
     the gallery rows they belong to, int64. queries n x D and gallery N x D: float32 numpy arrays or tensors
     (normalise them first for cosine). chunk: queries per chunk (default: bounded by RESULT_BYTES, and for torch
-    by TORCH_SIM_BYTES)."""
+    by TORCH_SIM_BYTES).
+
+    Args:
+        queries: n x D float32 query embeddings (numpy array or tensor, n >= 1).
+        gallery: N x D float32 gallery embeddings (N >= 1), the same D.
+        k: neighbours per query, 1 <= k <= N.
+        device: where the torch backend computes (faiss runs on the CPU).
+        backend: ``"auto"``, ``"faiss"`` or ``"torch"`` (see `resolve_backend`).
+        chunk: queries per yielded chunk; None: as many as the memory bounds allow.
+
+    Yields:
+        ``(start, end, sims, ids)`` for query rows ``start:end``: (end - start) x k float32 similarities,
+            best first, and the (end - start) x k int64 gallery rows they belong to.
+
+    Raises:
+        ValueError: empty or mis-shaped inputs, dimensions that differ, k outside [1, N], or an unusable backend.
+    """
     _check(queries, gallery, k)
     backend = resolve_backend(backend, device)
     n, N = queries.shape[0], gallery.shape[0]
@@ -114,9 +143,25 @@ def iter_exact_knn(
             yield s, e, sims.float().cpu().numpy(), ids.cpu().numpy()
 
 
-def exact_knn(queries, gallery, k: int, device: str | torch.device = "cpu", backend: str = "auto",
+def exact_knn(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int,
+              device: str | torch.device = "cpu", backend: str = "auto",
               chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar gallery rows of every query by inner product: (n x k float32 sims, n x k int64 ids),
-    best first. See iter_exact_knn for the arguments."""
+    best first. See iter_exact_knn for the arguments.
+
+    Args:
+        queries: n x D float32 query embeddings (numpy array or tensor).
+        gallery: N x D float32 gallery embeddings.
+        k: neighbours per query, 1 <= k <= N.
+        device: where the torch backend computes.
+        backend: ``"auto"``, ``"faiss"`` or ``"torch"``.
+        chunk: queries per internal chunk (None: bounded by memory).
+
+    Returns:
+        ``(sims, ids)``: n x k float32 similarities, best first, and n x k int64 gallery rows.
+
+    Raises:
+        ValueError: as `iter_exact_knn`.
+    """
     parts = list(iter_exact_knn(queries, gallery, k, device, backend, chunk))
     return np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])

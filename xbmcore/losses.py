@@ -13,6 +13,7 @@ On CPU at B = 64, K = 59,551, D = 512 a contrastive step (forward, backward, enq
 two unavoidable B x K x D matrix products (bench/loss_step.py).
 
 Reductions:
+
     "mean_active"    sum of the terms / number of active terms (pairs, anchors or triplets: see each loss);
                      0 with a zero gradient when nothing is active. Keeps the loss scale independent of K.
     "sum_over_batch" sum of the terms / B, as in the official XBM code; grows with the memory size.
@@ -36,12 +37,29 @@ POS_EPS = 1e-5
 
 
 class LossOutput(NamedTuple):
+    """What a `PairLoss` returns.
+
+    Attributes:
+        loss: the reduced loss, a differentiable scalar.
+        pos_pairs: int64 scalar: the active positive pairs (see each loss for "active").
+        neg_pairs: int64 scalar: the active negative pairs.
+    """
+
     loss: Tensor  # scalar
     pos_pairs: Tensor  # int64 scalar: active positive pairs
     neg_pairs: Tensor  # int64 scalar: active negative pairs
 
 
 class PairTerms(NamedTuple):
+    """What `PairLoss.pair_terms` returns: the loss's terms before the reduction.
+
+    Attributes:
+        total: scalar sum of the loss terms, differentiable w.r.t. sim.
+        num_terms: int64 scalar: the number of terms ``"mean_active"`` divides by (pairs, anchors or triplets).
+        pos_pairs: int64 scalar: the active positive pairs.
+        neg_pairs: int64 scalar: the active negative pairs.
+    """
+
     total: Tensor  # scalar sum of the loss terms, differentiable w.r.t. sim
     num_terms: Tensor  # int64 scalar: what "mean_active" divides by
     pos_pairs: Tensor  # int64 scalar
@@ -63,6 +81,13 @@ class PairLoss(nn.Module, ABC):
     - count: when the anchors are one rank's part of a global batch, the sum over ranks of a local count
       (an all_reduce); the reduction then divides by the global number of terms (or anchors), so the ranks'
       losses add up to the loss of the whole batch in one process.
+
+    Args:
+        reduction: ``"mean_active"`` (sum of the terms / number of active terms: the loss scale does not depend
+            on K) or ``"sum_over_batch"`` (sum of the terms / B, as the official XBM code; grows with K).
+
+    Raises:
+        ValueError: an unknown reduction.
     """
 
     def __init__(self, reduction: str = "mean_active") -> None:
@@ -76,6 +101,16 @@ class PairLoss(nn.Module, ABC):
         """sim: B x K similarities; pos, neg: B x K bool masks of candidate pairs (self-pairs removed).
 
         The masks are fresh for each call and owned by the hook, which may update them in place.
+
+        Args:
+            sim: B x K similarities ``emb @ ref_emb.T`` (cosines for unit-norm embeddings); the terms must be
+                differentiable w.r.t. it.
+            pos: B x K bool: candidate positive pairs (same label, not the anchor's own image).
+            neg: B x K bool: candidate negative pairs (different label, not the anchor's own image).
+
+        Returns:
+            The sum of the terms, the count the ``"mean_active"`` reduction divides by, and the active positive
+                and negative pairs.
         """
 
     def forward(
@@ -88,6 +123,29 @@ class PairLoss(nn.Module, ABC):
         ref_indices: Tensor | None = None,
         count: Callable[[Tensor], Tensor] | None = None,
     ) -> LossOutput:
+        """The loss of the anchors `emb` against the references (`ref_emb`, or the batch itself).
+
+        Args:
+            emb: B x D anchor embeddings (floating point, B >= 1; unit norm, so that sim is the cosine).
+            labels: B integer class labels of the anchors.
+            ref_emb: K x D reference embeddings (e.g. the memory's entries), on emb's device; None: the batch
+                itself, its diagonal excluded. Cast to emb's dtype unless autocast is on.
+            ref_labels: K integer labels of the references; given exactly when `ref_emb` is.
+            indices: B integer dataset indices of the anchors. With them, a pair of an anchor and a reference of
+                the same image (equal index) is excluded: an image sampled twice, or its own stored copy.
+            ref_indices: K integer dataset indices of the references; given with `ref_emb` exactly when
+                `indices` is, and None without `ref_emb` (then `indices` serve both sides).
+            count: with several ranks, a function that sums a count over the ranks (``Dist.sum``), so that the
+                reduction divides by the global number of terms (or anchors). None: this process's counts.
+
+        Returns:
+            The reduced loss (a differentiable scalar) and the active positive and negative pairs. Zero, with a
+                zero gradient, when there is nothing to pair with (K = 0).
+
+        Raises:
+            ValueError: a tensor of the wrong type, device, shape or dtype; an empty batch; ref_emb without
+                ref_labels (or the reverse); indices without ref_indices (or the reverse) when ref_emb is given.
+        """
         ref_emb, pos, neg = _pairs(emb, labels, ref_emb, ref_labels, indices, ref_indices)
         if ref_emb.dtype != emb.dtype and not torch.is_autocast_enabled(emb.device.type):
             ref_emb = ref_emb.to(emb.dtype)
@@ -108,6 +166,7 @@ class PairLoss(nn.Module, ABC):
         return LossOutput(loss, terms.pos_pairs, terms.neg_pairs)
 
     def extra_repr(self) -> str:
+        """The loss's settings in ``repr(loss)``."""
         return f"reduction={self.reduction!r}"
 
     @torch.enable_grad()
@@ -115,7 +174,23 @@ class PairLoss(nn.Module, ABC):
                      indices: Tensor | None = None, ref_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """d loss / d sim (B x K, float32) of this loss on (emb, ref_emb), computed on a detached copy (no
         effect on the training graph), and the negative-pair mask (B x K bool: different label, not the anchor's
-        own image). A measurement: xbmcore.drift.staleness."""
+        own image). A measurement: xbmcore.drift.staleness.
+
+        The reduction divides by this process's counts (no `count`): with several ranks the scale differs from
+        the training loss's, the shares between entries do not.
+
+        Args:
+            emb: B x D anchor embeddings.
+            labels: B integer labels of the anchors.
+            ref_emb: K x D reference embeddings (the memory's entries).
+            ref_labels: K integer labels of the references.
+            indices: B dataset indices of the anchors (excludes an anchor's own stored copies), or None.
+            ref_indices: K dataset indices of the references; given exactly when `indices` is.
+
+        Returns:
+            ``(grad, negatives)``: d loss / d sim as B x K float32 (zeros when nothing is active), and the B x K
+                bool mask of the negative pairs.
+        """
         ref_emb, pos, neg = _pairs(emb, labels, ref_emb, ref_labels, indices, ref_indices)
         sim = (ref_emb.detach().float() @ emb.detach().float().T).T.requires_grad_(True)
         negatives = neg.clone()
@@ -137,6 +212,11 @@ class ContrastiveLoss(PairLoss):
     mean_active: sum / (active positive + active negative pairs); sum_over_batch: sum / B.
     The official code adds s instead of s - margin for an active negative: same gradient, a loss value
     larger by margin per active negative; the hinge keeps the value continuous at the margin.
+
+    Args:
+        margin: the negative margin in cosine similarity: a negative pair is active (and pushed apart) while its
+            similarity exceeds it. The paper's 0.5.
+        reduction: ``"mean_active"`` or ``"sum_over_batch"`` (see `PairLoss`).
     """
 
     def __init__(self, margin: float = 0.5, reduction: str = "mean_active") -> None:
@@ -144,6 +224,16 @@ class ContrastiveLoss(PairLoss):
         self.margin = float(margin)
 
     def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
+        """Terms ``1 - s`` of the active positives and ``s - margin`` of the active negatives.
+
+        Args:
+            sim: B x K similarities.
+            pos: B x K bool candidate positives; narrowed in place to the active ones.
+            neg: B x K bool candidate negatives; narrowed in place to the active ones.
+
+        Returns:
+            The sum of the terms, the active pairs (positive + negative) as the count, and each kind's count.
+        """
         pos &= sim < 1 - POS_EPS  # active positives (in place: no new B x K mask)
         neg &= sim > self.margin  # active negatives
         # d total / d sim: -1, 0 or +1, constant. Built in int8: kernels mixing bool masks into float
@@ -155,6 +245,7 @@ class ContrastiveLoss(PairLoss):
         return PairTerms(total, n_pos + n_neg, n_pos, n_neg)
 
     def extra_repr(self) -> str:
+        """The loss's settings in ``repr(loss)``."""
         return f"margin={self.margin}, {super().extra_repr()}"
 
 
@@ -168,6 +259,16 @@ class MultiSimilarityLoss(PairLoss):
     Active pairs are the kept pairs of active anchors.
     mean_active: sum of term_i / number of active anchors; sum_over_batch: sum of term_i / B.
     The log-sum-exp is evaluated stably, so a large beta cannot overflow.
+
+    Args:
+        alpha: the positives' scale (> 0): how sharply the term weighs the least similar positives.
+        beta: the negatives' scale (> 0): how sharply it weighs the most similar negatives.
+        base: the similarity the terms are centred on (lambda in the MS paper).
+        epsilon: the mining margin: which pairs are informative enough to keep (see above).
+        reduction: ``"mean_active"`` or ``"sum_over_batch"`` (see `PairLoss`).
+
+    Raises:
+        ValueError: alpha or beta <= 0, or an unknown reduction.
     """
 
     def __init__(
@@ -184,6 +285,16 @@ class MultiSimilarityLoss(PairLoss):
         self.alpha, self.beta, self.base, self.epsilon = float(alpha), float(beta), float(base), float(epsilon)
 
     def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
+        """Mining, then term_i of each active anchor, in float32 (float64 for float64 similarities).
+
+        Args:
+            sim: B x K similarities.
+            pos: B x K bool candidate positives; narrowed in place to the kept pairs of active anchors.
+            neg: B x K bool candidate negatives; narrowed in place likewise.
+
+        Returns:
+            The sum of term_i, the active anchors as the count, and the kept positive and negative pairs.
+        """
         s = sim.to(_acc_dtype(sim))  # exp(beta * s) needs more than bfloat16
         sd = s.detach()
         pos &= sd < 1 - POS_EPS
@@ -202,6 +313,7 @@ class MultiSimilarityLoss(PairLoss):
         return PairTerms(total, active.sum(), pos.count_nonzero(), neg.count_nonzero())
 
     def extra_repr(self) -> str:
+        """The loss's settings in ``repr(loss)``."""
         return (
             f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}, "
             f"{super().extra_repr()}"
@@ -215,6 +327,10 @@ class TripletLoss(PairLoss):
     Active triplets are the anchors with term_i > 0; each has one active positive and one active negative
     pair, so pos_pairs = neg_pairs = active triplets.
     mean_active: sum of term_i / active triplets; sum_over_batch: sum of term_i / B.
+
+    Args:
+        margin: the required gap between the hardest positive's and the hardest negative's similarity.
+        reduction: ``"mean_active"`` or ``"sum_over_batch"`` (see `PairLoss`).
     """
 
     def __init__(self, margin: float = 0.1, reduction: str = "mean_active") -> None:
@@ -222,6 +338,16 @@ class TripletLoss(PairLoss):
         self.margin = float(margin)
 
     def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
+        """term_i of each anchor from its hardest positive and hardest negative.
+
+        Args:
+            sim: B x K similarities.
+            pos: B x K bool candidate positives (read only).
+            neg: B x K bool candidate negatives (read only).
+
+        Returns:
+            The sum of term_i, and the active triplets as the count and as both pair counts.
+        """
         s = sim.to(_acc_dtype(sim))
         hardest_pos = s.masked_fill(~pos, torch.inf).amin(1)  # B; +inf without positives
         hardest_neg = s.masked_fill(~neg, -torch.inf).amax(1)  # B; -inf without negatives
@@ -230,11 +356,23 @@ class TripletLoss(PairLoss):
         return PairTerms(term.sum(), n, n, n)
 
     def extra_repr(self) -> str:
+        """The loss's settings in ``repr(loss)``."""
         return f"margin={self.margin}, {super().extra_repr()}"
 
 
-def build_loss(p: "LossParams") -> PairLoss:
-    """The loss named by the `loss` section of params.yaml."""
+def build_loss(p: LossParams) -> PairLoss:
+    """The loss named by the `loss` section of params.yaml.
+
+    Args:
+        p: the `loss` section: `name` picks the loss (contrastive, multi_similarity, triplet); `margin`,
+            `ms_alpha`, `ms_beta`, `ms_base`, `ms_epsilon`, `triplet_margin` and `reduction` configure it.
+
+    Returns:
+        The configured ContrastiveLoss, MultiSimilarityLoss or TripletLoss.
+
+    Raises:
+        ValueError: an unknown loss name.
+    """
     if p.name == "contrastive":
         return ContrastiveLoss(margin=p.margin, reduction=p.reduction)
     if p.name == "multi_similarity":
@@ -256,6 +394,17 @@ class XBMObjective(nn.Module):
     whole global batch (gathered in rank order) and `count` sums a count over ranks (see PairLoss). `entries`
     (n x D) replaces the stored vectors as the memory side of the pairs (a memory of features, embedded by the
     current head: memory.store).
+
+    Args:
+        loss: the pair loss applied to both terms (`build_loss`).
+        weight: w, the memory term's weight (>= 0; the paper's 1).
+
+    Raises:
+        ValueError: a negative weight.
+
+    Attributes:
+        loss (PairLoss): the pair loss of both terms.
+        weight (float): the memory term's weight w.
     """
 
     def __init__(self, loss: PairLoss, weight: float = 1.0) -> None:
@@ -265,10 +414,43 @@ class XBMObjective(nn.Module):
         self.loss, self.weight = loss, float(weight)
 
     def forward(
-        self, emb: Tensor, labels: Tensor, indices: Tensor, memory: "CrossBatchMemory | None" = None,
+        self, emb: Tensor, labels: Tensor, indices: Tensor, memory: CrossBatchMemory | None = None,
         batch: tuple[Tensor, Tensor, Tensor] | None = None, count: Callable[[Tensor], Tensor] | None = None,
         entries: Tensor | None = None,
     ) -> dict[str, Tensor]:
+        """L(batch, batch) + weight * L(batch, memory) and the pair counts of both terms, as a dict of scalar
+        tensors whose keys the Returns table lists.
+
+        The memory term is zero (with a zero gradient) without a memory or with an empty one. The memory is only
+        read: enqueue the batch first (Alg. 1) or after, as the caller decides.
+
+        Args:
+            emb: B x D unit-norm anchor embeddings (this rank's part of the batch with several ranks); the loss is
+                differentiable w.r.t. them.
+            labels: B integer class labels of the anchors.
+            indices: B integer dataset indices of the anchors: an anchor is never paired with another copy of
+                its own image, in the batch or in the memory.
+            memory: the cross-batch memory the anchors are paired with; None or empty: no memory term.
+            batch: with several ranks, ``(ref_emb, ref_labels, ref_indices)`` of the whole global batch
+                (gathered in rank order, ref_emb differentiably): the batch term pairs the anchors with it.
+                None: the batch term pairs `emb` with itself.
+            count: with several ranks, the sum of a count over the ranks (``Dist.sum``), so that the reductions
+                divide by global counts. None: this process's counts.
+            entries: n x D embeddings that stand in for the memory's stored vectors as the memory side of the
+                pairs, in the order of ``memory.get()`` (``memory.store: features``: the stored features embedded
+                by the current head). None: the stored vectors.
+
+        Returns:
+            loss (Tensor): the objective L(batch, batch) + weight * L(batch, memory), a differentiable scalar:
+                what the optimiser minimises.
+            loss_batch (Tensor): L(batch, batch), the batch term (scalar).
+            loss_memory (Tensor): L(batch, memory), the memory term before the weight (scalar; 0 without a
+                memory or with an empty one).
+            pos_pairs (Tensor): int64 scalar: the batch term's active positive pairs.
+            neg_pairs (Tensor): int64 scalar: the batch term's active negative pairs.
+            mem_pos_pairs (Tensor): int64 scalar: the memory term's active positive pairs (0 without a memory).
+            mem_neg_pairs (Tensor): int64 scalar: the memory term's active negative pairs (0 without a memory).
+        """
         if batch is None:
             batch = self.loss(emb, labels, indices=indices, count=count)
         else:
@@ -292,6 +474,7 @@ class XBMObjective(nn.Module):
         }
 
     def extra_repr(self) -> str:
+        """The objective's memory weight in ``repr(objective)``."""
         return f"weight={self.weight}"
 
 

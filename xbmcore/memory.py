@@ -49,15 +49,43 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class CrossBatchMemory(nn.Module):
     """K x D embedding memory with labels, dataset indices and the step each entry was written.
 
+    The entries occupy slots ``[0, len(self))``; `get` returns views of them, `enqueue` writes a batch, `oldest`
+    and `rewrite` refresh entries in place. Every piece of state is a registered buffer, so ``state_dict`` /
+    ``load_state_dict`` checkpoint and restore the memory exactly.
+
     Args:
-        size: K, the number of entries (>= 1).
-        dim: D, the embedding dimension.
-        mode: "queue" (FIFO ring) or "index" (one slot per image, updated in place).
-        num_items: training-set size; required in index mode, optional in queue mode (enables drift).
-        dtype: storage dtype of the embeddings (float32, bfloat16 or float16).
-        device: where the buffers live; enqueued tensors must already be there.
-        sdc_sigma: width of drift compensation's Gaussian (0: off); needs num_items.
-        sdc_pool: how many of the newest drift observations compensation averages.
+        size: K, the number of entries (an integer >= 1).
+        dim: D, the embedding dimension (an integer >= 1); every enqueued batch is B x D.
+        mode: ``"queue"``: the paper's FIFO ring, one entry per enqueued row. ``"index"``: at most one slot per
+            training image, overwritten in place when the image comes again (needs `num_items`).
+        num_items: the training-set size N: dataset indices must lie in ``[0, N)``. Required in index mode;
+            optional in queue mode, where it enables the drift measurement (`last_drift`, `mean_drift`) and
+            drift compensation. None: no item -> slot map.
+        dtype: storage dtype of the stored embeddings: ``torch.float32``, ``torch.bfloat16`` (half the memory) or
+            ``torch.float16``. Labels, indices and steps are always int64.
+        device: where the buffers live (None: torch's default device). Enqueued tensors must already be there.
+        sdc_sigma: width of drift compensation's Gaussian kernel, in embedding-space distance (0: compensation
+            off). Needs `num_items`, to find the re-entering images whose drift it measures.
+        sdc_pool: how many of the newest enqueued rows compensation keeps as drift observations (>= 1).
+
+    Raises:
+        ValueError: a size, dim, num_items or sdc_pool that is not an integer >= 1; an unknown mode or dtype;
+            index mode without num_items; a negative sdc_sigma, or sdc_sigma > 0 without num_items.
+
+    Attributes:
+        K (int): the number of entries (slots).
+        dim (int): D, the embedding dimension.
+        mode (str): ``"queue"`` or ``"index"``.
+        num_items (int | None): the training-set size, or None.
+        sdc_sigma (float): drift compensation's Gaussian width (0: off).
+        sdc_pool (int): drift observations compensation averages over.
+        feats (Tensor): buffer, K x D in `dtype`: the stored embeddings (valid in slots ``[0, len(self))``).
+        labels (Tensor): buffer, K int64: the class label of each entry.
+        indices (Tensor): buffer, K int64: the dataset index of each entry.
+        steps (Tensor): buffer, K int64: the training step at which each entry was written.
+        fill (Tensor): buffer, int64 scalar: the number of entries stored.
+        drift_last (Tensor): buffer, 3 float64: [sum ||new - old||^2, sum of ages, count] of the last enqueue.
+        drift_total (Tensor): buffer, 3 float64: the same sums over every enqueue since creation or `reset`.
     """
 
     def __init__(
@@ -135,8 +163,25 @@ class CrossBatchMemory(nn.Module):
         mode: str = "queue",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-    ) -> "CrossBatchMemory":
-        """Memory of K = max(1, round(ratio * num_items)) entries, ratio in (0, 1]."""
+    ) -> CrossBatchMemory:
+        """Memory of K = max(1, round(ratio * num_items)) entries, ratio in (0, 1].
+
+        The paper sizes the memory as a fraction of the training set; drift compensation is off.
+
+        Args:
+            ratio: K / N, the fraction of the training set the memory holds, in (0, 1].
+            num_items: N, the training-set size (an integer >= 1); also the memory's `num_items`.
+            dim: D, the embedding dimension.
+            mode: ``"queue"`` or ``"index"`` (see the class).
+            dtype: storage dtype of the embeddings.
+            device: where the buffers live.
+
+        Returns:
+            An empty memory of K entries.
+
+        Raises:
+            ValueError: ratio outside (0, 1], num_items not an integer >= 1, or an invalid argument of the class.
+        """
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"memory ratio: expected a value in (0, 1], got {ratio!r}")
         if not _is_int(num_items) or num_items < 1:
@@ -151,6 +196,7 @@ class CrossBatchMemory(nn.Module):
 
     @property
     def fill_level(self) -> float:
+        """Fraction of the K slots in use, ``len(self) / K``: 0 when empty, 1 once full (no device read)."""
         return self._fill / self.K
 
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -158,6 +204,10 @@ class CrossBatchMemory(nn.Module):
 
         Entries occupy slots [0, n). The order is by slot, not by age: in queue mode the oldest entry is at
         slot ``ptr`` once the ring is full; in index mode the age order is given by ``seq``.
+
+        Returns:
+            ``(feats, labels, indices)``: n x D in the storage dtype, n int64 class labels, n int64 dataset
+                indices. Views of the buffers: a later `enqueue` or `rewrite` changes them.
         """
         n = self._fill
         return self.feats[:n], self.labels[:n], self.indices[:n]
@@ -168,24 +218,30 @@ class CrossBatchMemory(nn.Module):
 
     @property
     def last_drift(self) -> float | None:
-        """Mean ||new - old||^2 over the items of the last enqueue whose previous embedding was stored."""
+        """Mean ||new - old||^2 over the items of the last enqueue whose previous embedding was stored; None when
+        none was (or without `num_items`, which finds them)."""
         return self._drift_mean(self.drift_last, 0)
 
     @property
     def last_drift_age(self) -> float | None:
-        """Mean age in steps (step now - step written) of those previous embeddings."""
+        """Mean age in steps (step now - step written) of the previous embeddings behind `last_drift`; None when
+        there were none."""
         return self._drift_mean(self.drift_last, 1)
 
     @property
     def mean_drift(self) -> float | None:
-        """Running mean of ||new - old||^2 over every re-entering item since creation (or reset)."""
+        """Running mean of ||new - old||^2 over every re-entering item since creation (or reset); None before any
+        image has re-entered."""
         return self._drift_mean(self.drift_total, 0)
 
     @property
     def mean_drift_age(self) -> float | None:
+        """Running mean age in steps (step now - step written) of the replaced embeddings behind `mean_drift`;
+        None before any image has re-entered."""
         return self._drift_mean(self.drift_total, 1)
 
     def extra_repr(self) -> str:
+        """The memory's configuration in ``repr(memory)``: K, dim, mode, num_items and dtype."""
         return f"K={self.K}, dim={self.dim}, mode={self.mode}, num_items={self.num_items}, dtype={self.feats.dtype}"
 
     # ------------------------------------------------------------------ writing
@@ -205,6 +261,25 @@ class CrossBatchMemory(nn.Module):
         out-of-range index would corrupt slot_of); `check_range=False` skips that for a caller whose indices
         are valid by construction (the trainer's, drawn by its sampler). Queue mode then runs without any
         sync; index mode needs one to count the new images.
+
+        With `num_items`, the drift of the re-entering images is recorded (`last_drift`, `mean_drift`) and,
+        with ``sdc_sigma > 0``, every stored entry is compensated before the batch is written.
+
+        Args:
+            feats: B x D floating-point embeddings (any float dtype: cast to the storage dtype), on the
+                memory's device. Detached: no gradient flows into the memory.
+            labels: B integer class labels.
+            indices: B integer dataset indices of the images (in ``[0, num_items)`` when num_items is set): what
+                identifies an image across batches (index mode's slots, drift, the losses' self-pair exclusion).
+            step: the training step the embeddings were computed at (an int); stored per entry, ages count from
+                it.
+            check_range: validate that `indices` lie in ``[0, num_items)`` (one host-device sync). False for a
+                caller whose indices are valid by construction.
+
+        Raises:
+            ValueError: a tensor that is not a tensor, on another device, of the wrong shape (feats B x D, labels
+                and indices B) or dtype (floating feats, integer labels and indices); a step that is not an int;
+                indices out of range (with `check_range`).
         """
         feats, labels, indices = self._check(feats, labels, indices, step, check_range)
         B = feats.shape[0]
@@ -310,7 +385,16 @@ class CrossBatchMemory(nn.Module):
     def oldest(self, n: int, skip_next: int = 0) -> Tensor:
         """Slots of n stored entries written longest ago (by the step they were written; among entries of one step,
         whichever torch.topk returns), oldest first. skip_next: in queue mode, leave out the next `skip_next` ring
-        slots, which the next enqueue of that many entries overwrites anyway (a refresh of them would be lost)."""
+        slots, which the next enqueue of that many entries overwrites anyway (a refresh of them would be lost).
+
+        Args:
+            n: how many slots to return; capped at the entries stored (minus the skipped ones).
+            skip_next: in queue mode with a full ring, the number of upcoming ring slots to leave out (the next
+                enqueue's batch size); ignored in index mode and while the ring is not full.
+
+        Returns:
+            At most n int64 slot numbers on the memory's device, oldest entry first: what `rewrite` takes.
+        """
         steps = self.steps[: self._fill]
         if self.mode == "queue" and skip_next and self._fill == self.K:
             skip = (self._ptr + torch.arange(min(int(skip_next), self.K), device=steps.device)) % self.K
@@ -323,7 +407,13 @@ class CrossBatchMemory(nn.Module):
     @torch.no_grad()
     def rewrite(self, slots: Tensor, feats: Tensor, step: int) -> None:
         """New embeddings for the entries in `slots` (the same images, re-embedded at `step`): the features and the
-        step stamps change; labels, dataset indices and the write order (who is evicted next) do not."""
+        step stamps change; labels, dataset indices and the write order (who is evicted next) do not.
+
+        Args:
+            slots: n int64 slot numbers of stored entries (from `oldest`), on the memory's device.
+            feats: n x D new embeddings of those entries' images, in the order of `slots`; detached.
+            step: the training step they were computed at: the entries' new age origin.
+        """
         self.feats.index_copy_(0, slots, feats.detach().to(self.feats.dtype))
         self.steps.index_fill_(0, slots, step)
         if self.sdc_sigma > 0:
@@ -370,8 +460,19 @@ class CrossBatchMemory(nn.Module):
             self._seq = int(self.seq[: self._fill].max()) + 1 if self._fill else 0
 
 
-def build_memory(params: "Params", num_items: int, dim: int, device: torch.device | str) -> CrossBatchMemory:
-    """The (empty) memory the `memory` section describes, for a train set of `num_items` images."""
+def build_memory(params: Params, num_items: int, dim: int, device: torch.device | str) -> CrossBatchMemory:
+    """The (empty) memory the `memory` section describes, for a train set of `num_items` images.
+
+    Args:
+        params: the run's params; its `memory` section gives the size (``memory.size``, else
+            ``round(memory.ratio * num_items)``), mode, dtype and drift compensation.
+        num_items: N, the training-set size.
+        dim: D, the width of an entry (the embedding's, or the backbone's with ``memory.store: features``).
+        device: where the buffers live.
+
+    Returns:
+        An empty CrossBatchMemory.
+    """
     m = params.memory
     size = m.size if m.size is not None else max(1, round(m.ratio * int(num_items)))
     return CrossBatchMemory(size, dim, mode=m.mode, num_items=num_items, dtype=DTYPES[m.dtype], device=device,
@@ -381,7 +482,18 @@ def build_memory(params: "Params", num_items: int, dim: int, device: torch.devic
 def compensate(feats: Tensor, at: Tensor, rate: Tensor, valid: Tensor, sigma: float) -> Tensor:
     """SDC's update of stored embeddings: each row of `feats` (n x D) plus the Gaussian-weighted mean of the
     observed drift rates (`rate`, P x D, observed at `at`, P x D; `valid`, P, 1 for a real observation and 0 for
-    an empty pool slot), renormalised to unit length. Rows with no valid observation stay where they are."""
+    an empty pool slot), renormalised to unit length. Rows with no valid observation stay where they are.
+
+    Args:
+        feats: n x D float32 stored embeddings to move.
+        at: P x D float32: where each drift observation was made (the re-entering image's new embedding).
+        rate: P x D float32: each observation's drift per step, ``(new - written) / age``.
+        valid: P float32: 1 for a real observation, 0 for an empty or non-observation pool slot.
+        sigma: the Gaussian kernel's width (> 0): observation j weighs ``exp(-||feats_i - at_j||^2 / (2 sigma^2))``.
+
+    Returns:
+        n x D float32, unit-norm rows: the compensated embeddings.
+    """
     d2 = (feats * feats).sum(1, keepdim=True) - 2 * feats @ at.T + (at * at).sum(1)[None, :]  # n x P
     logits = -d2.clamp(min=0) / (2 * sigma * sigma)
     logits = logits.masked_fill(valid[None, :] == 0, -torch.inf)

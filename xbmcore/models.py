@@ -42,6 +42,13 @@ class SmallCNN(nn.Sequential):
     About 15 M multiply-adds per 32 px image (blocks 2-4 4.7 M each; a ResNet-18 needs ~37 M at 32 px, 1.8 G at
     224 px): about 1,500 images/s forward + backward (batch 64, Adam) on 2 CPU cores, so a run of a thousand
     steps takes about a minute of compute.
+
+    Args:
+        widths: the output channels of each block; the network downsamples by 2 between blocks.
+        norm: ``"batch"`` (BatchNorm) or ``"group"`` (GroupNorm of `GROUPS` groups, independent of the batch).
+
+    Attributes:
+        out_channels (int): C, the last block's channels: the width of the pooled features.
     """
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), norm: str = "batch"):
@@ -60,12 +67,36 @@ class AvgMaxPool(nn.Module):
     """Sum of global average and global max pooling (common in metric learning, e.g. Proxy-Anchor): B x C."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool feature maps to vectors.
+
+        Args:
+            x: B x C x H x W feature maps (any memory format).
+
+        Returns:
+            B x C: the global average plus the global maximum of each channel.
+        """
         # flatten (not view): the input may be channels_last, i.e. non-contiguous in NCHW order.
         return (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)).flatten(1)
 
 
 class EmbeddingNet(nn.Module):
-    """backbone -> AvgMaxPool -> Linear(C, D) -> L2 normalisation. forward: B x 3 x H x W -> B x D."""
+    """backbone -> AvgMaxPool -> Linear(C, D) -> L2 normalisation. forward: B x 3 x H x W -> B x D.
+
+    Args:
+        backbone: a module mapping B x 3 x H x W images to B x C x h x w feature maps.
+        feat_dim: C, the backbone's output channels.
+        embedding_dim: D, the embedding's dimension.
+        freeze_bn: keep the backbone's BatchNorm layers in eval mode with frozen affine parameters (their running
+            statistics, e.g. ImageNet's, are kept): for pretrained backbones and small batches.
+
+    Attributes:
+        backbone (nn.Module): the feature extractor.
+        pool (AvgMaxPool): the global pooling.
+        head (nn.Linear): the C -> D projection.
+        feat_dim (int): C.
+        embedding_dim (int): D.
+        freeze_bn (bool): whether the backbone's BatchNorm is frozen.
+    """
 
     def __init__(self, backbone: nn.Module, feat_dim: int, embedding_dim: int, freeze_bn: bool = False):
         super().__init__()
@@ -84,6 +115,14 @@ class EmbeddingNet(nn.Module):
         return (m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def train(self, mode: bool = True) -> "EmbeddingNet":
+        """Set training mode, as ``nn.Module.train``; a frozen backbone BatchNorm stays in eval mode.
+
+        Args:
+            mode: True for training mode, False for eval mode.
+
+        Returns:
+            The network itself.
+        """
         # Frozen BN keeps its (pretrained) running statistics: eval mode even while the rest trains.
         super().train(mode)
         if self.freeze_bn:
@@ -91,15 +130,31 @@ class EmbeddingNet(nn.Module):
                 m.eval()
         return self
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
+    def forward(self, x: torch.Tensor, with_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """B x D unit-norm embeddings; with_features: also the pooled backbone features they come from (B x C), for
-        a memory that stores features (memory.store)."""
+        a memory that stores features (memory.store).
+
+        Args:
+            x: B x 3 x H x W normalised images (``xbmcore.data`` makes them).
+            with_features: also return the pooled backbone features.
+
+        Returns:
+            B x D embeddings, or ``(embeddings, features)`` with `with_features`.
+        """
         f = self.pool(self.backbone(x))
         emb = F.normalize(self.head(f), dim=1)
         return (emb, f) if with_features else emb
 
     def embed_features(self, f: torch.Tensor) -> torch.Tensor:
-        """The head's unit-norm embeddings of pooled backbone features: N x C -> N x D."""
+        """The head's unit-norm embeddings of pooled backbone features: N x C -> N x D.
+
+        Args:
+            f: N x C pooled backbone features (``forward(x, with_features=True)[1]``); cast to the head's dtype.
+
+        Returns:
+            N x D unit-norm embeddings: what `forward` returns for the images those features come from.
+        """
         return F.normalize(self.head(f.to(self.head.weight.dtype)), dim=1)
 
 
@@ -121,7 +176,16 @@ def load_pretrained(net: EmbeddingNet, path: str | Path) -> None:
     """Load a local weights file into `net`: a state dict of the whole model (keys backbone.*, head.*: the pretrain
     stage's output), or of its backbone alone, such as a torchvision checkpoint (its classifier fc.* is left out,
     as with imagenet). A dict that wraps it under "model" or "state_dict", and DDP's "module." prefix, are
-    accepted. Any other missing or unexpected key, or a shape that differs, is an error that names it."""
+    accepted. Any other missing or unexpected key, or a shape that differs, is an error that names it.
+
+    Args:
+        net: the network to load into (in place).
+        path: a file written by ``torch.save`` holding tensors only (read with ``weights_only=True``).
+
+    Raises:
+        ValueError: not a file, not readable as torch weights, the pretrain stage's "skipped" marker, no state
+            dict, or keys and shapes that do not fit the model or its backbone.
+    """
     path = Path(path)
     where = f"model.pretrained: {path}"
     if not path.is_file():
@@ -162,7 +226,21 @@ def load_pretrained(net: EmbeddingNet, path: str | Path) -> None:
 def build_model(p: ModelParams, load_weights: bool = True) -> EmbeddingNet:
     """Build the embedding network described by the `model` section of params.yaml, with its pretrained weights
     unless `load_weights` is False (a caller that loads trained weights next needs neither the download nor the
-    file)."""
+    file).
+
+    Args:
+        p: the `model` section: `backbone` (smallcnn, resnet18, resnet50), `embedding_dim`, `pretrained` (none,
+            imagenet or a weights file), `freeze_bn`, `norm` (smallcnn's BatchNorm or GroupNorm).
+        load_weights: load the pretrained weights `p.pretrained` names (downloading ImageNet's if needed).
+
+    Returns:
+        The EmbeddingNet, in training mode, on the CPU.
+
+    Raises:
+        ValueError: an unknown backbone, ImageNet weights for smallcnn, norm "group" for a ResNet, or a weights
+            file that does not fit (see `load_pretrained`).
+        RuntimeError: the ImageNet weights could not be downloaded (the message says where to put them).
+    """
     local = p.pretrained not in ("none", "imagenet")
     if p.backbone == "smallcnn":
         if p.pretrained == "imagenet":

@@ -42,7 +42,11 @@ _REQUIRED_FLAGS = ("avx2", "fma")
 
 
 def cpu_flags() -> frozenset[str]:
-    """Instruction-set flags of this CPU (Linux /proc/cpuinfo); empty where unknown."""
+    """Instruction-set flags of this CPU (Linux /proc/cpuinfo); empty where unknown.
+
+    Returns:
+        The flags, lower case (``"avx2"``, ``"fma"``, ``"avx512f"``, ...).
+    """
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -54,7 +58,15 @@ def cpu_flags() -> frozenset[str]:
 
 
 def unsupported(machine: str | None = None, flags: frozenset[str] | None = None) -> str | None:
-    """Why this CPU cannot run the portable kernels (None: it can)."""
+    """Why this CPU cannot run the portable kernels (None: it can).
+
+    Args:
+        machine: the architecture (``platform.machine()``); None: this machine's.
+        flags: the CPU's flags; None: this CPU's (`cpu_flags`).
+
+    Returns:
+        A reason (not x86-64, or AVX2 or FMA missing), or None.
+    """
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64"):
         return f"this CPU is {machine}, not x86-64"
@@ -66,14 +78,31 @@ def unsupported(machine: str | None = None, flags: frozenset[str] | None = None)
 
 
 def in_force(env: dict[str, str] | os._Environ | None = None) -> bool:
-    """Whether every portable switch is set in `env` (default: this process's environment)."""
+    """Whether every portable switch is set in `env` (default: this process's environment).
+
+    Args:
+        env: an environment mapping; None: ``os.environ``.
+
+    Returns:
+        True when every variable of `PORTABLE_ENV` has its portable value.
+    """
     env = os.environ if env is None else env
     return all(env.get(k) == v for k, v in PORTABLE_ENV.items())
 
 
 def wanted_env(enabled: bool, machine: str | None = None, flags: frozenset[str] | None = None) -> dict[str, str | None]:
     """The switches to set (a value) or remove (None) for `train.portable = enabled` on this CPU. Off, only values
-    equal to the portable ones are removed (inherited from a portable parent); a user's own settings stay."""
+    equal to the portable ones are removed (inherited from a portable parent); a user's own settings stay.
+
+    Args:
+        enabled: ``train.portable``.
+        machine: the architecture; None: this machine's.
+        flags: the CPU's flags; None: this CPU's.
+
+    Returns:
+        ``{variable: value}`` to set, or ``{variable: None}`` to remove. On a CPU that cannot run portable
+            mode, enabled behaves as off.
+    """
     if enabled and unsupported(machine, flags) is None:
         return dict(PORTABLE_ENV)
     return {k: None for k, v in PORTABLE_ENV.items() if os.environ.get(k) == v}
@@ -82,7 +111,15 @@ def wanted_env(enabled: bool, machine: str | None = None, flags: frozenset[str] 
 def enter(enabled: bool, what: str = "train.portable") -> bool:
     """Put this process in portable mode (`enabled`) or out of it, before torch, numpy or faiss loads; if one is
     loaded already and the environment must change, start the process again with the new environment (this
-    call then does not return). Returns whether the portable switches are in force."""
+    call then does not return). Returns whether the portable switches are in force.
+
+    Args:
+        enabled: ``train.portable``: put the process in portable mode, or take it out.
+        what: the setting named in the warning on a CPU without AVX2 and FMA.
+
+    Returns:
+        Whether the portable switches are in force (False on an unsupported CPU).
+    """
     if enabled and (why := unsupported()):
         log.warning("%s: %s, so it runs its own kernels: its results are not comparable byte for byte with ones "
                     "computed in portable mode (the committed results among them)", what, why)
@@ -104,7 +141,12 @@ def enter(enabled: bool, what: str = "train.portable") -> bool:
 
 def report() -> dict[str, object]:
     """What this process runs: whether portable mode is in force, and the level each library actually chose
-    (ATen's capability, numpy's highest dispatch target, faiss's build where loaded). Imports torch and numpy."""
+    (ATen's capability, numpy's highest dispatch target, faiss's build where loaded). Imports torch and numpy.
+
+    Returns:
+        ``{"portable", "cpu", "aten_capability", "numpy_avx512", "numpy", "faiss_simd", "env"}``: the `start`
+            event's `numerics` field.
+    """
     import numpy as np
     import torch
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from xbmcore.config import PretrainParams
 from xbmcore.data.batch import collate_for, to_device
@@ -24,7 +24,20 @@ SKIPPED = "pretrain_skipped"
 
 
 class NormSoftmax(nn.Module):
-    """Cross-entropy over cos(embedding, proxy_c) / temperature, one proxy per class (unit-normalised on use)."""
+    """Cross-entropy over cos(embedding, proxy_c) / temperature, one proxy per class (unit-normalised on use).
+
+    Args:
+        dim: D, the embedding's dimension.
+        num_classes: C, the classes (>= 2); one learned proxy each.
+        temperature: the divisor of the cosine logits (smaller: sharper softmax).
+
+    Raises:
+        ValueError: fewer than 2 classes.
+
+    Attributes:
+        proxies (nn.Parameter): C x D, the class proxies (not normalised; normalised on use).
+        temperature (float): the logits' divisor.
+    """
 
     def __init__(self, dim: int, num_classes: int, temperature: float):
         super().__init__()
@@ -34,17 +47,42 @@ class NormSoftmax(nn.Module):
         self.temperature = temperature
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, accuracy) of unit-norm embeddings B x D with labels in 0..C-1."""
+        """(loss, accuracy) of unit-norm embeddings B x D with labels in 0..C-1.
+
+        Args:
+            emb: B x D unit-norm embeddings.
+            labels: B int64 class labels in ``[0, C)``.
+
+        Returns:
+            ``(loss, accuracy)``: the mean cross-entropy (differentiable) and the fraction of B whose nearest
+                proxy is their own class.
+        """
         logits = emb @ F.normalize(self.proxies, dim=1).T / self.temperature
         return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).to(logits.dtype).mean()
 
 
-def pretrain(model: nn.Module, dataset, p: PretrainParams, device: torch.device,
+def pretrain(model: nn.Module, dataset: Dataset, p: PretrainParams, device: torch.device,
              on_log: Callable[[int, dict[str, float]], None] | None = None, log_every: int = 50) -> list[dict]:
     """Train `model` (an EmbeddingNet) in place for p.steps steps of p.batch_size random images of `dataset`
     (augmented; labels contiguous), Adam with a cosine decay of the lr to 0. The images come in epochs of a seeded
     permutation (p.seed). Every `log_every` steps the mean loss and accuracy since the last log go to
-    `on_log(step, metrics)` and to the returned history."""
+    `on_log(step, metrics)` and to the returned history.
+
+    Args:
+        model: the EmbeddingNet to train (its `embedding_dim` sizes the proxies); moved to `device`.
+        dataset: the pretrain split: items ``(image, label, index)`` with labels in ``[0, num_classes)`` and a
+            `num_classes` attribute (an ImageDataset with augmentation).
+        p: the `pretrain` section: steps, batch_size, lr, weight_decay, temperature, seed.
+        device: where training runs.
+        on_log: called as ``on_log(step, {"loss", "accuracy", "lr"})`` every `log_every` steps and at the end.
+        log_every: steps between logs.
+
+    Returns:
+        The logs: ``[{"step", "loss", "accuracy", "lr"}, ...]``.
+
+    Raises:
+        ValueError: a batch larger than the split, or a loss that is not finite (lower pretrain.lr).
+    """
     head = NormSoftmax(model.embedding_dim, dataset.num_classes, p.temperature).to(device)
     model.to(device).train()
     opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=p.lr, weight_decay=p.weight_decay)

@@ -41,6 +41,18 @@ def nearest(query: np.ndarray, gallery: np.ndarray, k: int,
     exclude[i]: query i's own row in the gallery, left out of its neighbours (the query = gallery protocol:
     np.arange(n)), or -1 for a query from elsewhere (a dropped image file). k is capped at the number of
     candidates. Exact search: the library's one exact kNN (xbmcore.knn).
+
+    Args:
+        query: n x D query embeddings (or one D-vector); normalised here.
+        gallery: N x D gallery embeddings; normalised here.
+        k: neighbours per query (an integer >= 1; capped at the candidates).
+        exclude: n gallery rows (or -1), one per query, left out of that query's neighbours; None: none.
+
+    Returns:
+        ``(sims, ids)``: n x k float32 cosine similarities, best first, and n x k int64 gallery rows.
+
+    Raises:
+        ValueError: k not an integer >= 1, mis-shaped or non-finite embeddings, or an invalid `exclude`.
     """
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k: expected an integer >= 1, got {k!r}")
@@ -62,12 +74,22 @@ def nearest(query: np.ndarray, gallery: np.ndarray, k: int,
     return sims, ids
 
 
-def first_relevant_rank(query, query_labels, gallery=None, gallery_labels=None) -> np.ndarray:
+def first_relevant_rank(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray | None = None,
+                        gallery_labels: np.ndarray | None = None) -> np.ndarray:
     """1-based rank of each query's first same-label gallery item in its full ranking; 0 when it has none.
 
     The worst queries are those with the largest rank. Rank = 1 + the number of irrelevant candidates at least as
     similar as the most similar relevant one: a tie counts against the query, as in Recall@K
     (xbmcore.evaluate, whose exact counting pass this is, uncapped).
+
+    Args:
+        query: n x D query embeddings (normalised here).
+        query_labels: n integer labels.
+        gallery: N x D gallery embeddings; None: the queries are their own gallery, each excluding itself.
+        gallery_labels: N integer labels; given exactly when `gallery` is.
+
+    Returns:
+        n int64 ranks, 1-based; 0 for a query without any relevant gallery item.
     """
     self_excluded = gallery is None
     q, ql, g, gl = _pair(query, query_labels, gallery, gallery_labels)
@@ -77,7 +99,14 @@ def first_relevant_rank(query, query_labels, gallery=None, gallery_labels=None) 
 
 def worst_first(ranks: np.ndarray) -> np.ndarray:
     """Query rows ordered from the largest first-relevant rank down (ties: lower row first); queries without
-    any relevant item (rank 0) last."""
+    any relevant item (rank 0) last.
+
+    Args:
+        ranks: n first-relevant ranks (`first_relevant_rank`).
+
+    Returns:
+        The n query rows, worst first.
+    """
     ranks = np.asarray(ranks, dtype=np.int64)
     key = np.where(ranks > 0, ranks, -1)
     return np.argsort(-key, kind="stable")
@@ -85,7 +114,19 @@ def worst_first(ranks: np.ndarray) -> np.ndarray:
 
 def sample_queries(n: int, count: int, seed: int = 0) -> np.ndarray:
     """A fixed sample of `count` query rows out of n (sorted): the same queries for every model of a dataset, so
-    their figures compare."""
+    their figures compare.
+
+    Args:
+        n: the number of queries (>= 1).
+        count: how many to draw (capped at n).
+        seed: the draw's seed.
+
+    Returns:
+        min(count, n) distinct query rows, sorted.
+
+    Raises:
+        ValueError: n < 1.
+    """
     if n < 1:
         raise ValueError(f"n: expected at least one query, got {n}")
     rng = np.random.default_rng(seed)

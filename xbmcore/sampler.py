@@ -29,6 +29,28 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
     is identical to the one an uninterrupted run would yield. Because epochs have a fixed length, the position
     after n batches is also ``state_after(n)``: use it when a DataLoader with workers prefetches batches ahead of
     the training step.
+
+    Args:
+        labels: the class label of every dataset item (a 1-D sequence of integers, N >= 1); any integer ids, not
+            necessarily contiguous. A batch holds dataset indices into it.
+        batch_size: B, the global batch size: a multiple of `images_per_class` and of `world`.
+        images_per_class: M, the images drawn per class; P = B / M classes per batch (P <= the number of classes).
+        seed: the stream's seed (an integer >= 0): the classes' order per epoch and the images drawn per batch.
+        rank: this process's rank in ``[0, world)``: it keeps rows ``rank * B / world`` to
+            ``(rank + 1) * B / world`` of each global batch.
+        world: the number of ranks sharing the global batch (1: one process).
+
+    Raises:
+        ValueError: empty or non-integer labels; a batch size, images_per_class or seed that is not an integer
+            (or is out of range); B not a multiple of M or of world; rank outside [0, world); more classes per
+            batch than the labels hold.
+
+    Attributes:
+        batch_size (int): B, the global batch size.
+        P (int): classes per batch.
+        M (int): images per class in a batch.
+        seed (int): the stream's seed.
+        num_classes (int): C, the distinct labels.
     """
 
     def __init__(self, labels: Sequence[int] | np.ndarray, batch_size: int, images_per_class: int, seed: int = 0,
@@ -112,13 +134,34 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
             yield batch[self.rank * part:(self.rank + 1) * part]
 
     def state_after(self, num_batches: int) -> dict[str, int]:
-        """Position after `num_batches` batches from the start of the stream."""
+        """Position after `num_batches` batches from the start of the stream.
+
+        Args:
+            num_batches: batches drawn since the start of the stream (the trainer's global step).
+
+        Returns:
+            A state for `load_state_dict`: ``{"epoch", "batch", "seed"}``.
+        """
         return {"epoch": num_batches // self.len_epoch, "batch": num_batches % self.len_epoch, "seed": self.seed}
 
     def state_dict(self) -> dict[str, int]:
+        """The position of the next batch.
+
+        Returns:
+            ``{"epoch": ..., "batch": ..., "seed": ...}``: the next batch is batch `batch` of epoch `epoch`.
+        """
         return {"epoch": self._epoch, "batch": self._batch, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a position: the next batch is the one an uninterrupted stream yields there.
+
+        Args:
+            state: a position from `state_dict` or `state_after`: ``{"epoch", "batch", "seed"}``.
+
+        Raises:
+            ValueError: a missing key, or a position outside the stream (epoch < 0, batch not in
+                ``[0, len_epoch)``).
+        """
         missing = {"epoch", "batch", "seed"} - set(state)
         if missing:
             raise ValueError(f"PKSampler state: missing keys {sorted(missing)}, got {sorted(state)}")

@@ -18,9 +18,30 @@ class TrainState:
     """Everything that decides how training continues, saved and restored whole (DINO's
     `restart_from_checkpoint` as one object): model, optimiser, scheduler, scaler, memory (None without one),
     global step, phase and its starting step, curves, evaluations and every rank's RNG states. The sampler's
-    position is not stored: it is the number of steps taken."""
+    position is not stored: it is the number of steps taken.
 
-    def __init__(self, model: torch.nn.Module, optimizer, scheduler, scaler, dist: Dist):
+    Args:
+        model: the model being trained.
+        optimizer: its optimiser.
+        scheduler: the lr scheduler of the phases (a LambdaLR over `optimizer`).
+        scaler: the loss scaler (float16's GradScaler; disabled for other precisions).
+        dist: the job's ranks (every rank's RNG states are saved; a state restores only into as many ranks).
+
+    Attributes:
+        memory (CrossBatchMemory | None): the cross-batch memory of the XBM phase; None in the others.
+        step (int): the global optimiser step, counted across phases.
+        phase (str | None): the current phase's name.
+        phase_start (int): the step the current phase started at.
+        digest (str): the phase's `training_digest`: a checkpoint resumes only a run with the same one.
+        history (dict[str, list]): the training curves, one list per `HISTORY_FIELDS` column.
+        evals (list[dict]): the periodic evaluations: ``{"step", "phase", "split", metric: value, ...}``.
+        warmup_end (int | None): the step the warm-up ended at (None until it has).
+        probe (DriftProbe | None): the drift probe, with its snapshots and D(t; dt) history.
+        ema (torch.nn.Module | None): ``memory.momentum``'s moving average of the model (XBM phase).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, dist: Dist):
         self.model, self.optimizer, self.scheduler, self.scaler, self.dist = model, optimizer, scheduler, scaler, dist
         self.memory: CrossBatchMemory | None = None
         self.step = 0  # global optimiser step, counted across phases
@@ -35,7 +56,13 @@ class TrainState:
         self.ema: torch.nn.Module | None = None  # memory.momentum's moving average of the model (XBM phase)
 
     def state_dict(self) -> dict[str, Any]:
-        """A plain dict (tensors, numbers, lists) for the safe unpickler. Collective: every rank calls it."""
+        """A plain dict (tensors, numbers, lists) for the safe unpickler. Collective: every rank calls it.
+
+        Returns:
+            The checkpoint's content: format, phase, phase_start, digest, nproc, step, the model's, optimiser's,
+                scheduler's, scaler's, memory's, probe's and moving average's state dicts, every rank's RNG
+                states, history, evals and warmup_end.
+        """
         return {
             "format": CHECKPOINT_FORMAT, "phase": self.phase, "phase_start": self.phase_start,
             "digest": self.digest, "nproc": self.dist.world, "step": self.step,
@@ -50,7 +77,18 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by `state_dict` (a checkpoint or a stage's final state). The memory is restored
-        when this state has one (the XBM phase); a warm-up state has none."""
+        when this state has one (the XBM phase); a warm-up state has none.
+
+        `state` itself is left unchanged (the optimiser's moments are copied), so one state can start several
+        runs.
+
+        Args:
+            state: what `state_dict` returned (read back with ``xbmcore.checkpoint.load_checkpoint``).
+
+        Raises:
+            ValueError: another checkpoint format, a state saved by another number of processes, or a state
+                without a memory for a phase that has one.
+        """
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
         if len(state["rng"]) != self.dist.world:

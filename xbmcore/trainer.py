@@ -44,7 +44,7 @@ import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -67,6 +67,13 @@ from xbmcore.optim import build_optimizer, lr_factor
 from xbmcore.sampler import PKSampler
 from xbmcore.state import TrainState
 
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from xbmcore.data.batch import ImageBatch
+    from xbmcore.data.prepare import Splits
+    from xbmcore.events import Sink
+
 log = logging.getLogger(__name__)
 
 # The layout of a step's scalars on the device: one float64 vector per step, all read with one sync by `flush`.
@@ -86,9 +93,67 @@ class Trainer:
     `run_dir`: folder for this run's files; a phase checkpoints to `run_dir/<phase>/checkpoints` unless
     `train_phase` is given a `checkpoint_dir` (None for both: no checkpoints). Inside a torchrun job (the
     process group initialised, see xbmcore.distributed) it is one rank of a data-parallel run.
+
+    The constructor resolves the device and precision (``train.device``, ``train.precision``), moves the model
+    there, and builds the objective, optimiser, lr schedule, loss scaler, sampler and (with ``train.drift_probe``)
+    the drift probe. A run is then ``train_phase("warmup", ...)``, ``memory = init_memory()``,
+    ``train_phase("xbm", ..., memory=memory)``, with `evaluate` wherever it is wanted.
+
+    Args:
+        params: the run's params (xbmcore.config): the `train`, `loss`, `memory`, `model`, `eval` and `data`
+            sections decide the training.
+        model: the embedding network, mapping B x 3 x H x W images to B x D unit-norm embeddings (an
+            EmbeddingNet of xbmcore.models; ``memory.store: features`` and the drift probe's backbone
+            measurement need its backbone, pool and head). Moved to the device; trained in place.
+        splits: the prepared dataset's splits (``xbmcore.data.open_splits``): `splits.train` is trained on (its
+            labels feed the sampler; it must not be empty), `splits.val` is what `evaluate` scores by default, and
+            `splits.test` (or `splits.query` and `splits.gallery`) what ``evaluate("test")`` scores.
+        sink: where the run's events go (xbmcore.events): anything with ``emit(event: dict)``, such as a
+            `JsonlSink` (the events file), a `ProgressSink`, a `MultiSink` of several, or a `NullSink`. One
+            ``phase`` event per phase, one ``step`` event per optimiser step, and ``eval``, ``drift``,
+            ``checkpoint`` and ``end`` events; only rank 0 emits. The trainer never closes it.
+        run_dir: folder for this run's files: phase `p` checkpoints to ``run_dir/<p>/checkpoints`` unless
+            `train_phase` is given a `checkpoint_dir`. None: no checkpoints unless `train_phase` names a folder.
+
+    Raises:
+        ValueError: an empty training split; ``model.sync_bn`` with several processes on the CPU;
+            ``memory.store: features`` with a model that has no backbone, pool and head.
+
+    Attributes:
+        params (Params): the run's params.
+        model (torch.nn.Module): the model being trained, on `device`.
+        net (torch.nn.Module): what the training forward runs through: `model`, or its DistributedDataParallel
+            wrapper with several ranks.
+        device (torch.device): where training runs.
+        amp_dtype (torch.dtype | None): the autocast dtype (bfloat16, float16), None for float32.
+        dist (Dist): this process's view of the job's ranks (inactive in a single process).
+        objective (XBMObjective): L(batch, batch) + weight * L(batch, memory).
+        state (TrainState): everything a checkpoint holds: model, optimiser, scheduler, scaler, memory, step,
+            phase, curves, evaluations, RNG states.
+        sampler (PKSampler): the P x M batch sampler of this rank.
+        hooks (list[Hook]): the caller's hooks, run in every phase after the built-in ones.
+        splits (Splits): the dataset's splits.
+        sink (Sink): where events go.
+        run_dir (Path | None): the run's folder.
+        folder (Path | None): the current phase's checkpoint folder (None: no checkpoints).
+        last_checkpoint (Path | None): the newest checkpoint written or resumed from in this phase.
+        stop_signal (int | None): a SIGTERM/SIGINT received during the phase (set by StopOnSignals).
+        staleness (tuple[int, dict] | None): ``(step, xbmcore.drift.staleness(...))`` of the last probe step of
+            the XBM phase.
+        optimizer: ``state.optimizer``, the torch optimiser (read only).
+        scheduler: ``state.scheduler``, the LambdaLR of the phases' lr schedule.
+        scaler: ``state.scaler``, float16's GradScaler (disabled otherwise).
+        history: ``state.history``, the training curves: one list per `HISTORY_FIELDS` column, one entry per
+            step read so far.
+        evals: ``state.evals``, the periodic evaluations: dicts of step, phase, split and the metrics.
+        step: ``state.step``, the global optimiser step, counted across phases.
+        phase: ``state.phase``, the current phase's name.
+        probe: ``state.probe``, the drift probe, or None.
+        warmup_end: ``state.warmup_end``, the step the warm-up ended at, None until it has.
     """
 
-    def __init__(self, params: Params, model: torch.nn.Module, splits, sink, run_dir: str | Path | None = None):
+    def __init__(self, params: Params, model: torch.nn.Module, splits: Splits, sink: Sink,
+                 run_dir: str | Path | None = None):
         t = params.train
         self.params, self.sink, self.splits = params, sink, splits
         self.run_dir = None if run_dir is None else Path(run_dir)
@@ -157,24 +222,47 @@ class Trainer:
     warmup_end = property(lambda self: self.state.warmup_end)
 
     def end_phase(self) -> None:
-        """Called by a hook: the phase is done after this step, before its planned length."""
+        """Called by a hook: the phase is done after this step, before its planned length (the auto warm-up)."""
         self._end_now = True
 
     def stop(self, error: BaseException) -> NoReturn:
         """Called by a hook, the one way to stop a phase early: a checkpoint of this step, then `error` raised out
-        of train_phase (a TrainingStopped gets the checkpoint's path; a CallerError is unwrapped)."""
+        of train_phase (a TrainingStopped gets the checkpoint's path; a CallerError is unwrapped).
+
+        Args:
+            error: the exception `train_phase` raises: a TrainingStopped (a stop signal), or a CallerError that
+                wraps an exception of the caller's, which train_phase re-raises unwrapped.
+
+        Raises:
+            BaseException: `error`, always.
+        """
         self.checkpoint()
         if isinstance(error, TrainingStopped):
             error.checkpoint = self.last_checkpoint
         raise error
 
     def state_dict(self) -> dict[str, Any]:
+        """The training state as a checkpoint holds it (`TrainState.state_dict`); collective with several ranks.
+
+        Returns:
+            A plain dict of tensors, numbers, strings, lists and dicts that `torch.load(weights_only=True)` reads.
+        """
         return self.state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from `state_dict` (a checkpoint, or a stage's final state): see TrainState.
+
+        Args:
+            state: what `state_dict` returned (e.g. ``xbmcore.checkpoint.load_checkpoint(path)``).
+        """
         self.state.load_state_dict(state)
 
     def emit(self, event: dict[str, Any]) -> None:
+        """Send an event to the sink (rank 0 only; other ranks drop it).
+
+        Args:
+            event: an event made by ``xbmcore.events.make_event``.
+        """
         if self.dist.is_main:
             self.sink.emit(event)
 
@@ -186,7 +274,12 @@ class Trainer:
 
     def set_lr(self, lr: float, weight_decay: float | None = None) -> None:
         """Make `lr` (and the weight decay) rule from here on: each phase starts with its own lr, also after
-        loading a state whose optimiser carries another (a shared warm-up in a study trial)."""
+        loading a state whose optimiser carries another (a shared warm-up in a study trial).
+
+        Args:
+            lr: the base learning rate; the schedule (``train.lr_schedule``) multiplies it from the current step.
+            weight_decay: the optimiser's new weight decay; None keeps the current one.
+        """
         self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
             g["initial_lr"] = lr
@@ -227,7 +320,7 @@ class Trainer:
 
     # ---- the loop ----
 
-    def _batches(self):
+    def _batches(self) -> Iterator:
         t, nw = self.params.train, self.params.data.num_workers
         # Restart the stream exactly after the last consumed batch (workers may have prefetched past it).
         self.sampler.load_state_dict(self.sampler.state_after(self.step))
@@ -239,14 +332,27 @@ class Trainer:
                             generator=gen)
         return iter(loader)
 
-    def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def to_device(self, batch: ImageBatch | Sequence[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The one place a training batch moves to the device: images B x 3 x H x W (channels_last on a GPU),
         labels B, dataset indices B. A cached batch of raw images is cropped, resized, flipped and normalised
-        there (xbmcore.data.batch)."""
+        there (xbmcore.data.batch).
+
+        Args:
+            batch: what the training DataLoader yields: ``(images, labels, indices)`` tensors, or an ImageBatch
+                of raw cached images.
+
+        Returns:
+            ``(images, labels, indices)`` on the training device.
+        """
         return to_device(batch, self.device, self._mem_format)
 
-    def autocast(self):
-        """The training precision's autocast context (float32: a no-op), for hooks that run the model."""
+    def autocast(self) -> torch.autocast:
+        """The training precision's autocast context (float32: a no-op), for hooks that run the model.
+
+        Returns:
+            A ``torch.autocast`` context manager: ``with trainer.autocast(): model(images)``.
+        """
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
@@ -258,6 +364,30 @@ class Trainer:
         When `checkpoint_dir` holds a checkpoint of the same phase, parameters and starting step, the phase
         continues from it. `on_eval(step, metrics)` is called after each periodic evaluation; an exception it
         raises propagates after a checkpoint of that step is written.
+
+        Every phase runs the built-in hooks (evaluation every ``train.eval_every`` steps, a checkpoint every
+        ``train.checkpoint_every`` steps and at the end, stop signals), then `Trainer.hooks`, then `hooks`. The
+        phase emits a ``phase`` event first, and an ``end`` event when it stops or fails.
+
+        Args:
+            phase: ``"warmup"`` (L(batch, batch) only, at ``train.warmup_lr``), ``"xbm"`` (with the memory, at
+                ``train.lr``) or ``"baseline"`` (the xbm schedule without a memory).
+            steps: optimiser steps to train (>= 0); the phase ends at global step ``step + steps``, or earlier
+                when a hook ends it (the auto warm-up).
+            memory: the cross-batch memory (`init_memory`): required for ``"xbm"``, refused for the others.
+            checkpoint_dir: the phase's checkpoint folder; None: ``run_dir/<phase>/checkpoints``, or no
+                checkpoints without a run_dir.
+            on_eval: called as ``on_eval(step, metrics)`` after each periodic evaluation (``train.eval_every``);
+                metrics as `evaluate` returns them. An exception it raises (e.g. a pruned study trial) ends the
+                phase after a checkpoint and propagates unchanged.
+            hooks: extra hooks for this phase only, run after `Trainer.hooks`.
+
+        Raises:
+            ValueError: an unknown phase, a memory missing for "xbm" or given to another phase, steps < 0, or a
+                checkpoint of another process count.
+            NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
+            TrainingStopped: SIGTERM or SIGINT; the phase stopped after a step, with a checkpoint.
+            OutOfMemory: the GPU ran out of memory; the message names the params to lower.
         """
         end = self._begin(phase, steps, memory, checkpoint_dir)
         t, s = self.params.train, self.state
@@ -298,7 +428,8 @@ class Trainer:
             for h in hooks:
                 h.on_phase_end(self, error)
 
-    def _begin(self, phase: str, steps: int, memory: CrossBatchMemory | None, checkpoint_dir) -> int:
+    def _begin(self, phase: str, steps: int, memory: CrossBatchMemory | None,
+               checkpoint_dir: str | Path | None) -> int:
         """Check the arguments, set the phase's lr, resume from a checkpoint if there is one, announce the phase;
         returns the phase's last step."""
         if phase not in ("warmup", "xbm", "baseline"):
@@ -337,7 +468,7 @@ class Trainer:
                              resume_from=s.step))
         return end
 
-    def _train_step(self, batch) -> None:
+    def _train_step(self, batch: ImageBatch | Sequence[torch.Tensor]) -> None:
         """One optimiser step. Its scalars join the pending records (read by `flush`, every log_every steps)."""
         s, memory, d = self.state, self.state.memory, self.dist
         imgs, labels, idx = self.to_device(batch)  # this rank's b = batch_size images
@@ -448,7 +579,17 @@ class Trainer:
 
     def flush(self) -> StepRecord | None:
         """Read the pending steps' scalars from the device (one sync), check the losses, emit their `step` events
-        and append them to the curves; returns the last record. A non-finite loss raises NonFiniteLossError."""
+        and append them to the curves; returns the last record. A non-finite loss raises NonFiniteLossError.
+
+        Hooks call it before they read `history` or the model's losses (the step's scalars stay on the device
+        until ``train.log_every`` steps have passed).
+
+        Returns:
+            The last pending step's record, or None when nothing was pending.
+
+        Raises:
+            NonFiniteLossError: a pending step's loss is NaN or infinite.
+        """
         if not self._pending:
             return None
         hosts, vectors = zip(*self._pending)
@@ -484,7 +625,7 @@ class Trainer:
 
     # ---- embeddings of a split: evaluation and memory initialisation ----
 
-    def _embed(self, dataset, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, dataset: Dataset, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The current model's (or `model`'s) embeddings (N x D float32) and labels (N) of `dataset`, in its
         order; each rank embeds a contiguous shard and the shards are gathered in rank order. Leaves the global
         RNGs as they were."""
@@ -499,7 +640,19 @@ class Trainer:
     def evaluate(self, split: str = "val") -> dict[str, float]:
         """Recall@K, MAP@R, R-precision of `split` (no NMI: its k-means would dominate a periodic evaluation).
         Runs on a forked RNG, so evaluating more or less often never changes the training. With several ranks
-        each embeds a shard and rank 0 searches once."""
+        each embeds a shard and rank 0 searches once.
+
+        Args:
+            split: ``"val"`` (the val split searched in itself) or ``"test"`` (the test split in itself, or the
+                query set in the gallery set); see ``xbmcore.evaluate.eval_sets``.
+
+        Returns:
+            ``{"recall@K": ..., "map@r": ..., "r_precision": ...}`` with one recall per ``eval.recall_at``, the
+                same on every rank.
+
+        Raises:
+            ValueError: the dataset has no such split.
+        """
         e = self.params.eval
         if not self.dist.active:
             with preserved_rng(), self.autocast():
@@ -519,7 +672,14 @@ class Trainer:
     def init_memory(self) -> CrossBatchMemory:
         """A memory of K = memory.size or round(memory.ratio * N) entries, filled with the current model's
         embeddings of a random (seeded by train.seed) min(K, N) images of the train set, in random order. The
-        same on every rank (each embeds a shard of them)."""
+        same on every rank (each embeds a shard of them).
+
+        The images are seen through the test transform, one clean view each, and written at the current step
+        (the end of the warm-up). Emits a ``phase`` event of the ``memory_init`` phase.
+
+        Returns:
+            The filled CrossBatchMemory, for ``train_phase("xbm", ..., memory=...)``.
+        """
         train = self.splits.train
         N = len(train)
         memory = build_memory(self.params, N, self.memory_dim, self.device)

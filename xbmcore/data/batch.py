@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,15 @@ from xbmcore.data.transforms import MEAN, STD, _check_sizes, crop_boxes
 
 @dataclass(frozen=True)
 class View:
-    """How a split is shown to the network: train = random resized crop + flip, else resize + centre crop."""
+    """How a split is shown to the network: train = random resized crop + flip, else resize + centre crop.
+
+    Attributes:
+        train: random resized crop + flip (True) or resize + centre crop (False).
+        train_size: the training crop's output side.
+        scale: the training crop's area range.
+        test_resize: the shorter side test images are resized to.
+        test_size: the test centre crop's side.
+    """
 
     train: bool
     train_size: int
@@ -41,16 +49,40 @@ class View:
 
     @classmethod
     def of(cls, p: DataParams, train: bool) -> "View":
+        """The view the `data` section describes.
+
+        Args:
+            p: the `data` section.
+            train: the training view (augmented) or the test view.
+
+        Returns:
+            The View.
+
+        Raises:
+            ValueError: data.test_size > data.test_resize.
+        """
         _check_sizes(p)
         return cls(train, p.train_size, tuple(p.train_crop_scale), p.test_resize, p.test_size)
 
     @property
     def size(self) -> int:
+        """S, the side of the images this view produces."""
         return self.train_size if self.train else self.test_size
 
 
 @dataclass
 class ImageBatch:
+    """B cached images as the loader hands them over: raw uint8 pixels, each image its own size.
+
+    Attributes:
+        pixels: uint8, the images back to back; image k is h_k x w_k x 3 (RGB interleaved), starting at the sum
+            of the previous images' 3 h w.
+        shapes: B x 2 int64 (h, w) of each image.
+        labels: B int64 labels.
+        indices: B int64 positions in the split.
+        view: how the images are to be shown (train or test view).
+    """
+
     pixels: torch.Tensor  # uint8, image k is h_k x w_k x 3 starting at sum of the previous 3 h w
     shapes: torch.Tensor  # B x 2 int64 (h, w)
     labels: torch.Tensor  # B int64
@@ -61,13 +93,27 @@ class ImageBatch:
         return len(self.labels)
 
     def pin_memory(self) -> "ImageBatch":
-        """Called by DataLoader(pin_memory=True): page-locked pixels copy to a GPU asynchronously."""
+        """Called by DataLoader(pin_memory=True): page-locked pixels copy to a GPU asynchronously.
+
+        Returns:
+            A copy whose tensors are in page-locked memory.
+        """
         return replace(self, pixels=self.pixels.pin_memory(), labels=self.labels.pin_memory(),
                        indices=self.indices.pin_memory())
 
     def images(self, device: torch.device | str = "cpu",
                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        """B x 3 x S x S float32 on `device` (in `memory_format`), normalised with the ImageNet statistics."""
+        """B x 3 x S x S float32 on `device` (in `memory_format`), normalised with the ImageNet statistics.
+
+        The train view's crop boxes and flips come from the global torch RNG.
+
+        Args:
+            device: where the crops, resizes and normalisation run and the result lives.
+            memory_format: the result's memory format (``torch.channels_last`` on a GPU).
+
+        Returns:
+            The network's input for the batch.
+        """
         device = torch.device(device)
         B, v, S = len(self), self.view, self.view.size
         hw = self.shapes.tolist()
@@ -114,7 +160,14 @@ def collate_for(device: torch.device | str) -> Callable:
     """DataLoader collate_fn for a model on `device`. A dataset's __getitems__ may hand over an ImageBatch, or
     collated (images, labels, indices) already; a list of samples is stacked. For a CPU model an ImageBatch is
     augmented here, in the loader workers (in parallel, beside the training process); for a GPU it stays raw and
-    to_device augments it on the GPU."""
+    to_device augments it on the GPU.
+
+    Args:
+        device: the model's device.
+
+    Returns:
+        The collate function for ``DataLoader(collate_fn=...)``.
+    """
     return functools.partial(_collate, augment=torch.device(device).type == "cpu")
 
 
@@ -127,10 +180,19 @@ def _collate(batch, augment: bool):
     return default_collate(batch)
 
 
-def to_device(batch, device: torch.device | str,
+def to_device(batch: ImageBatch | Sequence[torch.Tensor], device: torch.device | str,
               memory_format: torch.memory_format = torch.contiguous_format
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images, labels, indices) on `device`; an ImageBatch is cropped, resized, flipped and normalised there."""
+    """(images, labels, indices) on `device`; an ImageBatch is cropped, resized, flipped and normalised there.
+
+    Args:
+        batch: a collated ``(images, labels, indices)``, or an ImageBatch of raw cached images.
+        device: the model's device.
+        memory_format: the images' memory format on the device.
+
+    Returns:
+        ``(images B x 3 x S x S float, labels B, indices B)`` on `device`.
+    """
     if isinstance(batch, ImageBatch):
         imgs, labels, idx = batch.images(device, memory_format), batch.labels, batch.indices
     else:

@@ -41,7 +41,16 @@ SHAPES_FILE = "shapes.npy"
 
 def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The cached form of one image: h x w x 3 uint8 with min(h, w) == size. Raises on an unreadable file and
-    on one over max_pixels (xbmcore.data.decode)."""
+    on one over max_pixels (xbmcore.data.decode).
+
+    Args:
+        path: the image file.
+        size: the shorter side of the result.
+        max_pixels: the pixel budget of the original.
+
+    Returns:
+        h x w x 3 uint8 RGB, C-contiguous.
+    """
     return np.ascontiguousarray(np.asarray(decode_rgb(path, size, max_pixels)))
 
 
@@ -60,6 +69,17 @@ def build_cache(folder: Path, paths: Sequence[Path], size: int, workers: int | N
 
     Those are left out of the cache, so its row k is the k-th decodable path. `workers` processes decode
     (None: one per core; 1: in this process), each holding at most one full-size image of <= max_pixels.
+
+    Args:
+        folder: the prepared dataset's folder; the cache goes to ``folder/cache/``.
+        paths: the images, in index order.
+        size: the shorter side of the cached images (data.cache_size).
+        workers: decoding processes (None: one per core).
+        progress: show a progress bar.
+        max_pixels: the pixel budget of an original image.
+
+    Returns:
+        ``[(position in paths, error message), ...]`` of the images left out.
     """
     out = folder / CACHE_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +116,18 @@ def build_cache(folder: Path, paths: Sequence[Path], size: int, workers: int | N
 
 
 class ImageCache:
-    """Read access to a built cache. Pickles without its memory map (DataLoader workers reopen it)."""
+    """Read access to a built cache. Pickles without its memory map (DataLoader workers reopen it).
+
+    Args:
+        folder: the cache folder (``<prepared dataset>/cache``).
+
+    Raises:
+        ValueError: a pixels file whose size does not match the shapes table (a damaged cache).
+
+    Attributes:
+        folder (Path): the cache folder.
+        shapes (np.ndarray): N x 3 int64: byte offset, h, w of each image.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -116,12 +147,20 @@ class ImageCache:
 
     @property
     def pixels(self) -> np.memmap:
+        """The pixels file, memory-mapped read-only (opened on first use in each process)."""
         if self._pixels is None:
             self._pixels = np.memmap(self.folder / PIXELS_FILE, dtype=np.uint8, mode="r")
         return self._pixels
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images `rows` back to back (uint8, h x w x 3 each) and their B x 2 (h, w)."""
+        """Images `rows` back to back (uint8, h x w x 3 each) and their B x 2 (h, w).
+
+        Args:
+            rows: B row numbers of the cache.
+
+        Returns:
+            ``(pixels, shapes)``: the flat uint8 pixels and B x 2 int64 (h, w), in the order of `rows`.
+        """
         off, h, w = self.shapes[rows].T
         n = 3 * h * w
         start = np.concatenate([[0], np.cumsum(n)[:-1]])
@@ -132,6 +171,13 @@ class ImageCache:
         return flat, np.stack([h, w], 1)
 
     def image(self, row: int) -> np.ndarray:
-        """Image `row` as h x w x 3 uint8."""
+        """Image `row` as h x w x 3 uint8.
+
+        Args:
+            row: a row of the cache.
+
+        Returns:
+            The image's RGB pixels.
+        """
         flat, hw = self.read(np.array([row]))
         return flat.reshape(int(hw[0, 0]), int(hw[0, 1]), 3)

@@ -26,7 +26,26 @@ Item = tuple[torch.Tensor, int, int]
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Use `from_array` or `from_cache`. `train=True` turns augmentation on (random resized crop + flip)."""
+    """Use `from_array` or `from_cache`. `train=True` turns augmentation on (random resized crop + flip).
+
+    Items are ``(image, label, i)``: a 3 x S x S float tensor normalised with the ImageNet statistics, the
+    contiguous label and the position i in the split (the index the memory and the losses key on).
+
+    Args:
+        class_ids: N class ids of the dataset (any integers); relabelled to 0..C-1 in sorted order.
+        p: the `data` section (sizes and crop scale of the transforms).
+        train: augment (random resized crop + flip) rather than resize + centre crop.
+        name: the split's name, for messages.
+        super_labels: N super-class ids, or None.
+
+    Attributes:
+        class_ids (np.ndarray): N int64 class ids of the dataset.
+        labels (np.ndarray): N int64 contiguous labels (0..C-1).
+        num_classes (int): C.
+        super_labels (np.ndarray | None): N super-class ids.
+        name (str): the split's name.
+        train (bool): whether items are augmented; may be flipped (see `without_augmentation`).
+    """
 
     def __init__(self, class_ids: np.ndarray, p: DataParams, train: bool, name: str = "",
                  super_labels: np.ndarray | None = None):
@@ -48,7 +67,23 @@ class ImageDataset(torch.utils.data.Dataset):
     @classmethod
     def from_array(cls, images: np.ndarray, rows: np.ndarray, class_ids: np.ndarray, p: DataParams, train: bool,
                    name: str = "", super_labels: np.ndarray | None = None) -> "ImageDataset":
-        """Images are rows `rows` of `images` (N x 3 x H x W uint8, typically np.load(..., mmap_mode="r"))."""
+        """Images are rows `rows` of `images` (N x 3 x H x W uint8, typically np.load(..., mmap_mode="r")).
+
+        Args:
+            images: all images of the dataset, uint8 N x 3 x H x W (one size).
+            rows: the split's rows of `images`, one per item.
+            class_ids: the items' class ids (as many as rows).
+            p: the `data` section.
+            train: augment.
+            name: the split's name.
+            super_labels: the items' super-class ids, or None.
+
+        Returns:
+            The split.
+
+        Raises:
+            ValueError: images that are not uint8 N x 3 x H x W, or rows and class_ids of different lengths.
+        """
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{name or 'images'}: expected a uint8 array N x 3 x H x W, got {images.dtype} "
                              f"{images.shape}")
@@ -61,7 +96,23 @@ class ImageDataset(torch.utils.data.Dataset):
     @classmethod
     def from_cache(cls, cache: ImageCache, rows: np.ndarray, class_ids: np.ndarray, p: DataParams, train: bool,
                    name: str = "", super_labels: np.ndarray | None = None) -> "ImageDataset":
-        """Images are rows `rows` of a decoded-image cache (each its own size)."""
+        """Images are rows `rows` of a decoded-image cache (each its own size).
+
+        Args:
+            cache: the prepared dataset's decoded-image cache.
+            rows: the split's rows of the cache, one per item.
+            class_ids: the items' class ids (as many as rows).
+            p: the `data` section.
+            train: augment.
+            name: the split's name.
+            super_labels: the items' super-class ids, or None.
+
+        Returns:
+            The split; its `__getitems__` hands over ImageBatches of raw images (augmented on the device).
+
+        Raises:
+            ValueError: rows and class_ids of different lengths, or rows beyond the cache.
+        """
         ds = cls(class_ids, p, train, name, super_labels)
         ds._cache, ds._rows = cache, np.asarray(rows, dtype=np.int64)
         if len(ds._rows) != len(ds.class_ids):
@@ -72,7 +123,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return ds
 
     def without_augmentation(self) -> "ImageDataset":
-        """The same split with the test transform (e.g. to embed the training set for the memory)."""
+        """The same split with the test transform (e.g. to embed the training set for the memory).
+
+        Returns:
+            A shallow copy with ``train = False``; the images are shared.
+        """
         ds = copy.copy(self)
         ds.train = False
         return ds
@@ -108,7 +163,14 @@ class ImageDataset(torch.utils.data.Dataset):
         images = self._batch_tf[self.train](torch.from_numpy(batch))  # B x 3 x S x S float
         return list(zip(images.unbind(0), self.labels[idx].tolist(), idx.tolist()))
     def image(self, i: int) -> Image.Image:
-        """Item i as stored, before any transform (RGB): what a person looks at (thumbnails of retrievals)."""
+        """Item i as stored, before any transform (RGB): what a person looks at (thumbnails of retrievals).
+
+        Args:
+            i: the item's position in the split.
+
+        Returns:
+            The image at its stored size (the cache's, or the array's).
+        """
         if self._cache is not None:
             return Image.fromarray(self._cache.image(int(self._rows[int(i)])))
         return Image.fromarray(np.ascontiguousarray(self._array[self._rows[int(i)]].transpose(1, 2, 0)))

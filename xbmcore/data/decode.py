@@ -61,14 +61,36 @@ def _mp(pixels: int) -> str:
 
 
 def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
-    """(w, h) with the shorter side `size`, the longer one scaled and truncated (torchvision's Resize(int))."""
+    """(w, h) with the shorter side `size`, the longer one scaled and truncated (torchvision's Resize(int)).
+
+    Args:
+        width: the original width.
+        height: the original height.
+        size: the shorter side wanted.
+
+    Returns:
+        ``(w, h)`` of the resized image.
+    """
     if width <= height:
         return size, int(size * height / width)
     return int(size * width / height), size
 
 
 def open_image(source: Source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The image with only its header parsed, refused (ImageTooLarge) when width x height > max_pixels."""
+    """The image with only its header parsed, refused (ImageTooLarge) when width x height > max_pixels.
+
+    Args:
+        source: a path, the file's bytes, or a binary file object.
+        max_pixels: the pixel budget.
+
+    Returns:
+        The opened PIL image (close it when done).
+
+    Raises:
+        ImageTooLarge: over the budget, or over Pillow's own decompression-bomb limit.
+        FileNotFoundError: a path that does not exist.
+        PIL.UnidentifiedImageError: not an image Pillow knows.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     try:
@@ -95,7 +117,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_rgb(source: Source, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """RGB image with shorter side `size` (see the module docstring); ImageTooLarge over the budget, Pillow's
-    errors (OSError, SyntaxError, ValueError, ...) for a damaged or foreign file."""
+    errors (OSError, SyntaxError, ValueError, ...) for a damaged or foreign file.
+
+    Args:
+        source: a path, the file's bytes, or a binary file object.
+        size: the shorter side of the result.
+        max_pixels: the pixel budget, of the original and of the result.
+
+    Returns:
+        An 8-bit RGB PIL image, EXIF orientation applied, shorter side `size`.
+
+    Raises:
+        ImageTooLarge: the original, or the resized result, over the budget.
+    """
     im = open_image(source, max_pixels)
     try:
         w, h = im.size

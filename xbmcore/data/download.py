@@ -1,12 +1,12 @@
 """Fetch a file over HTTP(S)/FTP and unpack archives, safely.
 
-fetch:    streams into `<dest>.part` with a progress bar; an interrupted transfer resumes from the bytes already
-          there (HTTP Range; a server that ignores Range restarts from zero); the complete file is checked against
-          its size and md5/sha256 and only then renamed to `dest`. On a checksum mismatch the partial file is
-          deleted, so nothing half-written survives under any name.
-extract:  tar (any compression) or zip into a temporary folder next to the target, then moves the top-level
-          entries into place. Members with absolute paths or `..` components, links that point outside the
-          target, and device files are refused before anything is written.
+- `fetch`: streams into `<dest>.part` with a progress bar; an interrupted transfer resumes from the bytes already
+  there (HTTP Range; a server that ignores Range restarts from zero); the complete file is checked against
+  its size and md5/sha256 and only then renamed to `dest`. On a checksum mismatch the partial file is
+  deleted, so nothing half-written survives under any name.
+- `extract`: tar (any compression) or zip into a temporary folder next to the target, then moves the top-level
+  entries into place. Members with absolute paths or `..` components, links that point outside the
+  target, and device files are refused before anything is written.
 """
 from __future__ import annotations
 
@@ -33,7 +33,17 @@ _CHUNK = 1 << 20
 
 
 def verify_file(path: Path, md5: str | None = None, sha256: str | None = None, size: int | None = None) -> None:
-    """Raise ValueError naming the file, what was expected and what came, when a given check fails."""
+    """Raise ValueError naming the file, what was expected and what came, when a given check fails.
+
+    Args:
+        path: the file.
+        md5: its expected md5 (hex), or None.
+        sha256: its expected sha256 (hex), or None.
+        size: its expected size in bytes, or None.
+
+    Raises:
+        ValueError: a check that fails.
+    """
     if size is not None and path.stat().st_size != size:
         raise ValueError(f"{path}: expected {size} bytes, got {path.stat().st_size}")
     for algo, want in (("md5", md5), ("sha256", sha256)):
@@ -93,6 +103,24 @@ def fetch(url: str, dest: Path, *, md5: str | None = None, sha256: str | None = 
 
     An existing `dest` is verified, not fetched again. `retries` extra attempts each resume where the last stopped;
     when all fail the partial file stays as `<dest>.part`, and the next call resumes from it.
+
+    Args:
+        url: an http(s) or ftp address.
+        dest: the file to create (its folder is created).
+        md5: the expected md5, or None.
+        sha256: the expected sha256, or None.
+        size: the expected size in bytes, or None.
+        retries: extra attempts after a dropped connection.
+        timeout: seconds a connection may stall.
+        progress: show a progress bar.
+
+    Returns:
+        `dest`.
+
+    Raises:
+        ConnectionError: the download failed: an HTTP error, or a connection that dropped on every attempt (the
+            partial file is kept for the next call).
+        ValueError: an existing `dest`, or the download, fails its checks (a failed download is deleted).
     """
     dest = Path(dest)
     if dest.exists():
@@ -164,6 +192,17 @@ def extract(archive: Path, into: Path) -> list[Path]:
 
     Everything is checked first and unpacked into a temporary folder inside `into`; only then are the top-level
     entries renamed into place, so a refused or broken archive leaves `into` as it was.
+
+    Args:
+        archive: a tar (any compression) or zip file.
+        into: the target folder (created).
+
+    Returns:
+        The top-level paths created in `into`.
+
+    Raises:
+        ValueError: not an archive, a member that would land outside `into` (absolute path, ``..``, a link out,
+            a device file), or a top-level entry that already exists.
     """
     archive, into = Path(archive), Path(into)
     into.mkdir(parents=True, exist_ok=True)

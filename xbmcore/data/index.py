@@ -40,7 +40,15 @@ COLUMNS = ("item", "label", "split", "super_label")
 
 @dataclass
 class Index:
-    """The rows of index.csv as arrays (all of length N)."""
+    """The rows of index.csv as arrays (all of length N).
+
+    Attributes:
+        items: object array of str (image paths relative to the image root) or int64 array (rows of
+            images.npy).
+        labels: int64 class ids of the source dataset.
+        splits: object array of split names (train, val, test, query, gallery, pretrain).
+        super_labels: int64 super-class ids, -1 = none.
+    """
 
     items: np.ndarray  # object array of str (paths) or int64 array (rows of images.npy)
     labels: np.ndarray  # int64 class ids of the source dataset
@@ -60,10 +68,22 @@ class Index:
         return len(self.items)
 
     def select(self, mask: np.ndarray) -> "Index":
+        """The rows where `mask` holds.
+
+        Args:
+            mask: N bools (or an index array).
+
+        Returns:
+            A new Index of those rows.
+        """
         return Index(self.items[mask], self.labels[mask], self.splits[mask], self.super_labels[mask])
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Images and classes per split present."""
+        """Images and classes per split present.
+
+        Returns:
+            ``{split: {"images": n, "classes": c}}`` for each split with images.
+        """
         out = {}
         for s in SPLITS:
             m = self.splits == s
@@ -78,6 +98,16 @@ def carve_val(index: Index, val_fraction: float) -> Index:
     Class-id order, not a random draw: the datasets order classes so that neighbours are related (SOP and the
     embedded set by super-class, CUB by taxonomy), so a contiguous block gives a validation set with the same
     look-alike classes as the test set, and with classes disjoint from training, as in the zero-shot protocol.
+
+    Args:
+        index: the index with train (and test) splits.
+        val_fraction: the fraction of training classes moved (at least one class); 0 or less: none.
+
+    Returns:
+        A new Index with the val split.
+
+    Raises:
+        ValueError: fewer than 2 training classes would be left.
     """
     if val_fraction <= 0:
         return index
@@ -98,6 +128,12 @@ def carve_val(index: Index, val_fraction: float) -> Index:
 # ---------------------------------------------------------------------------------------------------- writing
 
 def write_index(folder: Path, index: Index) -> None:
+    """Write ``folder/index.csv`` atomically.
+
+    Args:
+        folder: the prepared dataset's folder.
+        index: its rows.
+    """
     with atomic_path(folder / INDEX_FILE) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f, lineterminator="\n")
@@ -107,6 +143,12 @@ def write_index(folder: Path, index: Index) -> None:
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Write ``folder/meta.json`` atomically: last, as its presence marks the folder complete.
+
+    Args:
+        folder: the prepared dataset's folder.
+        meta: JSON-serialisable metadata (format version, dataset, recipe, counts, hashes, storage).
+    """
     with atomic_path(folder / META_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -114,6 +156,18 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- reading
 
 def read_meta(folder: Path) -> dict[str, Any]:
+    """Read ``folder/meta.json``.
+
+    Args:
+        folder: the prepared dataset's folder.
+
+    Returns:
+        The metadata.
+
+    Raises:
+        FileNotFoundError: the dataset is not prepared.
+        ValueError: invalid JSON, or another format version.
+    """
     path = folder / META_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -129,6 +183,19 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def read_index(folder: Path, array_backed: bool) -> Index:
+    """Read ``folder/index.csv``.
+
+    Args:
+        folder: the prepared dataset's folder.
+        array_backed: items are rows of images.npy (int64) rather than paths.
+
+    Returns:
+        The Index.
+
+    Raises:
+        ValueError: a wrong header, a row with the wrong number of columns, or a non-integer where an integer
+            belongs.
+    """
     path = folder / INDEX_FILE
     items, labels, splits, supers = [], [], [], []
     with open(path, newline="", encoding="utf-8") as f:

@@ -38,6 +38,19 @@ def read_columns(path: Path, names: tuple[str, ...], skip: int = 0, header: tupl
     """Whitespace-separated table with exactly len(names) columns per non-blank line after `skip` lines.
 
     `header`, when given, is the expected first line after the skipped ones (compared case-insensitively).
+
+    Args:
+        path: the text file.
+        names: the columns' names (for messages; their number is the expected column count).
+        skip: lines skipped first.
+        header: the expected header line's words, lower case; None: no header.
+
+    Returns:
+        ``[(line number, columns), ...]`` of the non-blank lines.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a wrong header, a line with another column count, or no rows.
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
@@ -79,6 +92,15 @@ def _index(items: list[str], labels: list[int], splits: list[str], supers: list[
 # ------------------------------------------------------------------------------------------------- datasets
 
 def parse_sop(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
+    """Stanford Online Products: Ebay_train.txt and Ebay_test.txt.
+
+    Args:
+        folder: the dataset's folder (Stanford_Online_Products).
+        p: the `data` section (unused here; every parser takes it).
+
+    Returns:
+        ``(index, annotation files)``: train and test splits, super-class = product category.
+    """
     items, labels, splits, supers = [], [], [], []
     files = [folder / "Ebay_train.txt", folder / "Ebay_test.txt"]
     for split, path in zip(("train", "test"), files):
@@ -92,6 +114,15 @@ def parse_sop(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
 
 
 def parse_inshop(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
+    """In-Shop: Eval/list_eval_partition.txt.
+
+    Args:
+        folder: the dataset's folder (InShop).
+        p: the `data` section (unused here).
+
+    Returns:
+        ``(index, annotation files)``: train, query and gallery splits; super-class = gender/category.
+    """
     path = folder / "Eval" / "list_eval_partition.txt"
     # Line 1: the number of images; line 2: the header.
     rows = read_columns(path, ("image_name", "item_id", "evaluation_status"), skip=1,
@@ -117,11 +148,28 @@ def parse_inshop(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
 
 
 def inshop_image_root(folder: Path) -> Path:
+    """Where In-Shop's image paths (``img/...``) start.
+
+    Args:
+        folder: the dataset's folder.
+
+    Returns:
+        ``folder/Img`` when img.zip was unpacked in place (Img/img/...), else `folder`.
+    """
     # The release has Img/img.zip; unpacked either in place (Img/img/...) or next to Eval/ (img/...).
     return folder / "Img" if (folder / "Img" / "img").is_dir() and not (folder / "img").is_dir() else folder
 
 
 def parse_cub(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
+    """CUB-200-2011: images.txt and image_class_labels.txt.
+
+    Args:
+        folder: the dataset's folder (CUB_200_2011).
+        p: the `data` section (unused here).
+
+    Returns:
+        ``(index, annotation files)``: classes 1-100 train, 101-200 test.
+    """
     images_txt, labels_txt = folder / "images.txt", folder / "image_class_labels.txt"
     paths = {}
     for lineno, (image_id, rel) in read_columns(images_txt, ("image_id", "path")):
@@ -140,6 +188,19 @@ def parse_cub(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
 
 
 def parse_cars(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
+    """Cars196: cars_annos.mat (read with scipy).
+
+    Args:
+        folder: the dataset's folder (cars196).
+        p: the `data` section (unused here).
+
+    Returns:
+        ``(index, annotation files)``: classes 1-98 train, 99-196 test.
+
+    Raises:
+        FileNotFoundError: no cars_annos.mat.
+        ValueError: an unreadable file, or annotations without the expected fields or classes.
+    """
     import scipy.io  # only this dataset needs it
 
     path = folder / "cars_annos.mat"
@@ -167,6 +228,16 @@ def parse_cars(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
 
 
 def parse_vehicleid(folder: Path, p: DataParams) -> tuple[Index, list[Path]]:
+    """VehicleID: train_list.txt and the test list data.vehicleid_test picks.
+
+    Args:
+        folder: the dataset's folder (VehicleID_V1.0).
+        p: the `data` section: `vehicleid_test` (800, 1600 or 2400).
+
+    Returns:
+        ``(index, annotation files)``: train and test splits; super-class = vehicle model where
+            attribute/model_attr.txt has it.
+    """
     split_dir = folder / "train_test_split"
     train_txt, test_txt = split_dir / "train_list.txt", split_dir / f"test_list_{p.vehicleid_test}.txt"
     items, labels, splits = [], [], []
@@ -201,7 +272,11 @@ SPLIT_NAMES = ("train", "val", "test", "query", "gallery")
 
 
 def image_extensions() -> frozenset[str]:
-    """File extensions PIL can open (.jpg, .png, .webp, .tif, ...), lower case."""
+    """File extensions PIL can open (.jpg, .png, .webp, .tif, ...), lower case.
+
+    Returns:
+        The extensions, with their dot.
+    """
     from PIL import Image
 
     Image.init()
@@ -210,6 +285,16 @@ def image_extensions() -> frozenset[str]:
 
 @dataclass
 class OwnLayout:
+    """One's own images, parsed (`parse_folder`, `parse_csv`).
+
+    Attributes:
+        index: the images; labels index `class_names`; splits all "train" where the layout gives none.
+        class_names: the class names in sorted order (code points): label k is class_names[k].
+        image_root: the folder the index's paths are relative to.
+        annotations: the files the index was read from (the CSV), for the recipe.
+        given_split: whether the layout gives the splits (split folders, or a split column).
+    """
+
     index: Index  # labels index `class_names`; splits all "train" where the layout gives none
     class_names: list[str]
     image_root: Path
@@ -246,6 +331,21 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def parse_folder(root: Path, p: DataParams) -> OwnLayout:
+    """A folder of class folders, ``<root>/<class>/<image>``, or of split folders, ``<root>/<split>/<class>/...``.
+
+    Images may lie anywhere below their class folder; other files are ignored with a warning.
+
+    Args:
+        root: the image folder (data.root).
+        p: the `data` section (unused here).
+
+    Returns:
+        The parsed layout.
+
+    Raises:
+        FileNotFoundError: `root` is not a folder.
+        ValueError: split folders mixed with class folders, split folders without train/, or no images.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root}: not a folder; expected <root>/<class>/<image> (data.name: folder)")
     exts = image_extensions()
@@ -282,6 +382,20 @@ def parse_folder(root: Path, p: DataParams) -> OwnLayout:
 
 
 def parse_csv(path: Path, p: DataParams) -> OwnLayout:
+    """A CSV file with the header ``path,label`` (optionally ``split``); paths relative to the file.
+
+    Args:
+        path: the CSV file (data.root); UTF-8, a spreadsheet's BOM allowed.
+        p: the `data` section (unused here).
+
+    Returns:
+        The parsed layout; labels are any strings.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a wrong header, a row with another column count, an empty path or label, a duplicate path,
+            an unknown split, no rows, or a split column without train images.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"data.root {path}: not a file; expected a CSV file with the header path,label "
                                 f"(optionally split) (data.name: csv)")
@@ -333,7 +447,19 @@ def _draw_classes(classes: np.ndarray, fraction: float, rng: np.random.Generator
 def split_by_class(index: Index, given: bool, p: DataParams) -> Index:
     """Whole classes to train / val / test, drawn with data.split_seed: without a given split data.test_fraction of
     the classes go to test; then data.val_fraction of the training classes go to val (also with a given split
-    that has no val)."""
+    that has no val).
+
+    Args:
+        index: the parsed images (splits "train", or the layout's own).
+        given: whether the layout gave the splits.
+        p: the `data` section: test_fraction, val_fraction, split_seed.
+
+    Returns:
+        A new Index with the splits.
+
+    Raises:
+        ValueError: fewer than 2 training classes would be left.
+    """
     rng = np.random.default_rng(p.split_seed)
     splits = index.splits.copy()
     if not given:

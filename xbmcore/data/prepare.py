@@ -42,7 +42,20 @@ CLASSES_FILE = "classes.csv"  # label,name of the own layouts: results and the G
 
 @dataclass
 class Splits:
-    """The splits of one prepared dataset. Datasets evaluated query-vs-gallery (In-Shop) have test None."""
+    """The splits of one prepared dataset. Datasets evaluated query-vs-gallery (In-Shop) have test None.
+
+    Attributes:
+        train: the training split, with augmentation (what the trainer samples P x M batches from).
+        val: the validation split (classes carved from training, data.val_fraction), test transform; None
+            without one.
+        test: the test split, searched in itself; None for query-vs-gallery datasets.
+        query: the query set of a query-vs-gallery dataset, else None.
+        gallery: the gallery set of a query-vs-gallery dataset, else None.
+        pretrain: classes of their own for the pretrain stage (augmented like train), or None.
+        name: the dataset's name (data.name).
+        meta: the prepared folder's meta.json.
+        class_names: the name of class id k (own layouts); None where ids are the dataset's own.
+    """
 
     train: ImageDataset
     val: ImageDataset | None = None
@@ -56,7 +69,14 @@ class Splits:
 
 
 def params_recipe(p: DataParams) -> dict:
-    """The part of a prepared dataset's recipe that the params alone decide: what a run's params must match."""
+    """The part of a prepared dataset's recipe that the params alone decide: what a run's params must match.
+
+    Args:
+        p: the `data` section.
+
+    Returns:
+        The recipe's params part (format version, name, val fraction, and the keys that shape the dataset).
+    """
     r: dict[str, Any] = {"format_version": FORMAT_VERSION, "name": p.name, "val_fraction": p.val_fraction}
     if p.name == "synthetic":
         r["synthetic"] = {**p.synthetic.model_dump(), "generator": synthetic.GENERATOR_VERSION}
@@ -218,6 +238,17 @@ def _write_classes(out: Path, names: list[str]) -> None:
 
 
 def read_classes(folder: Path) -> list[str]:
+    """The class names of a prepared own-layout dataset (its ``classes.csv``).
+
+    Args:
+        folder: the prepared dataset's folder.
+
+    Returns:
+        The name of class id k at position k.
+
+    Raises:
+        ValueError: a file without the header ``label,name`` or labels 0, 1, ... in order.
+    """
     with open(folder / CLASSES_FILE, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0] != ["label", "name"] or [r[0] for r in rows[1:]] != [str(k) for k in range(len(rows) - 1)]:
@@ -258,7 +289,25 @@ def _prepare_real(out: Path, p: DataParams, index: Index, image_root: Path, clas
 
 
 def prepare_dataset(p: DataParams, project_root: Path, progress: bool = True) -> Path:
-    """Generate (synthetic), or find/download and parse (real datasets), into project_root/p.prepared/p.name."""
+    """Generate (synthetic), or find/download and parse (real datasets), into project_root/p.prepared/p.name.
+
+    Idempotent: a folder whose meta.json records the same recipe and whose files hash to it is kept as it is.
+
+    Args:
+        p: the `data` section: the dataset, where it lies, its splits and sizes.
+        project_root: the project's folder; `p.root` and `p.prepared` are relative to it (unless absolute).
+        progress: show progress bars (downloads, checks, decoding).
+
+    Returns:
+        The prepared folder, ``project_root/p.prepared/p.name``.
+
+    Raises:
+        FileNotFoundError: a dataset that is not under data.root and cannot be downloaded (the message says how
+            to get it).
+        ConnectionError: a download that failed.
+        ValueError: unreadable images (without data.skip_corrupt), a layout that does not parse, or splits left
+            without test images.
+    """
     project_root = Path(project_root)
     out = project_root / p.prepared / p.name
     if p.name == "synthetic":
@@ -291,7 +340,20 @@ def prepare_dataset(p: DataParams, project_root: Path, progress: bool = True) ->
 
 
 def open_splits(prepared_dir: Path, p: DataParams) -> Splits:
-    """The splits of a prepared dataset: train with augmentation, the others with the test transform."""
+    """The splits of a prepared dataset: train with augmentation, the others with the test transform.
+
+    Args:
+        prepared_dir: the folder `prepare_dataset` returned.
+        p: the `data` section (the dataset name must match; sizes and crop scale configure the transforms).
+
+    Returns:
+        The Splits; labels within each split are contiguous (0..C-1).
+
+    Raises:
+        FileNotFoundError: the folder is not prepared.
+        ValueError: another dataset, a damaged folder (array, cache or index mismatch), a cache of another
+            data.cache_size, or no train split.
+    """
     prepared_dir = Path(prepared_dir)
     meta = read_meta(prepared_dir)
     if meta["dataset"] != p.name:

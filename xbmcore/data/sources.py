@@ -23,6 +23,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Remote:
+    """One file of a dataset's release.
+
+    Attributes:
+        filename: the file's name.
+        url: its public address, or None.
+        md5: its published md5 sum, or None.
+        into: the sub-folder of data.root that receives the file and what it unpacks to.
+        archive: whether to unpack it.
+    """
+
     filename: str
     url: str | None
     md5: str | None
@@ -32,6 +42,20 @@ class Remote:
 
 @dataclass(frozen=True)
 class Source:
+    """A published dataset: where it comes from and how its layout is recognised and parsed.
+
+    Attributes:
+        name: data.name.
+        title: the dataset's title, for messages.
+        folder: the dataset's own top folder under data.root.
+        marker: a file inside `folder` that proves the layout is there.
+        parse: ``parse(folder, data params) -> (index, annotation files)``.
+        homepage: the dataset's page.
+        remotes: the files to fetch (none where it must be obtained by hand).
+        by_hand: how to get it where there is no public address (``{root}`` is replaced by data.root).
+        image_root: the folder the index's paths are relative to, from the dataset's folder.
+    """
+
     name: str
     title: str
     folder: str  # the dataset's own top folder under data.root
@@ -94,13 +118,32 @@ SOURCES: dict[str, Source] = {
 
 
 def get_source(name: str) -> Source:
+    """The published dataset of that name.
+
+    Args:
+        name: one of `SOURCES`' keys (sop, cub, cars, inshop, vehicleid).
+
+    Returns:
+        Its Source.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     if name not in SOURCES:
         raise ValueError(f"data.name: unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return SOURCES[name]
 
 
 def locate(src: Source, root: Path) -> Path | None:
-    """The folder holding the published layout: root/<folder>, or root itself when it is that folder."""
+    """The folder holding the published layout: root/<folder>, or root itself when it is that folder.
+
+    Args:
+        src: the dataset.
+        root: data.root.
+
+    Returns:
+        The folder, or None when the marker file is in neither.
+    """
     for folder in (root / src.folder, root):
         if (folder / src.marker).is_file():
             return folder
@@ -112,7 +155,22 @@ def _where(src: Source, root: Path) -> str:
 
 
 def ensure_raw(src: Source, root: Path, download: bool, progress: bool = True) -> Path:
-    """Find the dataset's layout under `root`, fetching and unpacking it first where it must and can."""
+    """Find the dataset's layout under `root`, fetching and unpacking it first where it must and can.
+
+    Args:
+        src: the dataset.
+        root: data.root.
+        download: fetch missing files from their public address.
+        progress: show download progress.
+
+    Returns:
+        The dataset's folder.
+
+    Raises:
+        FileNotFoundError: not there and not downloadable (the message says how to get it).
+        ConnectionError: a download that failed.
+        ValueError: a file that fails its checksum, or an archive without the published layout.
+    """
     folder = locate(src, root)
     if folder is not None:
         return folder

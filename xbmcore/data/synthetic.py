@@ -119,17 +119,41 @@ def _cos_sin32(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class SyntheticSet:
+    """The rendered benchmark.
+
+    Attributes:
+        images: N x 3 x S x S uint8, images of one class contiguous, classes in id order.
+        labels: N int64 class ids 0..C-1 (C = total_classes).
+        super_labels: N int64 super-class ids.
+    """
+
     images: np.ndarray  # N x 3 x S x S uint8, images of one class contiguous, classes in id order
     labels: np.ndarray  # N int64 class ids 0..C-1
     super_labels: np.ndarray  # N int64 super-class ids
 
 
 def total_classes(p: SyntheticParams) -> int:
-    """Classes rendered: num_classes (train, val, test), then pretrain_classes (the pretrain split)."""
+    """Classes rendered: num_classes (train, val, test), then pretrain_classes (the pretrain split).
+
+    Args:
+        p: the `data.synthetic` section.
+
+    Returns:
+        num_classes + pretrain_classes.
+    """
     return p.num_classes + p.pretrain_classes
 
 
 def images_per_class(p: SyntheticParams, rng: np.random.Generator) -> np.ndarray:
+    """The number of images of each class, drawn between images_per_class_min and _max, skewed to the minimum.
+
+    Args:
+        p: the `data.synthetic` section.
+        rng: the generator to draw from (the first draw of `generate`'s).
+
+    Returns:
+        total_classes(p) int64 counts.
+    """
     # Skewed towards the minimum (n = min + floor(span * u^2), mean ~ min + span/3) like SOP's long tail of
     # classes with few images: about 7 on average for 4..12, 5.25 for 4..8 (SOP: 5.3).
     span = p.images_per_class_max - p.images_per_class_min + 1
@@ -286,12 +310,30 @@ def _render(cls: dict[str, np.ndarray], im: dict[str, np.ndarray], size: int, rn
 
 
 def num_images(p: SyntheticParams) -> int:
-    """N, the number of images `generate(p)` renders (the first draw from the seeded generator)."""
+    """N, the number of images `generate(p)` renders (the first draw from the seeded generator).
+
+    Args:
+        p: the `data.synthetic` section.
+
+    Returns:
+        N.
+    """
     return int(images_per_class(p, np.random.default_rng(p.seed)).sum())
 
 
 def generate(p: SyntheticParams, out: np.ndarray | None = None) -> SyntheticSet:
-    """Render the whole set, N x 3 x S x S uint8, into `out` when given (e.g. a memory-mapped .npy)."""
+    """Render the whole set, N x 3 x S x S uint8, into `out` when given (e.g. a memory-mapped .npy).
+
+    Args:
+        p: the `data.synthetic` section (classes, images per class, sizes, seed).
+        out: an N x 3 x S x S uint8 array to render into (N from `num_images`); None: a new array.
+
+    Returns:
+        The images (`out` when given), labels and super-labels.
+
+    Raises:
+        ValueError: `out` of another shape or dtype.
+    """
     rng = np.random.default_rng(p.seed)
     counts = images_per_class(p, rng)
     cls = _describe_classes(p, rng)

@@ -1,6 +1,7 @@
 """Image transforms: train = random resized crop + horizontal flip, test = resize + centre crop; then normalise.
 
 Two implementations of the same recipe:
+
   pil_transform    torchvision.transforms.v2 on one decoded image (the file-backed datasets);
   BatchTransform   the same on a whole uint8 batch B x 3 x H x W at once (the array-backed embedded set): one
                    affine grid per image (crop box and flip) and one grid_sample call for the batch, which is what
@@ -32,7 +33,18 @@ def _check_sizes(p: DataParams) -> None:
 
 
 def pil_transform(p: DataParams, train: bool) -> v2.Compose:
-    """Transform for one PIL image -> float tensor 3 x S x S, normalised."""
+    """Transform for one PIL image -> float tensor 3 x S x S, normalised.
+
+    Args:
+        p: the `data` section (sizes and crop scale).
+        train: random resized crop + flip, else resize + centre crop.
+
+    Returns:
+        A torchvision v2 transform.
+
+    Raises:
+        ValueError: data.test_size > data.test_resize.
+    """
     _check_sizes(p)
     geometric = (
         [v2.RandomResizedCrop(p.train_size, scale=tuple(p.train_crop_scale), ratio=RATIO, antialias=True),
@@ -49,6 +61,17 @@ def crop_boxes(n: int, height: int | torch.Tensor, width: int | torch.Tensor, sc
     Like torchvision: up to `attempts` draws of an area fraction in `scale` and a log-uniform aspect ratio in
     `ratio`; the first draw that fits is used; images with none fall back to the largest centred box whose
     aspect ratio lies within `ratio`. `height` and `width` are one size for all n images, or one per image (n).
+
+    Args:
+        n: the number of images.
+        height: the images' height, one for all or n of them.
+        width: the images' width, one for all or n of them.
+        scale: the range of the box's area as a fraction of the image's.
+        ratio: the range of the box's aspect ratio (width / height).
+        attempts: draws per image before the fallback.
+
+    Returns:
+        n x 4 float32 boxes (top, left, h, w), drawn from the global torch RNG.
     """
     H = torch.as_tensor(height, dtype=torch.float32).expand(n)  # n
     W = torch.as_tensor(width, dtype=torch.float32).expand(n)
@@ -78,6 +101,15 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size:
     centres into the box in grid_sample's coordinates (align_corners=False: -1 and 1 are the outer pixel edges),
     so the output samples the box exactly as torchvision's bilinear resized_crop (without antialiasing) does.
     Crop, resize and flip are separable, so the grid is an outer combination of one x and one y ramp per image.
+
+    Args:
+        x: B x C x H x W float images.
+        boxes: B x 4 crop boxes (top, left, h, w) in pixels.
+        flip: B bools: mirror that image horizontally.
+        size: the output side S.
+
+    Returns:
+        B x C x S x S float images.
     """
     B, C, H, W = x.shape
     top, left, h, w = boxes.to(torch.float32).unbind(1)
@@ -90,7 +122,17 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size:
 
 
 class BatchTransform:
-    """The train or test transform applied to a uint8 batch B x 3 x H x W -> float B x 3 x S x S, normalised."""
+    """The train or test transform applied to a uint8 batch B x 3 x H x W -> float B x 3 x S x S, normalised.
+
+    Call it on a batch: ``BatchTransform(p, train=True)(images)``.
+
+    Args:
+        p: the `data` section (sizes and crop scale).
+        train: random resized crop + flip (from the global torch RNG), else resize + centre crop.
+
+    Raises:
+        ValueError: data.test_size > data.test_resize.
+    """
 
     def __init__(self, p: DataParams, train: bool):
         _check_sizes(p)
