@@ -1,17 +1,17 @@
 """The GPU benchmark: one command that measures what XBM costs on a GPU, and proves the CUDA path runs.
 
-    python -m bench.gpu --out gpu.json            # the full measurement (a GPU; about 5 min on an H200)
+    python -m bench.gpu --out gpu.json            # the full measurement (a GPU; sections budgeted to ~5 min)
     python -m bench.gpu --quick --out quick.json  # small sizes, any device (the test suite runs it on the CPU)
 
-On a machine without a package registry whose Python lacks pydantic and faiss (the lent H200 has torch,
+On a machine without a package registry whose Python lacks pydantic and faiss (such as a GPU node with only torch,
 torchvision, numpy, pillow, scikit-learn, pyyaml, tqdm and threadpoolctl), `bash bench/gpu_wheels.sh`
 downloads, here, the wheels it needs into .whl/ (20.7 MiB); the one command there, from the repository root, is
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
-        .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m bench.gpu --out $OUT/gpu.json
+        .whl/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m bench.gpu --out gpu.json
 
 Sections, in order, each isolated (a failure is recorded with its traceback and the next section runs), with
-the seconds each is expected to take on an H200 (a section that would end past --deadline is skipped):
+the seconds budgeted for each on a recent data-centre GPU (a section that would end past --deadline is skipped):
 
     env          (10 s)  CUDA, bf16 autocast, channels_last, the library's imports and versions
     train_step  (150 s)  Trainer steps on synthetic tensors already on the device: ResNet-50 at 224 px, batch
@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"command": " ".join(["python -m bench.gpu", *(argv if argv is not None else sys.argv[1:])]),
                  "quick": args.quick, "device": str(dev), "torch": torch.__version__,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sizes": asdict(sizes),
-                 "expected_seconds_on_h200": EXPECTED_S, "deadline_seconds": args.deadline},
+                 "budget_seconds": EXPECTED_S, "deadline_seconds": args.deadline},
         "sections": {},
     }
     runners: dict[str, Callable[[], dict[str, Any]]] = {

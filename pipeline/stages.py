@@ -354,6 +354,9 @@ def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path
     with mlflow.start_run(run_id=run.mlflow.run_id, nested=mlflow.active_run() is not None):
         info = log_embedding_model(embedder, name="model", pip_requirements=reqs,
                                    max_images=params.serve.max_images)
+        # The URI `pipeline.embed --model` and `mlflow models serve -m` take: said here, and kept on the run.
+        mlflow.set_tag("xbm.model_uri", f"models:/{info.model_id}")
+        log.info("evaluate: the model is logged as models:/%s (MLflow run %s)", info.model_id, run.mlflow.run_id)
         if evaluation is not None:
             prepared = (Path(root) / params.data.prepared / params.data.name).resolve()
             data = Dataset(name=f"{params.data.name}/{evaluation['split']}", source_type="local",

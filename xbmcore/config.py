@@ -314,8 +314,9 @@ class TrainParams(_Section):
     warmup_lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    # A number of steps, or "auto": end the warm-up at the first drift probe (from warmup_min_steps on) where
-    # D(t; warmup_drift_dt) < warmup_drift, at warmup_max_steps at the latest. The memory's premise is slow drift.
+    # A number of steps, or "auto": end the warm-up at the first drift probe (from warmup_min_steps on) where the
+    # mean of D(t; warmup_drift_dt) over the last warmup_drift_window probes is below warmup_drift, at
+    # warmup_max_steps at the latest. The memory's premise is slow drift.
     warmup_steps: int | Literal["auto"] = 300
     warmup_drift: float = Field(0.35, gt=0.0)
     warmup_drift_dt: int = Field(100, ge=1)
