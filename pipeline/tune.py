@@ -3,12 +3,14 @@
     python -m pipeline.tune [--params params.yaml] [-S tune.n_trials=20 -S loss.name=multi_similarity ...]
     python -m pipeline.tune --report          # rewrite the report (plots, best params) without new trials
 
-Each trial = memory init + XBM training + validation on the val split (carved from the training classes; the
-test split is never tuned on), starting from one shared warm-up checkpoint. Start the same command in several
-shells or hosts on one storage (an RDB URL or a journal file) to spread a study; kill and restart at will: the
-budget `tune.n_trials` counts every trial in the storage, and a dead worker's trial is marked failed.
-Outputs in artifacts/tune/<study>/: best_params.yaml (dotted keys), summary.json (best value, test metrics of the
-best trial), importances.json and PNG plots, also logged to the study's parent MLflow run.
+Each trial = memory init + XBM training + validation on the val split (carved from the training classes; the test
+split is never tuned on), starting from one shared warm-up checkpoint. On a fresh clone the first worker also makes
+model.pretrained when it is the pretrain stage's missing out (artifacts/pretrain/model.pt: checked out of the DVC
+cache when dvc.lock has it, else the pretrain stage runs, a few minutes on 2 CPU cores). Start the same command in
+several shells or hosts on one storage (an RDB URL or a journal file) to spread a study; kill and restart at will:
+the budget `tune.n_trials` counts every trial in the storage, and a dead worker's trial is marked failed. Outputs in
+artifacts/tune/<study>/: best_params.yaml (dotted keys), summary.json (best value, test metrics of the best trial),
+importances.json and PNG plots, also logged to the study's parent MLflow run.
 """
 from __future__ import annotations
 
@@ -57,12 +59,15 @@ def _run(args: argparse.Namespace, params, root: Path) -> int:
     # torch and the stages are imported only here: the study's bookkeeping does not need them.
     from xbmcore.hooks import TrainingStopped
     from pipeline.study.objective import StageObjective
+    from pipeline.study.pretrained import check_pretrained
 
     t0 = time.time()
     stages = StageObjective(params, root)
     storage = resolve_storage(params.tune.storage, root)
     tracker = StudyTracker(tracking_uri(params, root), params.tracking.experiment)
     try:
+        if not args.report:  # a missing model.pretrained that the study cannot make (prepare makes the stage's out)
+            check_pretrained(params, root)
         worker = Worker(params, root, storage, stages, tracker, interrupts=(TrainingStopped,))
     except ValueError as err:
         print(err, file=sys.stderr)

@@ -126,6 +126,12 @@ class StudyTracker:
             "mlflow.parentRunId": self.parent_id, "xbm.role": "warmup", "xbm.warmup_digest": digest})
         return run.info.run_id
 
+    def start_pretrain(self) -> str:
+        """The run of a pretrain stage that the study runs because model.pretrained was missing."""
+        run = self.client.create_run(self.experiment_id, run_name="pretrain", tags={
+            "mlflow.parentRunId": self.parent_id, "xbm.role": "pretrain"})
+        return run.info.run_id
+
     def end_stale(self, trial: FrozenTrial) -> None:
         """Close the run of a trial whose worker died (it was left RUNNING in MLflow too)."""
         run_id = trial.user_attrs.get(RUN_ATTR)

@@ -341,3 +341,125 @@ def test_real_stages_share_the_pipelines_warmup(tmp_path, monkeypatch):
         assert [m.value for m in val if m.step == 14] == [pytest.approx(t.value)]
     assert children[best.number].data.metrics["test/recall_at_1"] == pytest.approx(summary["test"]["recall@1"])
     assert parents[0].data.metrics["test/recall_at_1"] == pytest.approx(summary["test"]["recall@1"])
+
+
+def _tracking_free(monkeypatch) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_study_makes_the_missing_pretrained_weights_like_the_pretrain_stage(tmp_path, monkeypatch, capsys):
+    """A fresh clone: model.pretrained is the pretrain stage's out, which is missing; the study runs the stage."""
+    from pipeline import stages, tune
+    from tiny_project import tiny_params
+    from xbmcore.checkpoint import training_digest
+
+    _tracking_free(monkeypatch)
+    raw = tiny_params(model={"pretrained": "artifacts/pretrain/model.pt"}, tune={"n_trials": 1, "pruner": "none"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    base = validate_params(raw)
+    made = tmp_path / "artifacts/pretrain/model.pt"
+    assert not made.exists()
+
+    assert tune.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "model.pretrained: artifacts/pretrain/model.pt is missing; running the pretrain stage" in out
+    assert made.is_file()
+    # What the pretrain stage writes with the same params in another project: the same bytes.
+    other = tmp_path / "other"
+    stages.run_download(base, other)
+    assert stages.run_pretrain(base, other).read_bytes() == made.read_bytes()
+
+    # The shared warm-up started from these weights (its digest hashes them: the root's file, not the cwd's).
+    digest = training_digest(stages.resolve_pretrained(base, tmp_path), "warmup")
+    assert (tmp_path / "artifacts/tune/warmup" / digest / "warmup/state.pt").is_file()
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE]
+    client, parents, _ = mlflow_runs(tmp_path)
+    nested = {r.data.tags.get("xbm.role"): r for r in client.search_runs([parents[0].info.experiment_id])}
+    assert nested["pretrain"].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert nested["pretrain"].info.status == "FINISHED"
+    assert "pretrain_loss" in nested["pretrain"].data.metrics
+
+    # A second worker finds the weights: nothing is made again.
+    raw["tune"]["n_trials"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    before = made.stat().st_mtime_ns
+    assert tune.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    assert "pretrain stage" not in capsys.readouterr().out
+    assert made.stat().st_mtime_ns == before
+
+
+def test_study_names_a_missing_pretrained_file_it_cannot_make(tmp_path, monkeypatch, capsys):
+    from pipeline import tune
+    from tiny_project import tiny_params
+
+    _tracking_free(monkeypatch)
+    raw = tiny_params(model={"pretrained": "weights/mine.pt"}, tune={"n_trials": 1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    assert tune.main(["--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"model.pretrained: {tmp_path / 'weights/mine.pt'} is not a file" in err
+    assert not (tmp_path / "artifacts/pretrain").exists()  # only the pretrain stage's own out is made
+    assert not (tmp_path / "optuna.db").exists() or not load(tmp_path).trials
+
+
+def test_dvc_lock_params_compare_with_the_studys_params():
+    """The pretrain out is checked out of the DVC cache only for the params dvc.lock recorded."""
+    from pipeline.study.pretrained import same_params
+    from xbmcore.config import load_params
+
+    recorded = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["pretrain"]["params"]
+    assert same_params(recorded, load_params(REPO / "params.yaml"))
+    assert not same_params(recorded, load_params(REPO / "params.yaml", ["pretrain.steps=10"]))
+    assert not same_params(recorded, load_params(REPO / "params.yaml", ["data.synthetic.seed=1"]))
+    # a key the study's params do not touch (the warm-up's) leaves the pretrain out as it is
+    assert same_params(recorded, load_params(REPO / "params.yaml", ["train.warmup_lr=0.01"]))
+    assert not same_params({"other.yaml": {}}, load_params(REPO / "params.yaml"))
+
+
+@pytest.mark.slow
+def test_study_checks_the_pretrained_weights_out_of_the_dvc_cache(tmp_path, monkeypatch, capsys):
+    """`dvc repro pretrain` cached the out; after it is deleted the study checks it out, and DVC sees no change."""
+    import json
+
+    from pipeline import tune
+    from tiny_project import copy_project, stage_env, write_params
+
+    _tracking_free(monkeypatch)
+
+    def dvc(*args):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, env=stage_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+        return done.stdout
+
+    copy_project(tmp_path)
+    write_params(tmp_path, model={"pretrained": "artifacts/pretrain/model.pt"},
+                 tune={"n_trials": 1, "pruner": "none"},
+                 tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    dvc("init", "--no-scm", "-q")
+    dvc("repro", "pretrain")
+    made = tmp_path / "artifacts/pretrain/model.pt"
+    cached = made.read_bytes()
+    made.unlink()
+
+    assert tune.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    assert "artifacts/pretrain/model.pt was missing; checked out from the DVC cache" in capsys.readouterr().out
+    assert made.read_bytes() == cached
+    assert json.loads(dvc("status", "pretrain", "--json")) == {}
+
+    # Neither the out nor the cache: the stage runs in the study, and its out goes to the cache as dvc.lock has
+    # it, so that `dvc repro` does not run the stage again for an out "not in cache".
+    made.unlink()
+    shutil.rmtree(tmp_path / ".dvc/cache")
+    lock = (tmp_path / "dvc.lock").read_bytes()
+    assert tune.main(["--params", str(tmp_path / "params.yaml")]) == 0  # the budget is spent: no trial
+    out = capsys.readouterr().out
+    assert "running the pretrain stage" in out and "(and in the DVC cache, as dvc.lock records it)" in out
+    assert made.read_bytes() == cached
+    assert json.loads(dvc("status", "pretrain", "--json")) == {}
+    assert (tmp_path / "dvc.lock").read_bytes() == lock
