@@ -206,7 +206,7 @@ def load_pretrained(net: EmbeddingNet, path: str | Path, classifier: tuple[str, 
     try:
         state = read_state_dict(path)
     except Exception as err:  # not a torch file, truncated, or pickled objects beyond tensors
-        raise ValueError(f"{where} could not be read as torch or safetensors weights ({type(err).__name__}: "
+        raise ValueError(f"{where} could not be read as torch weights or safetensors ({type(err).__name__}: "
                          f"{err})") from err
     if isinstance(state, dict) and isinstance(state.get(SKIPPED), str):
         raise ValueError(f"{where} holds no weights: {state[SKIPPED]}")
