@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from xbmcore import portable
+from xbmcore.backbones import resolve_input
 from xbmcore.config import Params, load_params
 
 
@@ -19,13 +20,18 @@ def add_params_arguments(ap: argparse.ArgumentParser, example: str = "", params:
 
 
 def load_cli_params(args: argparse.Namespace) -> tuple[Params, Path] | None:
-    """(params, project root), or None after printing the schema's error (it names the key): exit status 2."""
+    """(params, project root), or None after printing the schema's error (it names the key): exit status 2.
+
+    The `data` keys that say auto are resolved from the model's input here (xbmcore.backbones.resolve_input), so
+    every stage sees the sizes, the filter and the normalisation of the model's weights."""
     try:
         params = load_params(args.params, args.overrides)
+        root = Path(args.params).resolve().parent
+        params = resolve_input(params, root)
     except ValueError as err:
         print(err, file=sys.stderr)
         return None
-    return params, Path(args.params).resolve().parent
+    return params, root
 
 
 def enter_portable(argv: list[str] | None = None, params: str = "params.yaml") -> None:

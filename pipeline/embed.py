@@ -77,7 +77,12 @@ def load_embedder(spec: str, params=None, root: Path | None = None, device: str 
     if params is None:
         raise ValueError(f"{path}: a model.pt needs the params file for its input size (data.test_resize, "
                          f"data.test_size)")
-    state = {**state, "test_resize": params.data.test_resize, "test_size": params.data.test_size}
+    from xbmcore.data.transforms import interpolation, normalisation
+
+    d = params.data
+    mean, std = normalisation(d)
+    state = {**state, "test_resize": d.test_resize, "test_size": d.test_size, "interpolation": interpolation(d),
+             "mean": mean, "std": std}
     return Embedder.from_state(state, source=str(path.resolve()), device=device, max_pixels=params.data.max_pixels)
 
 
@@ -145,7 +150,7 @@ def prepared_source(embedder: Embedder, folder: Path, params, split: str, batch_
     meta = read_meta(folder)
     card = embedder.card
     p = params.data.model_copy(update={"name": meta["dataset"], "test_resize": card.test_resize,
-                                       "test_size": card.test_size})
+                                       "test_size": card.test_size, **embedder.view})
     ds = getattr(open_splits(folder, p), split, None)
     if ds is None:
         raise ValueError(f"--split {split}: {folder} has no such split")

@@ -17,7 +17,7 @@ import torch
 from pipeline.collection import embed_files
 from xbmcore.config import DataParams, ModelParams
 from xbmcore.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
-from xbmcore.data.transforms import pil_transform
+from xbmcore.data.transforms import MEAN, STD, pil_transform
 from xbmcore.models import build_model
 
 
@@ -62,29 +62,36 @@ class Embedder:
     """
 
     def __init__(self, model: torch.nn.Module, model_params: dict[str, Any], test_resize: int, test_size: int,
-                 source: str = "", device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS):
+                 source: str = "", device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 interpolation: str = "bilinear", mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
         self.model_params = dict(model_params)
         self.max_pixels = max_pixels
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.transform = pil_transform(DataParams(test_resize=test_resize, test_size=test_size), train=False)
+        # The test view the model was trained with: its sizes, filter and normalisation (a timm model's own).
+        self.view = {"interpolation": interpolation, "mean": tuple(mean), "std": tuple(std)}
+        self.transform = pil_transform(DataParams(test_resize=test_resize, test_size=test_size, **self.view),
+                                       train=False)
         self.card = ModelCard(model_digest(model), int(model.embedding_dim), test_resize, test_size, source)
 
     @classmethod
     def from_state(cls, state: dict[str, Any], source: str = "", device: str | torch.device = "cpu",
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> "Embedder":
-        """From `state()`'s dict, or a train_xbm model.pt (model, model_params) plus test_resize and test_size."""
+        """From `state()`'s dict, or a train_xbm model.pt (model, model_params) plus test_resize and test_size (and
+        interpolation, mean, std where they are not the built-in backbones' bilinear and ImageNet statistics)."""
         p = ModelParams(**state["model_params"]).model_copy(update={"pretrained": "none"})  # weights follow
-        model = build_model(p)
+        model = build_model(p, load_weights=False)
         model.load_state_dict(state["model"])
+        view = {k: state[k] for k in ("interpolation", "mean", "std") if k in state}
         return cls(model, state["model_params"], int(state["test_resize"]), int(state["test_size"]), source, device,
-                   max_pixels)
+                   max_pixels, **view)
 
     def state(self) -> dict[str, Any]:
         """Everything `from_state` needs (tensors, numbers and strings: torch.load(weights_only=True) reads it)."""
         return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "model_params": self.model_params, "test_resize": self.card.test_resize,
-                "test_size": self.card.test_size}
+                "test_size": self.card.test_size, "interpolation": self.view["interpolation"],
+                "mean": list(self.view["mean"]), "std": list(self.view["std"])}
 
     def decode(self, source) -> Any:
         """A file or encoded image as the PIL image the transform takes: RGB at the test resize, within max_pixels."""

@@ -117,7 +117,10 @@ def log_embedding_model(embedder, name: str = "model", pip_requirements: list[st
         shutil.copytree(REPO / "xbmcore", tmp / "xbmcore", ignore=shutil.ignore_patterns("__pycache__"))
         (tmp / "pipeline").mkdir()
         (tmp / "pipeline" / "__init__.py").write_text("")
-        shutil.copy2(Path(__file__), tmp / "pipeline" / "pyfunc_model.py")
+        # The served model's own modules, beside it: an installed project of another version (or an editable
+        # install of another checkout) must not lend it its Embedder.
+        for module in ("pyfunc_model.py", "embedding_store.py", "collection.py"):
+            shutil.copy2(Path(__file__).with_name(module), tmp / "pipeline" / module)
         return mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE), artifacts={ARTIFACT: str(weights)},
                                        code_paths=[str(tmp / "xbmcore"), str(tmp / "pipeline")],
                                        model_config={"max_images": max_images, "max_pixels": embedder.max_pixels},

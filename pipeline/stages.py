@@ -276,8 +276,9 @@ def run_train_xbm(params: Params, root: Path, on_eval: Callable[[int, dict], Non
 
 
 def _model_params(params: Params) -> dict[str, Any]:
-    """The `model` params that describe the saved model (sync_bn is how it was trained: it holds plain BN)."""
-    return params.model.model_dump(exclude={"sync_bn"})
+    """The `model` params that describe the saved model (sync_bn is how it was trained: it holds plain BN); an
+    input_size left to the weights' config is left out, as it was before the key existed."""
+    return params.model.model_dump(exclude={"sync_bn"} | ({"input_size"} if params.model.input_size is None else set()))
 
 
 def load_model(params: Params, root: Path, artifacts: Path | None = None) -> tuple[torch.nn.Module, int]:
@@ -343,14 +344,20 @@ def _log_model(run: StageRun, model: torch.nn.Module, params: Params, root: Path
     from pipeline.tracking import MLflowSink, tracking_uri
     from pipeline.embedding_store import Embedder
     from xbmcore.data.index import META_FILE
+    from xbmcore.data.transforms import interpolation, normalisation
 
-    embedder = Embedder(model.cpu().eval(), params.model.model_dump(), params.data.test_resize,
-                        params.data.test_size, source=str(stage_dir(root, "train_xbm") / "model.pt"),
-                        max_pixels=params.data.max_pixels)
+    d = params.data
+    embedder = Embedder(model.cpu().eval(), params.model.model_dump(), d.test_resize, d.test_size,
+                        source=str(stage_dir(root, "train_xbm") / "model.pt"), max_pixels=d.max_pixels,
+                        interpolation=interpolation(d), mean=normalisation(d)[0], std=normalisation(d)[1])
     mlflow.set_tracking_uri(tracking_uri(params, root))
     # Explicit requirements: MLflow's inference would import-scan the environment (slow, and noisy).
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
             "pillow", "pydantic", "pandas"]
+    if params.model.backbone.startswith("timm:"):  # the served model builds the timm architecture again
+        import timm
+
+        reqs.append(f"timm=={timm.__version__}")
     with mlflow.start_run(run_id=run.mlflow.run_id, nested=mlflow.active_run() is not None):
         info = log_embedding_model(embedder, name="model", pip_requirements=reqs,
                                    max_images=params.serve.max_images)

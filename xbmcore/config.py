@@ -7,9 +7,10 @@ its `errors` are records of the dotted key, what was expected and what came (a r
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +19,11 @@ from pydantic_core import PydanticCustomError
 from xbmcore.hashing import data_digest, file_digest
 
 DATASETS = ("synthetic", "sop", "inshop", "cub", "cars", "vehicleid", "folder", "csv")
+# The built-in backbones; any other is "timm:<name>" or "torchvision:<name>" (xbmcore.backbones).
+BACKBONES = ("smallcnn", "resnet18", "resnet50")
+BACKBONE_LIBRARIES = ("timm", "torchvision")
+# The `data` keys that may say "auto": the model's input settles them (xbmcore.backbones.resolve_input).
+AUTO_DATA_KEYS = ("train_size", "test_resize", "test_size", "cache_size", "interpolation", "mean", "std")
 
 
 class _Section(BaseModel):
@@ -79,11 +85,19 @@ class DataParams(_Section):
         skip_corrupt: leave out unreadable images (with a warning) instead of stopping.
         max_pixels: images over this many pixels (width x height, from the header) are refused as unreadable.
         cache_size: the shorter side real images are decoded to, once, into the prepared cache (256: the paper's
-            Resize(256) before the 224 crop).
+            Resize(256) before the 224 crop); ``auto``: test_resize as the model's input settles it.
         cache_workers: processes that decode images while the cache is built (None: one per CPU core).
-        train_size: the side of the training crop (RandomResizedCrop's output), in pixels.
-        test_resize: the shorter side test images are resized to before the centre crop.
-        test_size: the side of the test centre crop (<= test_resize).
+        train_size: the side of the training crop (RandomResizedCrop's output), in pixels; ``auto``: the model's
+            input size (``model.input_size``, else its weights' config: see `xbmcore.backbones`).
+        test_resize: the shorter side test images are resized to before the centre crop; ``auto``: the model's
+            input size divided by its weights' crop fraction (224 / 0.875 = 256).
+        test_size: the side of the test centre crop (<= test_resize); ``auto``: the model's input size.
+        interpolation: the resize filter of the crops and the test view: ``bilinear``, ``bicubic``, or ``auto``
+            (the model's weights' config: timm's ``pretrained_cfg``; bilinear for the other backbones). The cache
+            is built with bilinear whatever this says.
+        mean: the per-channel mean (RGB, in [0, 1]) images are normalised with; ``auto``: the model's weights'
+            config (ImageNet's for smallcnn, the ResNets and torchvision models).
+        std: the per-channel standard deviation of that normalisation; ``auto`` as for `mean`.
         vehicleid_test: which VehicleID test list (800, 1600 or 2400 vehicles).
         train_crop_scale: the area range (low, high) of the training RandomResizedCrop, 0 < low <= high <= 1.
         num_workers: DataLoader worker processes (0: load in the training process).
@@ -107,12 +121,18 @@ class DataParams(_Section):
     max_pixels: int = Field(50_000_000, ge=1, le=178_956_970)
     # Real datasets are decoded once into a cache of images whose shorter side is cache_size (256: the paper's
     # Resize(256) before the 224 crop); training and evaluation read only the cache.
-    cache_size: int = Field(256, ge=8, le=4096)
+    cache_size: Annotated[int, Field(ge=8, le=4096)] | Literal["auto"] = 256
     # Processes that decode images while the cache is built (null: one per CPU core).
     cache_workers: int | None = Field(None, ge=1)
-    train_size: int = Field(32, ge=8)
-    test_resize: int = Field(32, ge=8)
-    test_size: int = Field(32, ge=8)
+    # The sizes, the filter and the normalisation the network sees. auto: what the model's weights were trained
+    # with (timm's pretrained_cfg, a config.json beside the weights file, model.input_size), resolved once when the
+    # params are loaded (xbmcore.backbones.resolve_input); the defaults are the embedded set's.
+    train_size: Annotated[int, Field(ge=8)] | Literal["auto"] = 32
+    test_resize: Annotated[int, Field(ge=8)] | Literal["auto"] = 32
+    test_size: Annotated[int, Field(ge=8)] | Literal["auto"] = 32
+    interpolation: Literal["bilinear", "bicubic", "auto"] = "auto"
+    mean: tuple[float, float, float] | Literal["auto"] = "auto"
+    std: tuple[float, float, float] | Literal["auto"] = "auto"
     vehicleid_test: Literal[800, 1600, 2400] = 800
     # Area range of the training RandomResizedCrop. (0.2, 1) is the XBM reference code's setting; the embedded
     # set already varies position and scale, and its class details are a few pixels wide, so it gets a milder crop.
@@ -126,7 +146,17 @@ class DataParams(_Section):
         if not 0 < lo <= hi <= 1:
             raise _rule(f"train_crop_scale must satisfy 0 < low <= high <= 1, got {self.train_crop_scale}",
                         "train_crop_scale")
+        if self.std != "auto" and min(self.std) <= 0:
+            raise _rule(f"std: expected three standard deviations > 0, got {list(self.std)}", "std")
         return self
+
+    def unresolved(self) -> list[str]:
+        """The keys still set to ``auto``: `xbmcore.backbones.resolve_input` replaces them with the model's values.
+
+        Returns:
+            The dotted keys (``"data.train_size"``, ...); empty once resolved.
+        """
+        return [f"data.{k}" for k in AUTO_DATA_KEYS if getattr(self, k) == "auto"]
 
 
 class ModelParams(_Section):
@@ -134,21 +164,34 @@ class ModelParams(_Section):
 
     Attributes:
         backbone: ``smallcnn`` (four conv blocks, for the embedded benchmark on a CPU), ``resnet18`` or
-            ``resnet50`` (torchvision).
+            ``resnet50`` (torchvision), or any classification model of timm or torchvision as
+            ``timm:<name>`` (``timm:vit_small_patch16_224``, a weights tag allowed:
+            ``timm:vit_small_patch16_224.augreg_in21k_ft_in1k``) or ``torchvision:<name>``
+            (``torchvision:convnext_tiny``): its classifier is replaced by the embedding head.
         embedding_dim: D, the embedding's dimension (>= 2).
         pretrained: ``none``, ``imagenet`` (torchvision's weights for the ResNets), or the path of a local
-            weights file: the pretrain stage's output, or a state dict of this model or of its backbone.
+            weights file (safetensors or a torch state dict): the pretrain stage's output, a state dict of this
+            model or of its backbone, or a timm or torchvision checkpoint of the named architecture (its
+            classifier is left out).
+        input_size: the side of the images the network is built for and fed, in pixels (None: its weights'
+            config: timm's ``pretrained_cfg`` or a config.json beside the weights file; 224 for torchvision
+            models and the ResNets, 32 for smallcnn). ``data.*: auto`` follow it; a timm ViT is built for it.
         freeze_bn: keep the backbone's BatchNorm statistics and affine parameters fixed (pretrained backbones,
             small batches).
         norm: smallcnn's normalisation: ``batch`` (BatchNorm) or ``group`` (GroupNorm: independent of the batch).
         sync_bn: with several processes, BatchNorm over the whole global batch (SyncBatchNorm; GPUs only).
     """
 
-    backbone: Literal["smallcnn", "resnet18", "resnet50"] = "smallcnn"
+    # smallcnn, resnet18, resnet50, or timm:<name> / torchvision:<name>: any classification model of those
+    # libraries, its classifier replaced by the embedding head (xbmcore.backbones).
+    backbone: str = "smallcnn"
     embedding_dim: int = Field(128, ge=2)
-    # none, imagenet (torchvision's weights for the ResNets), or the path of a local weights file: the pretrain
-    # stage's output, or any state dict of this model or of its backbone (a torchvision checkpoint, say).
+    # none, imagenet (torchvision's weights for the ResNets), or the path of a local weights file (safetensors or
+    # torch): the pretrain stage's output, or any state dict of this model or of its backbone (a timm or
+    # torchvision checkpoint, say).
     pretrained: str = "none"
+    # The side the network is built for and fed (null: the weights' config); data.*: auto follow it.
+    input_size: int | None = Field(None, ge=8)
     freeze_bn: bool = False
     # smallcnn's normalisation: batch statistics (BatchNorm) or per-image channel groups (GroupNorm), which does
     # not depend on what else is in the batch and so trains the same at any batch size.
@@ -159,6 +202,10 @@ class ModelParams(_Section):
 
     @model_validator(mode="after")
     def _pretrained(self) -> "ModelParams":
+        library, _, name = self.backbone.partition(":")
+        if self.backbone not in BACKBONES and (library not in BACKBONE_LIBRARIES or not name.strip()):
+            raise _rule(f"backbone: expected {', '.join(BACKBONES)}, timm:<name> or torchvision:<name>, got "
+                        f"{self.backbone!r}", "backbone")
         if not self.pretrained.strip():
             raise _rule("pretrained: expected none, imagenet or the path of a weights file, got an empty string",
                         "pretrained")
@@ -278,6 +325,10 @@ class TrainParams(_Section):
         lr: the XBM (and baseline) phase's learning rate.
         warmup_lr: the warm-up phase's learning rate (separate, so that changing lr keeps the warm-up).
         weight_decay: the optimiser's weight decay.
+        backbone_lr_scale: the backbone's lr as a fraction of the phase's lr (warmup_lr, lr); the head and the
+            rest train at the phase's lr. 1: one lr for all (a large pretrained backbone: 0.1 or less).
+        freeze_backbone_warmup: train only the head during the warm-up (the backbone's weights fixed, its
+            BatchNorm statistics still adapting unless model.freeze_bn); the XBM phase trains everything.
         lr_schedule: ``constant``, or ``cosine``: a decay to 0 over the XBM phase (the warm-up stays constant).
         warmup_steps: the warm-up's steps, or ``auto``: end it at the first drift probe (from warmup_min_steps
             on) where the mean D(t; warmup_drift_dt) over warmup_drift_window probes is below warmup_drift, at
@@ -313,6 +364,10 @@ class TrainParams(_Section):
     # a smaller one gives. Separate, so that changing train.lr leaves the warm-up (and its cached output) alone.
     warmup_lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(5e-4, ge=0.0)
+    # Fine-tuning a large pretrained backbone: its lr as a fraction of the phase's (the head gets the whole), and a
+    # warm-up that trains the head alone, so the random head's first gradients do not disturb pretrained features.
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
+    freeze_backbone_warmup: bool = False
     lr_schedule: Literal["constant", "cosine"] = "constant"
     # A number of steps, or "auto": end the warm-up at the first drift probe (from warmup_min_steps on) where the
     # mean of D(t; warmup_drift_dt) over the last warmup_drift_window probes is below warmup_drift, at
@@ -694,6 +749,10 @@ def _rule(message: str, *fields: str) -> PydanticCustomError:
     return PydanticCustomError("cross_field", message, {"fields": fields})
 
 
+_UNION_TAG = re.compile(r"[\[\-]")
+_TYPE_TAGS = {"int", "float", "str", "bool", "tuple", "list", "dict", "none"}
+
+
 def param_errors(err: ValidationError) -> list[ParamError]:
     """pydantic's errors as ParamError records.
 
@@ -703,10 +762,14 @@ def param_errors(err: ValidationError) -> list[ParamError]:
     Returns:
         One ParamError per pydantic error; unknown keys and cross-field rules get readable messages.
     """
-    out = []
+    out: list[ParamError] = []
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
+        # A union's branches (an int or "auto") add their tag to the location: the key is what a person set.
+        loc = [str(p) for p in e["loc"] if not _UNION_TAG.search(str(p)) and str(p) not in _TYPE_TAGS]
         path = ".".join(loc) or "<root>"
+        if e["type"] != "cross_field" and out and out[-1].path == path and len(loc) < len(e["loc"]):
+            out[-1] = ParamError(path, f"{out[-1].message}, or {e['msg'][0].lower()}{e['msg'][1:]}", out[-1].value)
+            continue
         value = e.get("input")
         fields: tuple[str, ...] = ()
         msg = e["msg"]

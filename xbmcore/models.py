@@ -10,12 +10,15 @@ import sys
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from xbmcore.backbones import (build_timm, build_torchvision, input_config, parse_backbone, read_state_dict,
+                                timm_classifier_prefixes, timm_filter)
 from xbmcore.config import ModelParams
 from xbmcore.pretrain import SKIPPED
 
@@ -82,26 +85,31 @@ class AvgMaxPool(nn.Module):
 class EmbeddingNet(nn.Module):
     """backbone -> AvgMaxPool -> Linear(C, D) -> L2 normalisation. forward: B x 3 x H x W -> B x D.
 
+    A backbone that pools itself (a timm or torchvision model, B x 3 x H x W -> B x C) comes with
+    ``pool=nn.Identity()``.
+
     Args:
-        backbone: a module mapping B x 3 x H x W images to B x C x h x w feature maps.
+        backbone: a module mapping B x 3 x H x W images to B x C x h x w feature maps (or B x C features).
         feat_dim: C, the backbone's output channels.
         embedding_dim: D, the embedding's dimension.
         freeze_bn: keep the backbone's BatchNorm layers in eval mode with frozen affine parameters (their running
             statistics, e.g. ImageNet's, are kept): for pretrained backbones and small batches.
+        pool: the global pooling of the backbone's output (None: AvgMaxPool).
 
     Attributes:
         backbone (nn.Module): the feature extractor.
-        pool (AvgMaxPool): the global pooling.
+        pool (nn.Module): the global pooling (AvgMaxPool, or the identity for a backbone that pools itself).
         head (nn.Linear): the C -> D projection.
         feat_dim (int): C.
         embedding_dim (int): D.
         freeze_bn (bool): whether the backbone's BatchNorm is frozen.
     """
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, embedding_dim: int, freeze_bn: bool = False):
+    def __init__(self, backbone: nn.Module, feat_dim: int, embedding_dim: int, freeze_bn: bool = False,
+                 pool: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
-        self.pool = AvgMaxPool()
+        self.pool = AvgMaxPool() if pool is None else pool
         self.head = nn.Linear(feat_dim, embedding_dim)
         self.feat_dim = feat_dim
         self.embedding_dim = embedding_dim
@@ -172,15 +180,20 @@ def _load_imagenet(net: nn.Module, backbone: str, weights: torchvision.models.We
     net.load_state_dict(state)
 
 
-def load_pretrained(net: EmbeddingNet, path: str | Path) -> None:
+def load_pretrained(net: EmbeddingNet, path: str | Path, classifier: tuple[str, ...] = ("fc.",),
+                    adapt: Callable[[dict, nn.Module], dict] | None = None) -> None:
     """Load a local weights file into `net`: a state dict of the whole model (keys backbone.*, head.*: the pretrain
-    stage's output), or of its backbone alone, such as a torchvision checkpoint (its classifier fc.* is left out,
-    as with imagenet). A dict that wraps it under "model" or "state_dict", and DDP's "module." prefix, are
-    accepted. Any other missing or unexpected key, or a shape that differs, is an error that names it.
+    stage's output), or of its backbone alone, such as a torchvision or timm checkpoint (its classifier, keys under
+    `classifier`, is left out, as with imagenet). A dict that wraps it under "model" or "state_dict", and DDP's
+    "module." prefix, are accepted. Any other missing or unexpected key, or a shape that differs, is an error that
+    names it.
 
     Args:
         net: the network to load into (in place).
-        path: a file written by ``torch.save`` holding tensors only (read with ``weights_only=True``).
+        path: a safetensors file, or a file written by ``torch.save`` holding tensors only (read with
+            ``weights_only=True``).
+        classifier: the key prefixes of a backbone checkpoint's classifier, which the backbone lacks.
+        adapt: a backbone checkpoint's adaptation to the backbone (timm's checkpoint filter), or None.
 
     Raises:
         ValueError: not a file, not readable as torch weights, the pretrain stage's "skipped" marker, no state
@@ -191,9 +204,10 @@ def load_pretrained(net: EmbeddingNet, path: str | Path) -> None:
     if not path.is_file():
         raise ValueError(f"{where} is not a file (expected none, imagenet or the path of a weights file)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
     except Exception as err:  # not a torch file, truncated, or pickled objects beyond tensors
-        raise ValueError(f"{where} could not be read as torch weights ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{where} could not be read as torch weights or safetensors ({type(err).__name__}: "
+                         f"{err})") from err
     if isinstance(state, dict) and isinstance(state.get(SKIPPED), str):
         raise ValueError(f"{where} holds no weights: {state[SKIPPED]}")
     for key in ("model", "state_dict"):
@@ -202,11 +216,15 @@ def load_pretrained(net: EmbeddingNet, path: str | Path) -> None:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{where} holds no state dict (expected a mapping of parameter names to tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith(("backbone.", "head.")) for k in state):
+    # The whole model has backbone.* keys (and head.*, ours); a backbone file may have head.* (a timm ViT's classifier).
+    whole = ("backbone.",) if classifier != ("fc.",) else ("backbone.", "head.")
+    if any(k.startswith(whole) for k in state):
         target, what = net, "the model"
     else:
         target, what = net.backbone, "the backbone"
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+        if adapt is not None:
+            state = adapt(state, net.backbone)
     own = target.state_dict()
 
     def names(keys: list[str]) -> str:  # a whole other architecture would list hundreds
@@ -229,19 +247,24 @@ def build_model(p: ModelParams, load_weights: bool = True) -> EmbeddingNet:
     file).
 
     Args:
-        p: the `model` section: `backbone` (smallcnn, resnet18, resnet50), `embedding_dim`, `pretrained` (none,
-            imagenet or a weights file), `freeze_bn`, `norm` (smallcnn's BatchNorm or GroupNorm).
+        p: the `model` section: `backbone` (smallcnn, resnet18, resnet50, timm:<name>, torchvision:<name>),
+            `embedding_dim`, `pretrained` (none, imagenet or a weights file), `input_size`, `freeze_bn`, `norm`
+            (smallcnn's BatchNorm or GroupNorm).
         load_weights: load the pretrained weights `p.pretrained` names (downloading ImageNet's if needed).
 
     Returns:
         The EmbeddingNet, in training mode, on the CPU.
 
     Raises:
-        ValueError: an unknown backbone, ImageNet weights for smallcnn, norm "group" for a ResNet, or a weights
-            file that does not fit (see `load_pretrained`).
+        ValueError: an unknown backbone (timm and torchvision names: with their near matches), ImageNet weights
+            for smallcnn or a timm or torchvision model (a local file instead), norm "group" for a ResNet, a model
+            whose features are not a vector, or a weights file that does not fit (see `load_pretrained`).
         RuntimeError: the ImageNet weights could not be downloaded (the message says where to put them).
     """
     local = p.pretrained not in ("none", "imagenet")
+    library, name = parse_backbone(p.backbone)
+    if library != "builtin":
+        return _build_library_model(p, library, name, load_weights)
     if p.backbone == "smallcnn":
         if p.pretrained == "imagenet":
             raise ValueError("model.pretrained: smallcnn has no ImageNet weights; expected none or the path of a "
@@ -272,4 +295,29 @@ def build_model(p: ModelParams, load_weights: bool = True) -> EmbeddingNet:
     model = EmbeddingNet(backbone, feat_dim, p.embedding_dim, freeze_bn=p.freeze_bn)
     if local and load_weights:
         load_pretrained(model, p.pretrained)
+    return model
+
+
+def _build_library_model(p: ModelParams, library: str, name: str, load_weights: bool) -> EmbeddingNet:
+    """A timm or torchvision classification model, its classifier replaced by the embedding head."""
+    if p.pretrained == "imagenet":
+        raise ValueError(f"model.pretrained: imagenet downloads torchvision's ResNet weights; for {p.backbone} give "
+                         f"the path of a local weights file (safetensors or torch; docs/backbones.md says how to "
+                         f"get one), or none")
+    if p.norm != "batch":
+        raise ValueError(f"model.norm: {p.norm!r} is for smallcnn; {p.backbone} keeps its own normalisation layers")
+    size = input_config(p).size
+    adapt = None
+    if library == "timm":
+        backbone, feat_dim = build_timm(name, p.input_size, size)
+        classifier, adapt = tuple(timm_classifier_prefixes(backbone)), timm_filter
+    else:
+        backbone, feat_dim, prefixes = build_torchvision(name, size)
+        classifier = tuple(prefixes)
+    if p.freeze_bn and p.pretrained == "none":
+        warnings.warn("model.freeze_bn with pretrained: none keeps BatchNorm at its initial statistics; freezing is "
+                      "meant for pretrained backbones", stacklevel=3)
+    model = EmbeddingNet(backbone, feat_dim, p.embedding_dim, freeze_bn=p.freeze_bn, pool=nn.Identity())
+    if p.pretrained != "none" and load_weights:
+        load_pretrained(model, p.pretrained, classifier=classifier or ("fc.",), adapt=adapt)
     return model

@@ -2,24 +2,48 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from xbmcore.config import TrainParams
 
 
-def build_optimizer(t: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimiser of the model's trainable parameters, at the warm-up's lr (each phase then sets its own).
+def param_groups(t: TrainParams, model: torch.nn.Module) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+    """The trainable parameters as the optimiser takes them: one list, or with `train.backbone_lr_scale` < 1 and a
+    model with a `backbone`, two groups, the rest (the head) first at the phase's lr and the backbone's at the
+    fraction `backbone_lr_scale` of it; each group carries its ``lr_scale`` (`Trainer.set_lr` reads it).
 
     Args:
-        t: the `train` section: `optimizer` (adam, adamw, or sgd with Nesterov momentum 0.9), `warmup_lr` and
-            `weight_decay`.
+        t: the `train` section.
+        model: the model; its parameters with ``requires_grad`` are optimised.
+
+    Returns:
+        The parameters, or ``[{"params": ..., "lr_scale": 1.0}, {"params": ..., "lr_scale": scale}]``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    backbone = getattr(model, "backbone", None)
+    if t.backbone_lr_scale == 1.0 or not isinstance(backbone, torch.nn.Module):
+        return params
+    own = {id(p) for p in backbone.parameters()}
+    return [{"params": [p for p in params if id(p) not in own], "lr_scale": 1.0},
+            {"params": [p for p in params if id(p) in own], "lr_scale": t.backbone_lr_scale,
+             "lr": t.warmup_lr * t.backbone_lr_scale}]
+
+
+def build_optimizer(t: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimiser of the model's trainable parameters, at the warm-up's lr (each phase then sets its own); the
+    backbone's at `train.backbone_lr_scale` of it (`param_groups`).
+
+    Args:
+        t: the `train` section: `optimizer` (adam, adamw, or sgd with Nesterov momentum 0.9), `warmup_lr`,
+            `weight_decay` and `backbone_lr_scale`.
         model: the model; its parameters with ``requires_grad`` are optimised.
 
     Returns:
         The torch optimiser.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(t, model)
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.warmup_lr, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":

@@ -159,6 +159,10 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         if splits.train is None or len(splits.train) == 0:
             raise ValueError("Trainer: the dataset has no training images (splits.train is empty)")
+        if ":" in params.model.backbone and (auto := params.data.unresolved()):
+            # Unresolved, the filter and the normalisation would be the built-in backbones' (bilinear, ImageNet).
+            raise ValueError(f"Trainer: {', '.join(auto)} say auto, unresolved: {params.model.backbone}'s weights "
+                             f"settle them; load the params with xbmcore.backbones.resolve_input(params) first")
         self.dist = Dist()
         self.device = resolve_device(t.device)
         self.cuda = self.device.type == "cuda"
@@ -180,9 +184,14 @@ class Trainer:
             raise ValueError("memory.store: features needs a model with a backbone, a pool and a head (EmbeddingNet); "
                              f"{type(model).__name__} has not: use memory.store: embedding")
         self.model = model.to(self.device, memory_format=self._mem_format)
-        # The module the training forward runs through: DDP averages the ranks' gradients during backward.
-        self.net = self.model if not self.dist.active else torch.nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[torch.cuda.current_device()] if self.cuda else None)
+        # train.freeze_backbone_warmup: the backbone's trainable parameters, which the warm-up holds fixed.
+        self._frozen_in_warmup: list[torch.nn.Parameter] = []
+        if t.freeze_backbone_warmup:
+            if not isinstance(getattr(self.model, "backbone", None), torch.nn.Module):
+                raise ValueError(f"train.freeze_backbone_warmup: {type(self.model).__name__} has no backbone to "
+                                 f"freeze (an EmbeddingNet has)")
+            self._frozen_in_warmup = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        self._wrap()
         self.objective = XBMObjective(build_loss(params.loss), params.memory.weight).to(self.device)
         optimizer = build_optimizer(params.train, self.model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
@@ -268,6 +277,22 @@ class Trainer:
 
     # ---- construction helpers ----
 
+    def _wrap(self) -> None:
+        # The module the training forward runs through: DDP averages the ranks' gradients during backward. DDP
+        # takes the parameters that require a gradient when it is built, so it is built again when they change.
+        self.net = self.model if not self.dist.active else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[torch.cuda.current_device()] if self.cuda else None)
+
+    def _freeze_backbone(self, frozen: bool) -> None:
+        """train.freeze_backbone_warmup: the backbone's weights fixed (the warm-up) or trained (the other phases).
+        The optimiser keeps them: a parameter without a gradient is skipped by its step and keeps its state."""
+        params = self._frozen_in_warmup
+        if not params or all(p.requires_grad != frozen for p in params):
+            return
+        for p in params:
+            p.requires_grad_(not frozen)
+        self._wrap()
+
     def _lr_factor(self, step: int) -> float:
         warmup_end = self.state.warmup_end if getattr(self, "state", None) else None  # None while building it
         return lr_factor(self.params.train, step, warmup_end)
@@ -280,10 +305,11 @@ class Trainer:
             lr: the base learning rate; the schedule (``train.lr_schedule``) multiplies it from the current step.
             weight_decay: the optimiser's new weight decay; None keeps the current one.
         """
-        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
-        for g in self.optimizer.param_groups:
-            g["initial_lr"] = lr
-            g["lr"] = lr * self._lr_factor(self.step)
+        # A group's lr_scale (train.backbone_lr_scale: the backbone's group) scales the phase's lr.
+        self.scheduler.base_lrs = [lr * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["initial_lr"] = base
+            g["lr"] = base * self._lr_factor(self.step)
             if weight_decay is not None:
                 g["weight_decay"] = weight_decay
 
@@ -450,6 +476,7 @@ class Trainer:
         if memory is not None and self.params.memory.momentum > 0:
             s.ema = copy.deepcopy(self.model).requires_grad_(False)
         start, end = s.step, s.step + steps
+        self._freeze_backbone(phase == "warmup")
         self.set_lr(t.warmup_lr if phase == "warmup" else t.lr, t.weight_decay)
         if phase == "warmup":
             s.warmup_end = None  # set when this warm-up ends (a checkpoint written after an auto end holds it)

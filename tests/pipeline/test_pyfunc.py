@@ -232,3 +232,72 @@ def test_the_evaluate_stage_links_its_metrics_to_the_logged_model(tmp_path, monk
         (14, run.run_id, "synthetic/test", digest)}
     assert [(d.dataset.name, d.dataset.digest) for d in got.inputs.dataset_inputs] == [("synthetic/test", digest)]
     assert [(m.step, m.value) for m in history] == [(14, 0.625)]  # the model's link added no second point
+
+
+def test_a_timm_model_is_served_and_embedded_with_its_own_input(tmp_path, monkeypatch):
+    """timm's test_vit at 32 px with its weights' filter and normalisation (bicubic, mean and std 0.5): the logged
+    model is rebuilt from model_params without the weights file, and pipeline.embed, pyfunc predict and
+    `mlflow models serve` give the library's embeddings."""
+    pytest.importorskip("timm")
+    from xbmcore.backbones import resolve_input
+    from xbmcore.checkpoint import save_checkpoint
+    from xbmcore.config import ModelParams
+    from xbmcore.models import build_model
+
+    model_section = {"backbone": "timm:test_vit", "embedding_dim": 16, "pretrained": "none", "input_size": 32}
+    write_params(tmp_path, model=model_section, data={k: "auto" for k in ("train_size", "test_resize", "test_size")})
+    params = resolve_input(load_params(tmp_path / "params.yaml"), tmp_path)
+    d = params.data
+    assert (d.test_size, d.interpolation, d.mean) == (32, "bicubic", (0.5,) * 3)
+    torch.manual_seed(0)
+    model = build_model(ModelParams(**model_section)).eval()
+    save_checkpoint({"model": model.state_dict(), "model_params": params.model.model_dump(exclude={"sync_bn"}),
+                     "step": 1, "phase": "xbm"}, tmp_path / "model.pt")
+    make_images(tmp_path / "images", np.random.default_rng(2))
+    (tmp_path / "images/owl/broken.jpg").unlink()
+    paths = sorted((tmp_path / "images").rglob("*.png"))
+    embedder = Embedder(model, params.model.model_dump(), d.test_resize, d.test_size, source="model.pt",
+                        interpolation=d.interpolation, mean=d.mean, std=d.std)
+    want = embedder.embed_images([p.read_bytes() for p in paths])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("timm", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp):
+        model_uri = log_embedding_model(embedder).model_uri
+    got = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    common = ["--images", str(tmp_path / "images"), "--params", str(tmp_path / "params.yaml"), "--workers", "0"]
+    assert embed.main(["--model", model_uri, "--out", str(tmp_path / "from_mlflow"), *common]) == 0
+    assert embed.main(["--model", str(tmp_path / "model.pt"), "--out", str(tmp_path / "from_pt"), *common]) == 0
+    a, b = EmbeddingStore.load(tmp_path / "from_mlflow"), EmbeddingStore.load(tmp_path / "from_pt")
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
+    assert a.model.digest == b.model.digest and len(a.embeddings) == len(paths) + 1  # and the BMP copy
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env={**stage_env(), "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
+            time.sleep(0.5)
+        status, answer = _post(port, [_b64(p.read_bytes()) for p in paths[:2]])
+        assert status == 200
+        np.testing.assert_allclose(np.array(answer["predictions"], dtype=np.float32), want[:2], atol=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -76,3 +76,15 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(two_ranks, tmp_path):
     for k in ref["model"]:
         assert torch.equal(r0["model"][k], ref["model"][k]) and torch.equal(r1["model"][k], ref["model"][k]), k
     assert r0["history"] == ref["history"]
+
+
+def test_two_ranks_keep_rank_identical_memory_with_a_timm_model(tmp_path):
+    """timm's test_vit, its backbone frozen in the warm-up (DDP built again when it thaws) and at half the lr."""
+    pytest.importorskip("timm")
+    out = torchrun(tmp_path / "out", tmp_path / "ckpt", "--timm")
+    assert out.returncode == 0, out.stdout + out.stderr
+    r0, r1 = (torch.load(tmp_path / "out" / f"rank{r}.pt") for r in (0, 1))
+    assert len(r0["history"]["loss"]) == TOTAL and r0["history"] == r1["history"]
+    assert memory_hash(r0["memory"]) == memory_hash(r1["memory"]) and int(r0["memory"]["fill"]) == 18
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k

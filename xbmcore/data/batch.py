@@ -26,7 +26,7 @@ from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from xbmcore.config import DataParams
-from xbmcore.data.transforms import MEAN, STD, _check_sizes, crop_boxes
+from xbmcore.data.transforms import MEAN, STD, _check_sizes, crop_boxes, interpolation, normalisation
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ class View:
         scale: the training crop's area range.
         test_resize: the shorter side test images are resized to.
         test_size: the test centre crop's side.
+        mean: the normalisation's per-channel mean (RGB).
+        std: the normalisation's per-channel standard deviation.
+        interpolation: the resize filter, ``"bilinear"`` or ``"bicubic"``.
     """
 
     train: bool
@@ -46,6 +49,9 @@ class View:
     scale: tuple[float, float]
     test_resize: int
     test_size: int
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+    interpolation: str = "bilinear"
 
     @classmethod
     def of(cls, p: DataParams, train: bool) -> "View":
@@ -62,7 +68,9 @@ class View:
             ValueError: data.test_size > data.test_resize.
         """
         _check_sizes(p)
-        return cls(train, p.train_size, tuple(p.train_crop_scale), p.test_resize, p.test_size)
+        mean, std = normalisation(p)
+        return cls(train, p.train_size, tuple(p.train_crop_scale), p.test_resize, p.test_size, mean, std,
+                   interpolation(p))
 
     @property
     def size(self) -> int:
@@ -103,7 +111,7 @@ class ImageBatch:
 
     def images(self, device: torch.device | str = "cpu",
                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        """B x 3 x S x S float32 on `device` (in `memory_format`), normalised with the ImageNet statistics.
+        """B x 3 x S x S float32 on `device` (in `memory_format`), normalised with the view's mean and std (ImageNet's by default).
 
         The train view's crop boxes and flips come from the global torch RNG.
 
@@ -131,8 +139,8 @@ class ImageBatch:
         else:
             out = torch.empty(B, 3, S, S, device=device, memory_format=memory_format)
         # (x / 255 - mean) / std as x * mul - sub, per image while it is in the cache.
-        std = torch.tensor(STD, device=device).view(3, 1, 1)
-        mul, sub = 1.0 / (255.0 * std), torch.tensor(MEAN, device=device).view(3, 1, 1) / std
+        std = torch.tensor(v.std, device=device).view(3, 1, 1)
+        mul, sub = 1.0 / (255.0 * std), torch.tensor(v.mean, device=device).view(3, 1, 1) / std
         start = 0
         for k, ((h, w), box, flip) in enumerate(zip(hw, boxes, flips)):
             img = flat[start:start + 3 * h * w].view(1, h, w, 3).permute(0, 3, 1, 2)  # 1 x 3 x h x w channels-last
@@ -141,19 +149,19 @@ class ImageBatch:
                 if min(h, w) != v.test_resize:
                     h, w = (v.test_resize, int(v.test_resize * w / h)) if h <= w else \
                         (int(v.test_resize * h / w), v.test_resize)
-                    img = _resize(img.to(work), h, w)
+                    img = _resize(img.to(work), h, w, v.interpolation)
                 top, left = int(round((h - S) / 2.0)), int(round((w - S) / 2.0))
                 box = (top, left, S, S)
             top, left, bh, bw = box
             img = img[:, :, top:top + bh, left:left + bw]
             if (bh, bw) != (S, S):
-                img = _resize(img.to(work), S, S)
+                img = _resize(img.to(work), S, S, v.interpolation)
             out[k].copy_(img[0].flip(-1) if flip else img[0]).mul_(mul).sub_(sub)
         return out
 
 
-def _resize(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+def _resize(img: torch.Tensor, h: int, w: int, mode: str = "bilinear") -> torch.Tensor:
+    return F.interpolate(img, size=(h, w), mode=mode, align_corners=False, antialias=True)
 
 
 def collate_for(device: torch.device | str) -> Callable:

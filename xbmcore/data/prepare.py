@@ -83,6 +83,9 @@ def params_recipe(p: DataParams) -> dict:
         return r
     r["skip_corrupt"] = p.skip_corrupt
     r["max_pixels"] = p.max_pixels  # which images are refused
+    if p.cache_size == "auto":
+        raise ValueError("data.cache_size: auto, unresolved: the model's input settles it; load the params with "
+                         "xbmcore.backbones.resolve_input(params) first (the pipeline does)")
     r["cache_size"] = p.cache_size
     if p.name == "vehicleid":
         r["vehicleid_test"] = p.vehicleid_test

@@ -6,7 +6,10 @@ Two implementations of the same recipe:
   BatchTransform   the same on a whole uint8 batch B x 3 x H x W at once (the array-backed embedded set): one
                    affine grid per image (crop box and flip) and one grid_sample call for the batch, which is what
                    lets the loader feed thousands of images per second from one process.
-Sizes come from DataParams: train_size (crop output), test_resize (shorter side), test_size (centre crop).
+Sizes come from DataParams: train_size (crop output), test_resize (shorter side), test_size (centre crop); the
+resize filter (interpolation) and the normalisation (mean, std) too. Their `auto` values are resolved from the model
+when the params are loaded (xbmcore.backbones.resolve_input); an unresolved `auto` filter or normalisation is the
+built-in backbones' (bilinear, ImageNet's statistics), an unresolved size an error.
 """
 from __future__ import annotations
 
@@ -25,7 +28,34 @@ STD = (0.229, 0.224, 0.225)
 RATIO = (3 / 4, 4 / 3)
 
 
+def normalisation(p: DataParams) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) images are normalised with: data.mean and data.std, ImageNet's where they say auto.
+
+    Args:
+        p: the `data` section.
+
+    Returns:
+        ``(mean, std)``, three floats each (RGB).
+    """
+    return (MEAN if p.mean == "auto" else tuple(p.mean)), (STD if p.std == "auto" else tuple(p.std))
+
+
+def interpolation(p: DataParams) -> str:
+    """The resize filter of the crops and the test view: data.interpolation, bilinear where it says auto.
+
+    Args:
+        p: the `data` section.
+
+    Returns:
+        ``"bilinear"`` or ``"bicubic"``.
+    """
+    return "bilinear" if p.interpolation == "auto" else p.interpolation
+
+
 def _check_sizes(p: DataParams) -> None:
+    if auto := [k for k in ("train_size", "test_resize", "test_size") if getattr(p, k) == "auto"]:
+        raise ValueError(f"data.{', data.'.join(auto)}: auto, unresolved: the model's input settles it; load the "
+                         f"params with xbmcore.backbones.resolve_input(params) first (the pipeline does)")
     if p.test_size > p.test_resize:
         raise ValueError(
             f"data.test_size ({p.test_size}) must be <= data.test_resize ({p.test_resize}): the centre crop is "
@@ -46,12 +76,15 @@ def pil_transform(p: DataParams, train: bool) -> v2.Compose:
         ValueError: data.test_size > data.test_resize.
     """
     _check_sizes(p)
+    mode = v2.InterpolationMode(interpolation(p))
     geometric = (
-        [v2.RandomResizedCrop(p.train_size, scale=tuple(p.train_crop_scale), ratio=RATIO, antialias=True),
+        [v2.RandomResizedCrop(p.train_size, scale=tuple(p.train_crop_scale), ratio=RATIO, interpolation=mode,
+                              antialias=True),
          v2.RandomHorizontalFlip()]
-        if train else [v2.Resize(p.test_resize, antialias=True), v2.CenterCrop(p.test_size)]
+        if train else [v2.Resize(p.test_resize, interpolation=mode, antialias=True), v2.CenterCrop(p.test_size)]
     )
-    return v2.Compose([*geometric, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    mean, std = normalisation(p)
+    return v2.Compose([*geometric, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def crop_boxes(n: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: tuple[float, float],
@@ -94,7 +127,8 @@ def crop_boxes(n: int, height: int | torch.Tensor, width: int | torch.Tensor, sc
     return torch.stack([top, left, h, w], 1)
 
 
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+                 mode: str = "bilinear") -> torch.Tensor:
     """Crop box i (top, left, h, w) of image i, resize it bilinearly to size x size, mirror where flip[i].
 
     x: B x C x H x W float, boxes: B x 4, flip: B bool -> B x C x size x size. The sampling grid maps output pixel
@@ -107,6 +141,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size:
         boxes: B x 4 crop boxes (top, left, h, w) in pixels.
         flip: B bools: mirror that image horizontally.
         size: the output side S.
+        mode: ``"bilinear"`` or ``"bicubic"`` sampling.
 
     Returns:
         B x C x S x S float images.
@@ -118,7 +153,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size:
     gx = (2 * (left[:, None] + ramp_x * w[:, None]) / W - 1)  # B x S, input x in [-1, 1]
     gy = (2 * (top[:, None] + ramp * h[:, None]) / H - 1)  # B x S
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # B x S x S x 2
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
 class BatchTransform:
@@ -141,10 +176,12 @@ class BatchTransform:
         self.test_resize = p.test_resize
         self.test_size = p.test_size
         self.scale = tuple(p.train_crop_scale)
+        self.mode = interpolation(p)
         # (x / 255 - mean) / std folded into one multiply-add.
-        std = torch.tensor(STD).view(1, 3, 1, 1)
+        mean, std = normalisation(p)
+        std = torch.tensor(std).view(1, 3, 1, 1)
         self._mul = 1.0 / (255.0 * std)
-        self._add = -torch.tensor(MEAN).view(1, 3, 1, 1) / std
+        self._add = -torch.tensor(mean).view(1, 3, 1, 1) / std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
@@ -163,7 +200,7 @@ class BatchTransform:
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         flip = torch.rand(B) < 0.5
-        return resized_crop(x.float(), crop_boxes(B, H, W, self.scale), flip, self.train_size)
+        return resized_crop(x.float(), crop_boxes(B, H, W, self.scale), flip, self.train_size, self.mode)
 
     def _resize_centre(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[-2:]
@@ -174,7 +211,7 @@ class BatchTransform:
                 size = (self.test_resize, int(self.test_resize * W / H))
             else:
                 size = (int(self.test_resize * H / W), self.test_resize)
-            xf = F.interpolate(xf, size=size, mode="bilinear", align_corners=False, antialias=True)
+            xf = F.interpolate(xf, size=size, mode=self.mode, align_corners=False, antialias=True)
             H, W = size
         S = self.test_size
         top, left = int(round((H - S) / 2.0)), int(round((W - S) / 2.0))
