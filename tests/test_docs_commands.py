@@ -121,7 +121,7 @@ python -m pipeline.embed --model m.pt --images p/ --out i/ -S memory.ratio=abc
 python -m pipeline.tune -S memory.store=features -S memory.momentum=0 -S memory.sdc_sigma=0
 python -m pipeline.tune -S memory.store=features
 dvc exp run -S train.nproc=<n> -S ... -S data.root=<your folder> -S nosuch.key=<n>
-REAL="-S model.backbone=resnet50 -S data.train_size=x"
+REAL="-S model.backbone=resnet50 -S train.batch_size=x"
 dvc exp run -S data.name=folder $REAL
 make check-repro ARGS="-S train.portable=maybe --until pretrain --nope"
 python -m bench.paper_figures --method NAME:KEY=VALUE --method m:memory.momentum=0.99,memory.refresh=-1 -S KEY=VALUE
@@ -144,9 +144,9 @@ def test_overrides_are_checked_against_the_schema(specs):
         "(set them to 0) (got {'store': 'features', 'sdc_sigma': 0.0, 'momentum': 0.999})",
         "docs/scratch.md:6: dvc exp run: -S nosuch.key=<n>: nosuch: unknown key (check its spelling and section) "
         "(got {'key': None})",
-        "docs/scratch.md:7: -S: -S data.train_size=x: data.train_size: Input should be a valid integer, unable "
+        "docs/scratch.md:7: -S: -S train.batch_size=x: train.batch_size: Input should be a valid integer, unable "
         "to parse string as an integer (got 'x')",
-        "docs/scratch.md:8: dvc exp run: -S data.train_size=x: data.train_size: Input should be a valid integer, "
+        "docs/scratch.md:8: dvc exp run: -S train.batch_size=x: train.batch_size: Input should be a valid integer, "
         "unable to parse string as an integer (got 'x')",
         f"docs/scratch.md:9: {make}: no option --nope (options: "
         f"{dc._options_text(specs['pipeline.check_repro']['parser'])})",
