@@ -63,6 +63,7 @@ from xbmcore.events import HISTORY_FIELDS, StepRecord, make_event
 from xbmcore.hooks import CallerError, Checkpointing, DriftMonitor, Evaluation, Hook, StopOnSignals, TrainingStopped
 from xbmcore.losses import XBMObjective, build_loss
 from xbmcore.memory import CrossBatchMemory, build_memory
+from xbmcore.memory_view import MemoryView
 from xbmcore.optim import build_optimizer, lr_factor
 from xbmcore.sampler import PKSampler
 from xbmcore.state import TrainState
@@ -209,6 +210,8 @@ class Trainer:
                                           embed=lambda ds: self._embed(ds, both)[0],
                                           split=self.model.embedding_dim if both else None)
             self.hooks.append(DriftMonitor())
+        if t.memory_view_every:  # each probe anchor's hardest memory negatives, with their age (observation only)
+            self.hooks.append(MemoryView(t.memory_view_every, t.memory_view_k, t.memory_view_anchors))
         self._end_now = False
         self.folder: Path | None = None  # the current phase's checkpoint folder
         self.last_checkpoint: Path | None = None

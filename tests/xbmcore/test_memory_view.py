@@ -1,0 +1,103 @@
+"""The memory view (issue #35): each anchor's hardest memory negatives against a brute-force float64 top-k from
+the saved memory and model, the ages and super-class shares, and training bit-identical with the view on or off."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from test_trainer import make, params
+from xbmcore.hooks import Hook
+from xbmcore.memory_view import AGE_EDGES, memory_view
+
+VIEW = dict(memory_view_every=4, memory_view_k=3, memory_view_anchors=5)
+
+
+class Saver(Hook):
+    """Saves the model and the memory at every step (what the brute force recomputes the view from)."""
+
+    def __init__(self):
+        self.saved = {}
+
+    def on_step(self, trainer):
+        m = trainer.state.memory
+        self.saved[trainer.step] = (copy.deepcopy(trainer.model).double().eval(),
+                                    *(b.clone() for b in m.get()), m.steps[: len(m)].clone())
+
+
+def brute_force(model, x, labels, feats, mem_labels, mem_indices, mem_steps, step, k):
+    with torch.no_grad():
+        a = model(x.double())
+    sim = (a @ feats.double().T).numpy()
+    out = []
+    for i in range(len(a)):
+        js = [j for j in np.argsort(-sim[i], kind="stable") if mem_labels[j] != labels[i]][:k]
+        out.append([(int(mem_indices[j]), float(sim[i, j]), int(step - mem_steps[j])) for j in js])
+    return out
+
+
+@pytest.mark.parametrize("probe", [0, 6])
+def test_the_view_equals_a_brute_force_top_k_from_the_saved_memory_and_model(probe):
+    trainer, sink = make(params(drift_probe=probe, drift_every=2, drift_dts=[2], **VIEW))
+    trainer.splits.train.train = False  # one clean view: the brute force sees the anchors as the trainer does
+    trainer.train_phase("warmup", 4)
+    saver = Saver()
+    trainer.train_phase("xbm", 10, trainer.init_memory(), hooks=[saver])
+    views = sink.of("memory_view")
+    assert [e["step"] for e in views] == [8, 12, 14]  # every 4 steps of the xbm phase, and its end
+    for ev in views:
+        model, feats, mem_labels, mem_indices, mem_steps = saver.saved[ev["step"]]
+        items = [a["index"] for a in ev["anchors"]]
+        assert len(items) == 5 and items == sorted(items)
+        if probe:
+            assert items == trainer.probe.items[:5].tolist()
+        x = torch.stack([trainer.splits.train[i][0] for i in items])
+        labels = trainer.splits.train.labels[items]
+        want = brute_force(model, x, labels, feats, mem_labels, mem_indices, mem_steps, ev["step"], 3)
+        for a, w in zip(ev["anchors"], want):
+            got = [(n["index"], n["sim"], n["age"]) for n in a["negatives"]]
+            assert [g[1] for g in got] == pytest.approx([s for _, s, _ in w], abs=1e-5)
+            assert [g[0] for g in got] == [i for i, _, _ in w]
+            assert [g[2] for g in got] == [t for _, _, t in w]
+            assert all(n["label"] != a["label"] and n["same_super"] is None for n in a["negatives"])
+            assert a["super"] is None
+        assert ev["age_edges"] == list(AGE_EDGES) and sum(ev["age_hist"]) == ev["active_negatives"] > 0
+        q = ev["age_quantiles"]
+        assert q["p10"] <= q["p50"] <= q["p90"] and ev["super_share"] is None
+        assert ev["memory_size"] == len(feats)
+
+
+def test_training_is_bit_identical_with_the_view_on_or_off():
+    runs = []
+    for every in (0, 2):
+        trainer, sink = make(params(memory_view_every=every, drift_probe=6, drift_every=2, drift_dts=[2]))
+        trainer.train_phase("warmup", 4)
+        trainer.train_phase("xbm", 6, trainer.init_memory())
+        assert [e["step"] for e in sink.of("memory_view")] == ([6, 8, 10] if every else [])
+        runs.append([p.detach().clone() for p in trainer.model.state_dict().values()]
+                    + [trainer.state.memory.feats.clone()] + [torch.tensor(trainer.history["loss"])])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_ages_active_negatives_and_super_class_shares_by_hand():
+    # 2 anchors, 5 entries; anchor 0 (label 0, super 0), anchor 1 (label 1, super 1).
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    entries = torch.tensor([[0.9, 0.1], [0.6, 0.8], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    entries = entries / entries.norm(dim=1, keepdim=True)
+    mem_labels = torch.tensor([2, 3, 1, 0, 4])
+    mem_indices = torch.tensor([10, 11, 12, 13, 14])
+    mem_steps = torch.tensor([95, 50, 99, 1, 0])
+    supers = np.full(15, -1)
+    supers[[0, 1]] = [0, 1]
+    supers[10:15] = [0, 1, 1, 0, 0]
+    v = memory_view(anchors, torch.tensor([0, 1]), torch.tensor([0, 1]), entries, mem_labels, mem_indices,
+                    mem_steps, step=100, k=2, loss=None, supers=supers)
+    a0, a1 = v["anchors"]
+    assert [n["index"] for n in a0["negatives"]] == [10, 11] and [n["age"] for n in a0["negatives"]] == [5, 50]
+    assert [n["same_super"] for n in a0["negatives"]] == [True, False] and a0["super"] == 0
+    assert [n["index"] for n in a1["negatives"]] == [11, 10]  # entry 12 is its own label
+    # active (no loss: sim > 0): anchor 0 -> 10, 11; anchor 1 -> 11, 10 (13 has sim 0)
+    assert v["active_negatives"] == 4 and v["super_share"] == 0.5 and v["topk_super_share"] == 0.5
+    assert v["age_hist"][0] == 2 and v["age_hist"][AGE_EDGES.index(50)] == 2
