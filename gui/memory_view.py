@@ -26,7 +26,7 @@ from .worker import BackgroundCalls
 
 THUMB = 72  # px of a tile's image
 # Age colours, fresh to stale, one per bin of the event's age_edges (interpolated).
-_AGE_MAP = pg.ColorMap([0.0, 0.5, 1.0], ["#4cc9f0", "#f9c74f", "#f94144"])
+_AGE_MAP = pg.ColorMap(np.linspace(0.0, 1.0, 6), ["#4cc9f0", "#90be6d", "#f9c74f", "#f8961e", "#f94144", "#c77dff"])
 _SPLITS: dict[tuple[str, str], Any] = {}  # (prepared folder, data params) -> train split; the worker thread's
 
 

@@ -21,14 +21,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-# A small synthetic set: 32 px images, 120 classes in super-classes of 6 siblings; a from-scratch SmallCNN.
+# A small synthetic set: 32 px images, 792 classes in super-classes of 6 siblings (half of them train); a
+# from-scratch SmallCNN; a memory of the whole training split, so that entries grow a hundred steps old.
 DEMO = {
     "data": {"name": "synthetic", "prepared": "data/prepared", "train_size": 32, "test_resize": 32, "test_size": 32,
              "val_fraction": 0.1,
-             "synthetic": {"num_classes": 240, "images_per_class_min": 4, "images_per_class_max": 6,
-                           "classes_per_superclass": 6, "image_size": 32, "pretrain_classes": 8}},
+             "synthetic": {"num_classes": 792, "images_per_class_min": 4, "images_per_class_max": 6,
+                           "classes_per_superclass": 6, "image_size": 32, "pretrain_classes": 12}},
     "model": {"backbone": "smallcnn", "embedding_dim": 32, "pretrained": "none"},
-    "memory": {"ratio": 0.5},
+    "memory": {"ratio": 1.0},
     "train": {"batch_size": 16, "images_per_class": 4, "warmup_steps": 40, "xbm_steps": 400, "lr": 0.003,
               "warmup_lr": 0.003, "device": "cpu", "num_threads": 1, "drift_probe": 32, "drift_every": 10,
               "drift_dts": [10], "memory_view_every": 20, "memory_view_k": 8, "memory_view_anchors": 8,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "memory_tab.png")
     ap.add_argument("--size", default="1600x1000", help="window size WxH in pixels")
-    ap.add_argument("--views", type=int, default=6, help="memory views to wait for before the picture")
+    ap.add_argument("--views", type=int, default=10, help="memory views to wait for before the picture")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
