@@ -193,6 +193,7 @@ class MainWindow(QMainWindow):
         self.remote.runs.connect(self._server_runs_listed)
         self.remote.switched.connect(lambda what: self._source == "remote" and self._switched(what))
         self.remote.batch.connect(lambda b: self._source == "remote" and self.monitor.add_batch(b))
+        self.remote.batch.connect(lambda b: self._source == "remote" and self.memory.add_batch(b))
         self.remote.health.connect(self._server_health)
         self.remote.set_server(self.server_uri())
         self._set_server_combo([])

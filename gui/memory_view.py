@@ -4,7 +4,8 @@ the age histogram of the active negatives over the run (stacked shares per age b
 share of the active negatives from the anchor's super-class.
 
 It reads the `memory_view` events (xbmcore.memory_view) from the same event tail as the Live tab, so it follows a
-live run and opens a finished one. The GUI thread only draws: the thumbnails are read from the run's prepared
+live run and opens a finished one; for a run on a tracking server, the views its MLflowSink logged as artifacts
+(at each evaluation and at the end; gui.remote). The GUI thread only draws: the thumbnails are read from the run's prepared
 dataset and scaled to THUMB px in a background thread (`load_thumbnails`), only those of the view on screen.
 """
 from __future__ import annotations
@@ -200,8 +201,8 @@ class MemoryPanel(QWidget):
                 keep = [v for v in self.views if v["step"] <= ev["resume_from"]]
                 new |= len(keep) != len(self.views)
                 self.views = keep
-            elif kind == "memory_view":
-                self.views = [v for v in self.views if v["step"] < ev["step"]] + [ev]
+            elif kind == "memory_view":  # in step order (a server's artifacts may come late); one per step
+                self.views = sorted([v for v in self.views if v["step"] != ev["step"]] + [ev], key=lambda v: v["step"])
                 new = True
         if not new:
             return

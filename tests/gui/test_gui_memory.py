@@ -107,3 +107,46 @@ def test_the_memory_tab_shows_the_recorded_views(qtbot, recorded, settings):
     m.pick.setCurrentIndex(2)
     assert m.shown["step"] == 8
     assert "step 8 ·" in m.summary.text()
+
+
+class ViewServer:
+    """A tracking server holding a finished run's memory views as its MLflowSink logs them (JSON artifacts)."""
+
+    def __init__(self, views):
+        self.views = {f"memory_view/step_{v['step']:07d}.json": v for v in views}
+        self.listed = 0
+
+    def run(self, run_id):
+        return {"info": {"status": "FINISHED", "start_time": 0},
+                "data": {"params": [{"key": "train.xbm_steps", "value": "8"}], "tags": [],
+                         "metrics": [{"key": "memory_view/active_negatives", "step": max(v["step"] for v in
+                                                                                          self.views.values())}]}}
+
+    def history(self, run_id, key, start, end):
+        return []
+
+    def artifacts(self, run_id, path):
+        self.listed += 1
+        return [*self.views, *(p.replace(".json", ".png") for p in self.views)]
+
+    def artifact_json(self, run_id, path):
+        return self.views[path]
+
+
+def test_a_server_runs_views_come_from_its_artifacts(qtbot, recorded):
+    from gui.memory_view import MemoryPanel
+    from gui.remote import RemoteRun
+
+    root, _, _, path = recorded
+    views = [e for e in read_events(path) if e["kind"] == "memory_view"]
+    server = ViewServer(views)
+    remote = RemoteRun(server, "run-1")
+    got = [e for e in remote.poll() if e["kind"] == "memory_view"]
+    assert got == views and server.listed == 1
+    assert [e for e in remote.poll() if e["kind"] == "memory_view"] == [] and server.listed == 1  # listed once
+    panel = MemoryPanel(root, loader=lambda *a: {})
+    try:
+        panel.add_events(list(reversed(got)))  # late artifacts: any order
+        assert [v["step"] for v in panel.views] == [8, 12] and panel.shown["step"] == 12
+    finally:
+        panel.shutdown()
