@@ -5,8 +5,9 @@ share of the active negatives from the anchor's super-class.
 
 It reads the `memory_view` events (xbmcore.memory_view) from the same event tail as the Live tab, so it follows a
 live run and opens a finished one; for a run on a tracking server, the views its MLflowSink logged as artifacts
-(at each evaluation and at the end; gui.remote). The GUI thread only draws: the thumbnails are read from the run's prepared
-dataset and scaled to THUMB px in a background thread (`load_thumbnails`), only those of the view on screen.
+(at each evaluation and at the end; gui.remote). The GUI thread only draws: the thumbnails are read from the
+run's prepared dataset and scaled to THUMB px in a background thread (`load_thumbnails`), only those of the view
+on screen.
 """
 from __future__ import annotations
 
