@@ -101,3 +101,30 @@ def test_ages_active_negatives_and_super_class_shares_by_hand():
     # active (no loss: sim > 0): anchor 0 -> 10, 11; anchor 1 -> 11, 10 (13 has sim 0)
     assert v["active_negatives"] == 4 and v["super_share"] == 0.5 and v["topk_super_share"] == 0.5
     assert v["age_hist"][0] == 2 and v["age_hist"][AGE_EDGES.index(50)] == 2
+
+
+def test_a_memory_of_features_is_viewed_through_the_current_head():
+    from test_freshness import TinyEmbeddingNet
+    from test_trainer import Blobs, Events, Splits
+    from xbmcore.config import Params
+    from xbmcore.trainer import Trainer
+
+    p = params(drift_probe=6, drift_every=2, drift_dts=[2], **VIEW).model_dump()
+    p["memory"]["store"] = "features"
+    torch.manual_seed(0)
+    sink = Events()
+    trainer = Trainer(Params.model_validate(p), TinyEmbeddingNet(),
+                      Splits(Blobs(12, 6, 1, False), Blobs(4, 5, 2, False), Blobs(4, 5, 3, False)), sink)
+    trainer.train_phase("warmup", 4)
+    saver = Saver()
+    trainer.train_phase("xbm", 4, trainer.init_memory(), hooks=[saver])
+    (ev,) = sink.of("memory_view")  # step 8: a probe step, so the probe's [embedding | features] is reused
+    net, feats, mem_labels, mem_indices, mem_steps = saver.saved[8]
+    with torch.no_grad():
+        entries = net.embed_features(feats.double())
+    items = [a["index"] for a in ev["anchors"]]
+    x = torch.stack([trainer.splits.train[i][0] for i in items])
+    want = brute_force(net, x, trainer.splits.train.labels[items], entries, mem_labels, mem_indices, mem_steps, 8, 3)
+    for a, w in zip(ev["anchors"], want):
+        assert [n["index"] for n in a["negatives"]] == [i for i, _, _ in w]
+        assert [n["sim"] for n in a["negatives"]] == pytest.approx([s for _, s, _ in w], abs=1e-5)
