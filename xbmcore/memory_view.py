@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 # The age histogram's bin edges in steps; the last bin is open ([5000, inf)).
 AGE_EDGES = (0, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 QUANTILES = {"p10": 0.1, "p50": 0.5, "p90": 0.9}
+# Anchors per chunk: CHUNK_ELEMENTS // memory size, so that the float64 anchors x K product stays ~256 MB.
+CHUNK_ELEMENTS = 2 ** 25
 
 
 def super_labels(dataset: Any) -> np.ndarray | None:
@@ -55,6 +57,29 @@ def super_labels(dataset: Any) -> np.ndarray | None:
         return None
     s = np.asarray(s, dtype=np.int64)
     return None if len(s) == 0 or (s < 0).all() else s
+
+
+def quantiles_of_counts(counts: np.ndarray, qs: list[float]) -> list[float | None]:
+    """Quantiles (numpy's linear interpolation) of the integers 0..len(counts)-1 taken counts[v] times each.
+
+    Args:
+        counts: how many times each value occurs.
+        qs: the quantiles, in [0, 1].
+
+    Returns:
+        One value per quantile; None each when there is no value.
+    """
+    total = int(counts.sum())
+    if not total:
+        return [None] * len(qs)
+    cum = np.cumsum(counts)
+    out = []
+    for q in qs:
+        pos = q * (total - 1)
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        vlo, vhi = (float(np.searchsorted(cum, r, side="right")) for r in (lo, hi))
+        out.append(vlo + (vhi - vlo) * (pos - lo))
+    return out
 
 
 @torch.no_grad()
@@ -83,47 +108,62 @@ def memory_view(anchors: torch.Tensor, labels: torch.Tensor, indices: torch.Tens
     """
     dev = anchors.device
     mem_labels, mem_indices = mem_labels.to(dev), mem_indices.to(dev)
-    sim = anchors.double() @ entries.to(dev).double().T  # A x n
-    neg = labels.to(dev)[:, None] != mem_labels[None, :]
-    age = (step - mem_steps.to(dev)).long()  # n
-    kk = min(k, sim.shape[1])
-    top_sim, top = sim.masked_fill(~neg, -torch.inf).topk(kk, dim=1) if kk else (sim[:, :0], sim[:, :0].long())
-    if loss is not None:
-        g, lneg = loss.sim_gradient(anchors.float(), labels.to(dev), entries.to(dev).float(), mem_labels,
-                                    indices.to(dev), mem_indices)
-        active = lneg & (g != 0)
-    else:
-        active = neg & (sim > 0)
-    ages = age[None, :].expand_as(active)[active].double()
+    entries = entries.to(dev)
+    n = len(mem_labels)
+    age = (step - mem_steps.to(dev)).long().clamp(min=0)  # n
+    kk = min(k, n)
+    s = None if supers is None else torch.from_numpy(np.asarray(supers, dtype=np.int64)).to(dev)
+    sup_m = None if s is None else s[mem_indices]
     edges = torch.tensor(AGE_EDGES, dtype=torch.float64, device=dev)
-    hist = torch.bincount(torch.bucketize(ages, edges, right=True) - 1, minlength=len(AGE_EDGES))
-    q = torch.quantile(ages, torch.tensor(list(QUANTILES.values()), dtype=torch.float64, device=dev)).tolist() \
-        if len(ages) else [None] * len(QUANTILES)
-    sup_a = sup_m = None
-    super_share = topk_super_share = None
-    if supers is not None:
-        s = torch.from_numpy(supers).to(dev)
-        sup_a, sup_m = s[indices.to(dev)], s[mem_indices]
-        same = sup_a[:, None] == sup_m[None, :]
-        n_act = int(active.sum())
-        super_share = float((same & active).sum()) / n_act if n_act else None
-        same_top = same.gather(1, top) & torch.isfinite(top_sim)
-        n_top = int(torch.isfinite(top_sim).sum())
-        topk_super_share = float(same_top.sum()) / n_top if n_top else None
+    hist = torch.zeros(len(AGE_EDGES), dtype=torch.int64, device=dev)
+    tops, top_sims = [], []
+    counts = torch.zeros(int(age.max()) + 1 if n else 1, dtype=torch.int64, device=dev)  # active negatives per age
+    n_active = n_active_same = n_top = n_top_same = 0
+    # Anchors in chunks: the float64 A x n product of a large memory (index mode) stays within CHUNK_ELEMENTS.
+    chunk = max(1, CHUNK_ELEMENTS // max(n, 1))
+    for a0 in range(0, len(anchors), chunk):
+        a, lab, idx = anchors[a0:a0 + chunk], labels[a0:a0 + chunk].to(dev), indices[a0:a0 + chunk].to(dev)
+        sim = a.double() @ entries.double().T  # a x n
+        neg = lab[:, None] != mem_labels[None, :]
+        top_sim, top = sim.masked_fill(~neg, -torch.inf).topk(kk, dim=1)
+        if loss is not None:
+            g, lneg = loss.sim_gradient(a.float(), lab, entries.float(), mem_labels, idx, mem_indices)
+            active = lneg & (g != 0)
+        else:
+            active = neg & (sim > 0)
+        ages = age[None, :].expand_as(active)[active]
+        hist += torch.bincount(torch.bucketize(ages.double(), edges, right=True) - 1, minlength=len(AGE_EDGES))
+        counts += torch.bincount(ages, minlength=len(counts))
+        n_active += int(active.sum())
+        found = torch.isfinite(top_sim)
+        n_top += int(found.sum())
+        if s is not None:
+            same = s[idx][:, None] == sup_m[None, :]
+            n_active_same += int((same & active).sum())
+            n_top_same += int((same.gather(1, top) & found).sum())
+        tops.append(top)
+        top_sims.append(top_sim)
+    top, top_sim = torch.cat(tops), torch.cat(top_sims)
+    q = quantiles_of_counts(counts.cpu().numpy(), list(QUANTILES.values()))
+    super_share = None if s is None or not n_active else n_active_same / n_active
+    topk_super_share = None if s is None or not n_top else n_top_same / n_top
+    sup_a = None if s is None else s[indices.to(dev)]
     rows = []
-    top_l, top_s = top.tolist(), top_sim.tolist()
-    age_l, ml, mi = age.tolist(), mem_labels.tolist(), mem_indices.tolist()
-    sa, sm = (sup_a.tolist(), sup_m.tolist()) if sup_a is not None else (None, None)
     n_show = len(anchors) if show is None else min(show, len(anchors))
+    sel = top[:n_show]  # only the listed entries go to Python
+    top_s, age_l = top_sim[:n_show].tolist(), age[sel].tolist()
+    ml, mi = mem_labels[sel].tolist(), mem_indices[sel].tolist()
+    sa = None if sup_a is None else sup_a.tolist()
+    sm = None if sup_m is None else sup_m[sel].tolist()
     for a in range(n_show):
-        negs = [{"index": mi[j], "sim": s_, "age": age_l[j], "label": ml[j],
-                 "same_super": None if sa is None else sa[a] == sm[j]}
-                for j, s_ in zip(top_l[a], top_s[a]) if s_ != -float("inf")]
+        negs = [{"index": mi[a][j], "sim": s_, "age": age_l[a][j], "label": ml[a][j],
+                 "same_super": None if sa is None else sa[a] == sm[a][j]}
+                for j, s_ in enumerate(top_s[a]) if s_ != -float("inf")]
         rows.append({"index": int(indices[a]), "label": int(labels[a]), "super": None if sa is None else sa[a],
                      "negatives": negs})
     return {"k": int(k), "anchors": rows, "age_edges": list(AGE_EDGES), "age_hist": hist.tolist(),
-            "age_quantiles": dict(zip(QUANTILES, q)), "active_negatives": int(active.sum()),
-            "super_share": super_share, "topk_super_share": topk_super_share, "memory_size": int(sim.shape[1])}
+            "age_quantiles": dict(zip(QUANTILES, q)), "active_negatives": n_active,
+            "super_share": super_share, "topk_super_share": topk_super_share, "memory_size": n}
 
 
 class MemoryView(Hook):

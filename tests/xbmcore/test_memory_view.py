@@ -128,3 +128,34 @@ def test_a_memory_of_features_is_viewed_through_the_current_head():
     for a, w in zip(ev["anchors"], want):
         assert [n["index"] for n in a["negatives"]] == [i for i, _, _ in w]
         assert [n["sim"] for n in a["negatives"]] == pytest.approx([s for _, s, _ in w], abs=1e-5)
+
+
+def test_quantiles_from_counts_equal_numpys():
+    from xbmcore.memory_view import quantiles_of_counts
+
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 7, 1000):
+        ages = rng.integers(0, 50, size)
+        got = quantiles_of_counts(np.bincount(ages, minlength=50), [0.1, 0.5, 0.9])
+        assert got == pytest.approx(np.quantile(ages, [0.1, 0.5, 0.9]).tolist())
+    assert quantiles_of_counts(np.zeros(3, int), [0.5]) == [None]
+
+
+def test_anchors_in_chunks_give_the_same_view(monkeypatch):
+    import xbmcore.memory_view as mv
+    from xbmcore.losses import build_loss
+    from xbmcore.config import Params
+
+    g = torch.Generator().manual_seed(1)
+    anchors = torch.nn.functional.normalize(torch.randn(9, 8, generator=g), dim=1)
+    entries = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
+    args = (anchors, torch.arange(9) % 4, torch.arange(9), entries, torch.arange(40) % 5, torch.arange(100, 140),
+            torch.randint(0, 30, (40,), generator=g), 30, 4)
+    kw = dict(loss=build_loss(Params().loss), supers=np.arange(140) % 3, show=5)
+    whole = mv.memory_view(*args, **kw)
+    monkeypatch.setattr(mv, "CHUNK_ELEMENTS", 80)  # 2 anchors per chunk
+    chunked = mv.memory_view(*args, **kw)
+    sims = [n.pop("sim") for v in (whole, chunked) for a in v["anchors"] for n in a["negatives"]]
+    assert sims[:20] == pytest.approx(sims[20:], abs=1e-12)  # float64 products of other shapes: the last bits
+    assert chunked == whole
+    assert whole["active_negatives"] > 0 and len(whole["anchors"]) == 5
