@@ -127,6 +127,7 @@ class MemoryPanel(QWidget):
         self.shown: dict[str, Any] | None = None
         self._calls = BackgroundCalls("memory-thumbnails", self)
         self._wanted: set[int] = set()
+        self._gen = 0  # the run's generation: thumbnails of a run switched away from are dropped
         self._build()
 
     # ---- layout ----
@@ -181,6 +182,7 @@ class MemoryPanel(QWidget):
     def reset(self, path: str = "") -> None:
         """A new run: forget the views."""
         self.views, self.params, self.thumbs, self.shown = [], {}, {}, None
+        self._wanted, self._gen = set(), self._gen + 1
         self.pick.blockSignals(True)
         self.pick.clear()
         self.pick.blockSignals(False)
@@ -291,8 +293,10 @@ class MemoryPanel(QWidget):
         if not indices or not self.params:
             return
         self._wanted.update(indices)
-        self._calls.call(self._loader, (self.root, dict(self.params), indices), self._thumbs_loaded,
-                         lambda err: self._thumbs_failed(indices, err))
+        gen = self._gen
+        self._calls.call(self._loader, (self.root, dict(self.params), indices),
+                         lambda images: gen == self._gen and self._thumbs_loaded(images),
+                         lambda err: gen == self._gen and self._thumbs_failed(indices, err))
 
     def _thumbs_loaded(self, images: dict[int, Image.Image]) -> None:
         for i, img in images.items():  # QPixmaps in the GUI thread; the decoding and scaling happened elsewhere
