@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         child.terminate()
         child.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
