@@ -20,6 +20,7 @@ from xbmcore.config import Params
 
 from . import process, theme
 from .launch import LaunchForm, format_value, load_base
+from .memory_view import MemoryPanel
 from .monitor import MonitorPanel
 from .retrieval import RetrievalPanel
 from .remote import RemoteTail, is_server
@@ -88,7 +89,7 @@ class MainWindow(QMainWindow):
         self.form_dock = self._dock("Launch", scroll, Qt.DockWidgetArea.LeftDockWidgetArea)
 
     def _build_centre(self, retry_s: float) -> None:
-        """The error banner above the tabs: Live, Runs, Study, Retrieval."""
+        """The error banner above the tabs: Live, Runs, Study, Retrieval, Memory."""
         self.banner = ErrorBanner()
         self.monitor = MonitorPanel()
         self.runs = RunsPanel(self._tracking, retry_s=retry_s)
@@ -100,6 +101,8 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.study, "Study")
         self.retrieval = RetrievalPanel(self.root, self._tracking)
         self.tabs.addTab(self.retrieval, "Retrieval")
+        self.memory = MemoryPanel(self.root)  # the memory_view events of the run the Live tab follows
+        self.tabs.addTab(self.memory, "Memory")
         self.setAcceptDrops(True)  # an image file dropped anywhere on the window is a Retrieval query
         centre = QWidget()
         cl = QVBoxLayout(centre)
@@ -182,6 +185,7 @@ class MainWindow(QMainWindow):
         self.tail = EventTail(parent=self)
         self.tail.switched.connect(lambda path: self._source == "local" and self._switched(path))
         self.tail.batch.connect(lambda b: self._source == "local" and self.monitor.add_batch(b))
+        self.tail.batch.connect(lambda b: self._source == "local" and self.memory.add_batch(b))
         self.tail.bad_lines.connect(self._bad_lines)
         self.tail.waiting.connect(lambda text: self._source == "local" and self.monitor.set_waiting(text))
         self.remote = remote if remote is not None else RemoteTail()
@@ -189,6 +193,7 @@ class MainWindow(QMainWindow):
         self.remote.runs.connect(self._server_runs_listed)
         self.remote.switched.connect(lambda what: self._source == "remote" and self._switched(what))
         self.remote.batch.connect(lambda b: self._source == "remote" and self.monitor.add_batch(b))
+        self.remote.batch.connect(lambda b: self._source == "remote" and self.memory.add_batch(b))
         self.remote.health.connect(self._server_health)
         self.remote.set_server(self.server_uri())
         self._set_server_combo([])
@@ -329,6 +334,7 @@ class MainWindow(QMainWindow):
 
     def _switched(self, path: str) -> None:
         self.monitor.reset(path)
+        self.memory.reset(path)
         self.events_status.setText(f"events: {path}")
 
     def _bad_lines(self, n: int) -> None:
@@ -463,5 +469,6 @@ class MainWindow(QMainWindow):
         self.runs.shutdown()
         self.study.shutdown()
         self.retrieval.shutdown()
+        self.memory.shutdown()
         self.mlflow_ui.shutdown()
         super().closeEvent(event)

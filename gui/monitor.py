@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QTextOption
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from . import theme
@@ -54,13 +55,24 @@ def make_curve(name: str, color: str, width: float = 1.0, style=Qt.PenStyle.Soli
     return c
 
 
-def _height_only(label: pg.LabelItem) -> None:
+def _height_only(label: pg.LabelItem, plot: pg.PlotItem | None = None) -> None:
     """pyqtgraph's LabelItem makes its text width the minimum width of the whole plot column: a title carrying a
-    legend would then widen its column. Keep only the height constraint (the grid gives equal columns)."""
+    legend would then widen its column. Keep only the height constraint (the grid gives equal columns), and wrap
+    the text at the column's width (centred), so that a long legend takes more lines instead of being cut off: the
+    title row of `plot` (PlotItem.setTitle fixes it at 30 px) grows to the wrapped text's height."""
     hints = Qt.SizeHint
+    option = QTextOption(Qt.AlignmentFlag.AlignHCenter)
+    option.setWrapMode(QTextOption.WrapMode.WordWrap)
+    label.item.document().setDefaultTextOption(option)
 
     def update_min() -> None:
+        w = label.rect().width()
+        if w > 0 and label.item.textWidth() != w:
+            label.item.setTextWidth(w)  # wrap at the column's width
         h = label.itemRect().height()
+        if plot is not None and h > 0:
+            label.setMaximumHeight(h)
+            plot.layout.setRowFixedHeight(0, h)
         label.setMinimumSize(0, h)
         label._sizeHint = {hints.MinimumSize: (0, h), hints.PreferredSize: (0, h), hints.MaximumSize: (-1, -1),
                            hints.MinimumDescent: (0, 0)}
@@ -99,7 +111,7 @@ class _Plot:
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.right: pg.ViewBox | None = None
         self.markers: list[pg.InfiniteLine] = []
-        _height_only(item.titleLabel)
+        _height_only(item.titleLabel, item)
         self.set_title(title)
 
     def set_title(self, title: str) -> None:
@@ -110,8 +122,9 @@ class _Plot:
                 pen = c.opts["pen"]
                 mark = {"o": "●", "s": "■"}.get(c.opts["symbol"]) or (
                     "┅" if pen.style() == Qt.PenStyle.DashLine else "━")
-                keys.append(f"<span style='color:{pen.color().name()}'>{mark}&nbsp;{c.name()}</span>")
-        html = f"<b>{title}</b>" + ("&nbsp;&nbsp;&nbsp;" + "&nbsp;&nbsp;".join(keys) if keys else "")
+                name = c.name().replace(" ", "&nbsp;")  # a key never breaks; lines break between keys
+                keys.append(f"<span style='color:{pen.color().name()}'>{mark}&nbsp;{name}</span>")
+        html = f"<b>{title}</b>" + ("&nbsp;&nbsp; " + "&nbsp;&nbsp; ".join(keys) if keys else "")
         self.item.setTitle(html, color=theme.FG, size="10pt")
 
     def add(self, key: str, curve: pg.PlotDataItem, right: bool = False) -> None:

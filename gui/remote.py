@@ -8,7 +8,8 @@ run with the same code, plots, phase markers and ETA as a local events file:
   its metric timestamp (so speed and ETA are the run's own, not the network's);
 - phases: from the run's params (warm-up steps 1..W, memory init at W, then XBM or the baseline), evaluation once
   test metrics appear; progress out of W + X steps;
-- evaluations: the `val/...` and `test/...` metrics; the end: the run's status.
+- evaluations: the `val/...` and `test/...` metrics; the end: the run's status;
+- memory views: the `memory_view/*.json` artifacts (the Memory tab), logged at each evaluation and at the end.
 
 Steps are read up to the newest step of `loss`, the first metric of each step the sink sends (in step order,
 in batches of up to 1,000 metrics). A batch can end inside that newest step; its other values then come after
@@ -98,6 +99,15 @@ class Server:
     def run(self, run_id: str) -> dict[str, Any]:
         return self._call("GET", "/api/2.0/mlflow/runs/get", params={"run_id": run_id})["run"]
 
+    def artifacts(self, run_id: str, path: str) -> list[str]:
+        """The paths of the run's artifacts in folder `path` (not recursive)."""
+        got = self._call("GET", "/api/2.0/mlflow/artifacts/list", params={"run_id": run_id, "path": path})
+        return [f["path"] for f in got.get("files", []) if not f.get("is_dir")]
+
+    def artifact_json(self, run_id: str, path: str) -> Any:
+        """One JSON artifact of the run, parsed (the server's artifact download)."""
+        return self._call("GET", "/get-artifact", params={"path": path, "run_uuid": run_id})
+
     def history(self, run_id: str, key: str, start: int, end: int) -> list[dict[str, Any]]:
         """Points of metric `key` with start <= step <= end, all of them (ranges of at most CHUNK steps)."""
         out = []
@@ -154,6 +164,11 @@ class RemoteRun:
     phase: str | None = None
     started: bool = False
     ended: bool = False
+    views_loaded: set = field(default_factory=set)  # memory_view/*.json artifacts read
+    views_listed: float = -1e9             # when the memory_view folder was last listed (monotonic s)
+    views_final: bool = False              # listed once after the run ended
+
+    VIEWS_EVERY_S = 10.0                   # how often the memory_view folder is listed while the run goes on
 
     def poll(self) -> list[dict[str, Any]]:
         from pipeline.tracking import STEP_METRICS
@@ -217,6 +232,18 @@ class RemoteRun:
                 events.append({"kind": "phase", "step": step, "time": time.time(), "phase": "evaluate"})
                 self.phase = "evaluate"
             events.append({"kind": "eval", "step": step, "time": time.time(), "split": split, "metrics": metrics})
+
+        # Memory views (xbmcore.memory_view): the JSON artifacts the run's MLflowSink logs at each evaluation and
+        # at the end, each the memory_view event itself; listed every VIEWS_EVERY_S while the run logs views.
+        if "memory_view/active_negatives" in latest and not self.views_final and \
+                (status in TERMINAL or time.monotonic() - self.views_listed >= self.VIEWS_EVERY_S):
+            self.views_listed, self.views_final = time.monotonic(), status in TERMINAL
+            for path in sorted(self.server.artifacts(self.run_id, "memory_view")):
+                if path.endswith(".json") and path not in self.views_loaded:
+                    ev = self.server.artifact_json(self.run_id, path)
+                    self.views_loaded.add(path)
+                    if isinstance(ev, dict) and ev.get("kind") == "memory_view":
+                        events.append(ev)
 
         if status in TERMINAL and not self.ended:
             self.ended = True

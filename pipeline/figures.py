@@ -124,3 +124,77 @@ def save_png(image: Image.Image, path: Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", optimize=True)
     return path
+
+
+# ---- the memory view (xbmcore.memory_view): each probe anchor's hardest memory negatives, with their age ----
+
+# Age colours, fresh to stale, one per age bin (the desktop app's Memory tab uses the same six stops).
+AGE_STOPS = ((76, 201, 240), (144, 190, 109), (249, 199, 79), (248, 150, 30), (249, 65, 68), (199, 125, 255))
+MEMORY_THUMB = 64  # px of a thumbnail in the memory view figure
+
+
+def age_rgb(age: float, edges: Sequence[float]) -> tuple[int, int, int]:
+    """The colour of an entry of this age: its bin of `edges` (the last one open) on AGE_STOPS, interpolated."""
+    b = max(0, int(np.searchsorted(np.asarray(edges), age, side="right")) - 1)
+    pos = b / max(len(edges) - 1, 1) * (len(AGE_STOPS) - 1)
+    i = min(int(pos), len(AGE_STOPS) - 2)
+    f = pos - i
+    return tuple(round(a + (c - a) * f) for a, c in zip(AGE_STOPS[i], AGE_STOPS[i + 1]))
+
+
+def draw_memory_view(view: dict, image_of=None) -> Image.Image:
+    """One `memory_view` event as a figure: a row per anchor (its thumbnail, then its hardest memory negatives
+    framed in their age's colour, similarity and age under each, * where the negative shares the anchor's
+    super-class), then the age histogram of the active negatives. `image_of(index)` gives a training image
+    (None: grey squares)."""
+    anchors, k, edges = view["anchors"], view["k"], view["age_edges"]
+    t, cap = MEMORY_THUMB, CAPTION
+    cell_w, cell_h = t + 2 * FRAME, t + 2 * FRAME + cap
+    hist_h = 130
+    width = max(GAP + (1 + k) * (cell_w + GAP) + GAP, 640)
+    height = HEADER + 18 + len(anchors) * (cell_h + GAP) + hist_h + 40
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    font, small = _font(13), _font(11)
+    q = view.get("age_quantiles") or {}
+    ages = "/".join("-" if q.get(n) is None else f"{q[n]:.0f}" for n in ("p10", "p50", "p90"))
+    share = view.get("super_share")
+    draw.text((GAP, 6), f"Memory view at step {view['step']}: {view['memory_size']} entries, "
+                        f"{view['active_negatives']} active negatives, age p10/p50/p90 {ages} steps", fill=TEXT,
+              font=font)
+    draw.text((GAP, 24), "from the anchor's super-class (*): " + ("no super-classes" if share is None else
+              f"{share:.0%} of the active negatives") + "; frame colour = age", fill=TEXT, font=small)
+
+    def x_of(col: int) -> int:
+        return GAP + col * (cell_w + GAP) + (GAP if col > 0 else 0)
+
+    for col, text in enumerate(["anchor", *(f"#{j + 1}" for j in range(k))]):
+        draw.text((x_of(col) + cell_w // 2, HEADER + 10), text, fill=TEXT, font=small, anchor="ms")
+    for r, a in enumerate(anchors):
+        y = HEADER + 18 + r * (cell_h + GAP)
+        cells = [(a["index"], QUERY, f"class {a['label']}")]
+        cells += [(n["index"], age_rgb(n["age"], edges),
+                   f"{'*' if n.get('same_super') else ''}{n['sim']:.2f}  {n['age']} st") for n in a["negatives"]]
+        for col, (index, colour, caption) in enumerate(cells):
+            x = x_of(col)
+            draw.rectangle((x, y, x + cell_w - 1, y + t + 2 * FRAME - 1), fill=colour)
+            draw.rectangle((x + FRAME, y + FRAME, x + FRAME + t - 1, y + FRAME + t - 1), fill=(200, 200, 200))
+            if image_of is not None:
+                th = fit_thumbnail(image_of(int(index)), t)
+                img.paste(th, (x + FRAME + (t - th.width) // 2, y + FRAME + (t - th.height) // 2))
+            draw.text((x + cell_w // 2, y + t + 2 * FRAME + 2), caption, fill=TEXT, font=small, anchor="mt")
+    # the age histogram of the active negatives: one bar per bin, in the bin's colour
+    hist = np.asarray(view["age_hist"], dtype=float)
+    y0 = height - 30
+    bw = (width - 2 * GAP) // max(len(hist), 1)
+    top = hist.max() if len(hist) and hist.max() > 0 else 1.0
+    names = [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+    draw.text((GAP, y0 - hist_h - 4), "ages of the active negatives (steps since written), count per bin", fill=TEXT,
+              font=small)
+    for b, (count, name) in enumerate(zip(hist, names)):
+        x = GAP + b * bw
+        h = int((hist_h - 20) * count / top)
+        draw.rectangle((x + 2, y0 - h, x + bw - 3, y0), fill=age_rgb(edges[b], edges))
+        draw.text((x + bw // 2, y0 + 3), name, fill=TEXT, font=small, anchor="mt")
+        draw.text((x + bw // 2, y0 - h - 2), f"{int(count)}", fill=TEXT, font=small, anchor="mb")
+    return img

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from xbmcore import portable
 from xbmcore.atomic import write_text
@@ -267,6 +267,10 @@ def attach_run(params: Params, root: Path, stage: str, fresh_start: int | None =
 class MLflowSink:
     """An events Sink that logs step and eval events as MLflow metrics from a background thread.
 
+    A ``memory_view`` event gives metrics (its age quantiles and super-class shares) and, at the next evaluation
+    and at the end, an artifact: the view drawn as a PNG (pipeline.figures.draw_memory_view, thumbnails from
+    `images()` when given) and its JSON, under ``memory_view/``, drawn and sent by the same thread.
+
     `emit` only enqueues (no I/O on the training thread). The thread sends batches of up to `max_batch` metrics
     at least every `flush_s` seconds; a failing call is retried `retries` times with backoff, then its metrics
     are dropped with a warning. `close` waits at most `close_timeout_s` for the rest: a slow or dead store can
@@ -275,7 +279,7 @@ class MLflowSink:
 
     def __init__(self, client, run_id: str, logged: dict[str, int] | None = None, flush_s: float = 1.0,
                  max_batch: int = 1000, retries: int = 3, backoff_s: float = 0.5, max_queue: int = 200_000,
-                 close_timeout_s: float = 15.0):
+                 close_timeout_s: float = 15.0, images: Callable[[], Callable[[int], Any]] | None = None):
         from mlflow.entities import Metric  # imported here: importing mlflow takes seconds, never mid-training
 
         self._metric = Metric
@@ -286,6 +290,13 @@ class MLflowSink:
         self.dropped = 0
         self.sent = 0
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
+        # memory views (xbmcore.memory_view) to draw and log as artifacts, in the thread: at each evaluation and
+        # at the end, the latest view not logged yet. `images()` gives image_of(training index) for thumbnails.
+        self._views: queue.Queue = queue.Queue()
+        self._view: dict[str, Any] | None = None
+        self._view_logged = -1
+        self._images, self._image_of = images, None
+        self.views_logged: list[str] = []
         self._closing = threading.Event()
         self._abandon = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-sink", daemon=True)
@@ -315,9 +326,19 @@ class MLflowSink:
             out.update({f"memory/grad_share_{b.replace('-', '_').replace('+', '_plus')}": v
                         for b, v in (st.get("grad_share") or {}).items() if v is not None})
             return out
+        if event["kind"] == "memory_view":  # the ages of the active memory negatives, the super-class shares
+            out = {f"memory_view/age_{k}": v for k, v in (event.get("age_quantiles") or {}).items() if v is not None}
+            out.update({f"memory_view/{k}": event[k] for k in ("super_share", "topk_super_share",
+                                                                  "active_negatives") if event.get(k) is not None})
+            return out
         return {}
 
     def emit(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "memory_view":
+            self._view = event
+        elif kind in ("eval", "end"):
+            self._queue_view()
         Metric = self._metric
         step, ts = int(event["step"]), int(event["time"] * 1000)
         for k, v in self.metrics_of(event).items():
@@ -348,8 +369,36 @@ class MLflowSink:
                         break
             if batch:
                 self._send(batch)
-            elif self._closing.is_set() and self._q.empty():
+            while not self._views.empty() and not self._abandon.is_set():
+                self._log_view(self._views.get())
+            if not batch and self._closing.is_set() and self._q.empty() and self._views.empty():
                 return
+
+    def _queue_view(self) -> None:
+        if self._view is not None and self._view["step"] != self._view_logged:
+            self._view_logged = self._view["step"]
+            self._views.put(self._view)
+
+    def _log_view(self, view: dict[str, Any]) -> None:
+        """Draw one memory view and log it (PNG and JSON) under memory_view/; a failure is a warning."""
+        import json
+        import tempfile
+
+        from pipeline.figures import draw_memory_view, save_png
+
+        try:
+            if self._image_of is None and self._images is not None:
+                self._image_of = self._images()
+            with tempfile.TemporaryDirectory() as tmp:
+                name = f"step_{int(view['step']):07d}"
+                png = save_png(draw_memory_view(view, self._image_of), Path(tmp) / f"{name}.png")
+                (Path(tmp) / f"{name}.json").write_text(json.dumps(view))
+                for path in (png, Path(tmp) / f"{name}.json"):
+                    self.client.log_artifact(self.run_id, str(path), "memory_view")
+            self.views_logged.append(name)
+        except Exception as err:  # never reaches the training thread
+            log.warning("MLflow: the memory view of step %s was not logged (%s: %s)", view.get("step"),
+                        type(err).__name__, err)
 
     def _send(self, batch: list) -> None:
         for attempt in range(self.retries + 1):
@@ -364,12 +413,21 @@ class MLflowSink:
                 time.sleep(self.backoff_s * 2 ** attempt)
 
     def close(self) -> None:
+        self._queue_view()  # the last view, at the end
         self._closing.set()
         self._thread.join(self.close_timeout_s)
         if self._thread.is_alive():
             self._abandon.set()  # the thread ends after the call in flight; the rest is dropped
             log.warning("MLflow: the store did not take the last %d metrics within %.0f s; they are dropped",
                         self._q.qsize(), self.close_timeout_s)
+
+
+def _train_images(params: Params, root: Path) -> Callable[[int], Any]:
+    """image_of(index) of the prepared training split (the memory view's thumbnails); opened when first needed."""
+    from xbmcore.data import open_splits
+
+    train = open_splits(Path(root) / params.data.prepared / params.data.name, params.data).train
+    return train.image
 
 
 # ---- a stage's view of the run ----
@@ -413,7 +471,8 @@ class StageRun:
         sinks: list = [JsonlSink(self.events_path), ProgressSink(enabled=progress)]
         self._mlflow_sink = None
         if self.mlflow is not None:
-            self._mlflow_sink = MLflowSink(self.mlflow.client, self.mlflow.run_id, self.mlflow.logged)
+            self._mlflow_sink = MLflowSink(self.mlflow.client, self.mlflow.run_id, self.mlflow.logged,
+                                           images=lambda: _train_images(params, self.root))
             sinks.append(self._mlflow_sink)
         self.sink = _RunSink(sinks)
         numerics = portable.report()

@@ -32,7 +32,8 @@ CHECKPOINT_FORMAT = 3
 # Train params that change how a run is operated, not what it computes (evaluation runs on a forked RNG). nproc
 # does change it (the global batch) and is checked on its own, so that a resume with another nproc is refused
 # with a message rather than silently started over.
-_OPERATIONAL = ("checkpoint_every", "eval_every", "num_threads", "device", "precision", "log_every", "nproc")
+_OPERATIONAL = ("checkpoint_every", "eval_every", "num_threads", "device", "precision", "log_every", "nproc",
+                "memory_view_every", "memory_view_k", "memory_view_anchors")  # the memory view observes only
 # The drift probe's and the auto warm-up's: they decide what is computed only when the warm-up ends on drift.
 _DRIFT = ("drift_probe", "drift_every", "drift_dts", "warmup_drift", "warmup_drift_dt", "warmup_drift_window",
           "warmup_min_steps", "warmup_max_steps")

@@ -341,6 +341,12 @@ class TrainParams(_Section):
         drift_probe: the number of fixed training images the drift probe embeds (0: no probe).
         drift_every: steps between drift probes.
         drift_dts: the dt of each D(t; dt) the probe reports.
+        memory_view_every: steps between memory views (xbmcore.memory_view: each probe anchor's hardest memory
+            negatives with their age, a ``memory_view`` event) in a phase with a memory; one more at the phase's
+            end. 0: off.
+        memory_view_k: hardest memory negatives listed per anchor.
+        memory_view_anchors: anchors listed in the view (the first of the drift probe's images, or a seeded
+            subset of that many training images without a probe); all the probe's images count in its statistics.
         xbm_steps: the XBM (or baseline) phase's steps.
         checkpoint_every: steps between checkpoints.
         eval_every: steps between validation evaluations (0: none during training).
@@ -384,6 +390,11 @@ class TrainParams(_Section):
     drift_probe: int = Field(0, ge=0)
     drift_every: int = Field(100, ge=1)
     drift_dts: list[int] = Field(default_factory=lambda: [10, 100, 1000])
+    # The memory view (xbmcore.memory_view): every `memory_view_every` steps with a memory (0: off) and at the
+    # phase's end, the `memory_view_k` hardest memory negatives of `memory_view_anchors` anchors, with their age.
+    memory_view_every: int = Field(500, ge=0)
+    memory_view_k: int = Field(8, ge=1)
+    memory_view_anchors: int = Field(16, ge=1)
     xbm_steps: int = Field(1000, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     eval_every: int = Field(0, ge=0)

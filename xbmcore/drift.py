@@ -184,6 +184,7 @@ class DriftProbe:
         history (list[dict]): one entry per probe step: ``{"step": t, "D": {dt: value}}``, plus ``D_backbone``
             and ``cos10`` where measured (and ``directed`` and ``staleness`` added by DriftMonitor).
         last (int): the last step observed (-1: none).
+        current (tuple[int, Tensor] | None): the last step embedded and its embeddings (not checkpointed).
     """
 
     def __init__(self, dataset: Dataset, size: int, every: int, dts: Sequence[int], seed: int,
@@ -202,6 +203,7 @@ class DriftProbe:
         self.snapshots: dict[int, torch.Tensor] = {}  # step -> n x D float32 (CPU)
         self.history: list[dict[str, Any]] = []  # {"step": t, "D": {dt: value}}
         self.last = -1  # the last step observed: a phase that starts where the previous one ended skips it
+        self.current: tuple[int, torch.Tensor] | None = None  # (step, embeddings) of the last step embedded
 
     # ---- which steps ----
 
@@ -255,6 +257,7 @@ class DriftProbe:
             return None
         self.last = step
         self.snapshots[step] = self.embed()
+        self.current = (step, self.snapshots[step])  # for other observers of this step (xbmcore.memory_view)
         out = None
         if self.is_probe_step(step):
             now, k = self.snapshots[step].double(), self.split

@@ -14,6 +14,10 @@ Kinds and their fields (all events also carry `kind`, `time` (unix seconds) and 
   eval        phase, split, metrics ({"recall@1": ..., "map@r": ...})
   drift       phase, D ({"10": D(t; 10), "100": ..., ...}: the drift probe's mean ||f_t(x) - f_{t-dt}(x)||^2,
               for the dts whose earlier snapshot exists; xbmcore.drift)
+  memory_view phase, k, anchors ([{index, label, super, negatives: [{index, sim, age, label, same_super}]}]: each
+              probe anchor's k hardest memory negatives, best first), age_edges, age_hist (the active negatives'
+              ages per bin), age_quantiles ({"p10", "p50", "p90"}), active_negatives, super_share,
+              topk_super_share, memory_size (xbmcore.memory_view; MEMORY_VIEW_FIELDS)
   checkpoint  path
   end         status ("finished" | "failed" | "stopped"), message
 """
@@ -28,7 +32,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Optional, Protocol
 
-KINDS = ("start", "phase", "step", "eval", "drift", "checkpoint", "end")
+KINDS = ("start", "phase", "step", "eval", "drift", "memory_view", "checkpoint", "end")
+# The memory_view event's fields (besides kind/time/step), an anchor's and a negative's (xbmcore.memory_view).
+MEMORY_VIEW_FIELDS = ("phase", "k", "anchors", "age_edges", "age_hist", "age_quantiles", "active_negatives",
+                      "super_share", "topk_super_share", "memory_size")
+MEMORY_VIEW_ANCHOR_FIELDS = ("index", "label", "super", "negatives")
+MEMORY_VIEW_NEGATIVE_FIELDS = ("index", "sim", "age", "label", "same_super")
 PHASES = ("warmup", "memory_init", "xbm", "baseline", "evaluate")
 
 
@@ -123,22 +132,24 @@ def make_event(kind: str, step: int, **fields: Any) -> dict[str, Any]:
     """An event: `kind`, the current unix time, `step` and the fields; non-finite floats become None.
 
     Args:
-        kind: one of `KINDS` (start, phase, step, eval, drift, checkpoint, end; see the module docstring).
+        kind: one of `KINDS` (start, phase, step, eval, drift, memory_view, checkpoint, end; see the module
+            docstring).
         step: the global optimiser step the event belongs to.
-        **fields: the kind's fields (a ``step`` event needs every one of `STEP_FIELDS`), JSON-serialisable.
+        **fields: the kind's fields (a ``step`` event needs every one of `STEP_FIELDS`, a ``memory_view`` event
+            every one of `MEMORY_VIEW_FIELDS`), JSON-serialisable.
 
     Returns:
         The event as a dict, one JSON line of ``events.jsonl`` once a sink writes it.
 
     Raises:
-        ValueError: an unknown kind, or a step event without all its fields.
+        ValueError: an unknown kind, or a step or memory_view event without all its fields.
     """
     if kind not in KINDS:
         raise ValueError(f"event kind must be one of {KINDS}, got {kind!r}")
-    if kind == "step":
-        missing = [f for f in STEP_FIELDS if f not in fields]
+    if kind in ("step", "memory_view"):
+        missing = [f for f in (STEP_FIELDS if kind == "step" else MEMORY_VIEW_FIELDS) if f not in fields]
         if missing:
-            raise ValueError(f"step event is missing fields {missing}")
+            raise ValueError(f"{kind} event is missing fields {missing}")
     ev = {"kind": kind, "time": time.time(), "step": int(step)}
     ev.update({k: _clean(v) for k, v in fields.items()})
     return ev

@@ -16,7 +16,8 @@ re-entering images measure (SDC, in CrossBatchMemory).
 
 The pieces: `Trainer.train_phase` is the loop and `_train_step` one optimiser step. What a checkpoint holds is
 one object, `TrainState` (xbmcore/state.py); the checkpoint files and which one continues a phase are in
-xbmcore/checkpoint.py. Evaluation, checkpoints, stop signals and the drift probe are `Hook`s (xbmcore/hooks.py),
+xbmcore/checkpoint.py. Evaluation, checkpoints, stop signals, the drift probe and the memory view
+(xbmcore/memory_view.py) are `Hook`s (xbmcore/hooks.py),
 and so is anything a caller adds (`Trainer.hooks`, `train_phase(hooks=...)`). A hook ends a phase early through
 `end_phase` (done: the auto warm-up) or `stop` (a checkpoint, then the exception). One `StepRecord` per
 optimiser step goes to the sink as a `step` event and into the curves.
@@ -63,6 +64,7 @@ from xbmcore.events import HISTORY_FIELDS, StepRecord, make_event
 from xbmcore.hooks import CallerError, Checkpointing, DriftMonitor, Evaluation, Hook, StopOnSignals, TrainingStopped
 from xbmcore.losses import XBMObjective, build_loss
 from xbmcore.memory import CrossBatchMemory, build_memory
+from xbmcore.memory_view import MemoryView
 from xbmcore.optim import build_optimizer, lr_factor
 from xbmcore.sampler import PKSampler
 from xbmcore.state import TrainState
@@ -111,7 +113,7 @@ class Trainer:
         sink: where the run's events go (xbmcore.events): anything with ``emit(event: dict)``, such as a
             `JsonlSink` (the events file), a `ProgressSink`, a `MultiSink` of several, or a `NullSink`. One
             ``phase`` event per phase, one ``step`` event per optimiser step, and ``eval``, ``drift``,
-            ``checkpoint`` and ``end`` events; only rank 0 emits. The trainer never closes it.
+            ``memory_view``, ``checkpoint`` and ``end`` events; only rank 0 emits. The trainer never closes it.
         run_dir: folder for this run's files: phase `p` checkpoints to ``run_dir/<p>/checkpoints`` unless
             `train_phase` is given a `checkpoint_dir`. None: no checkpoints unless `train_phase` names a folder.
 
@@ -209,6 +211,8 @@ class Trainer:
                                           embed=lambda ds: self._embed(ds, both)[0],
                                           split=self.model.embedding_dim if both else None)
             self.hooks.append(DriftMonitor())
+        if t.memory_view_every:  # each probe anchor's hardest memory negatives, with their age (observation only)
+            self.hooks.append(MemoryView(t.memory_view_every, t.memory_view_k, t.memory_view_anchors))
         self._end_now = False
         self.folder: Path | None = None  # the current phase's checkpoint folder
         self.last_checkpoint: Path | None = None

@@ -78,6 +78,10 @@ def test_one_finished_mlflow_run_with_continuous_curves_and_the_model(project):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/recall_at_1")] == [4, 8, 12]
     assert run.data.metrics["test/recall_at_1"] == pytest.approx(metrics["recall@1"])
     assert run.data.metrics["test/map_at_r"] == pytest.approx(metrics["map@r"])
+    # The memory view at the XBM phase's end (step 14): its metrics, and its PNG and JSON as artifacts.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "memory_view/age_p50")] == [14]
+    views = sorted(a.path for a in client.list_artifacts(run.info.run_id, "memory_view"))
+    assert views == ["memory_view/step_0000014.json", "memory_view/step_0000014.png"]
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     assert [m.source_run_id for m in models] == [run.info.run_id]
     # The logged model embeds encoded images as the library does (pipeline/pyfunc_model.py).

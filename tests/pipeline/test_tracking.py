@@ -249,3 +249,48 @@ def test_evaluate_attaches_to_the_finished_run_that_trained_its_model(store, req
     with StageRun(p, store, "evaluate", finish=True, model_sha256="other", progress=False) as c:
         pass
     assert c.run_id != a.run_id
+
+
+class ArtifactStore(SlowStore):
+    """Keeps the metrics, and the artifacts' files (read while they exist) with the thread that logged them."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.artifacts = {}
+
+    def log_artifact(self, run_id, path, artifact_path=None):
+        from pathlib import Path
+
+        self.artifacts[f"{artifact_path}/{Path(path).name}"] = (Path(path).read_bytes(), threading.current_thread())
+
+
+def memory_view_event(step: int) -> dict:
+    neg = dict(index=9, sim=0.75, age=120, label=3, same_super=True)
+    return make_event("memory_view", step, phase="xbm", k=1,
+                      anchors=[dict(index=1, label=2, super=0, negatives=[neg])],
+                      age_edges=[0, 10, 100], age_hist=[2, 5, 1], age_quantiles={"p10": 3.0, "p50": 40.0, "p90": 150.0},
+                      active_negatives=8, super_share=0.25, topk_super_share=1.0, memory_size=50)
+
+
+def test_a_memory_view_gives_metrics_and_an_artifact_at_each_evaluation_and_at_the_end():
+    import io
+    import json
+
+    from PIL import Image
+
+    store = ArtifactStore()
+    sink = MLflowSink(store, "run", flush_s=0.01, images=lambda: (lambda i: Image.new("RGB", (16, 16), (i, 0, 0))))
+    sink.emit(memory_view_event(500))
+    sink.emit(make_event("eval", 500, phase="xbm", split="val", metrics={"recall@1": 0.5}))
+    sink.emit(memory_view_event(1000))
+    sink.emit(memory_view_event(1200))  # the phase's end: logged when the sink closes
+    sink.close()
+    metrics = {(m.key, m.step): m.value for b in store.batches for m in b}
+    assert metrics[("memory_view/age_p50", 500)] == 40.0 and metrics[("memory_view/age_p90", 1200)] == 150.0
+    assert metrics[("memory_view/super_share", 1000)] == 0.25 and metrics[("memory_view/topk_super_share", 500)] == 1
+    assert sorted(store.artifacts) == ["memory_view/step_0000500.json", "memory_view/step_0000500.png",
+                                       "memory_view/step_0001200.json", "memory_view/step_0001200.png"]
+    data, thread = store.artifacts["memory_view/step_0001200.png"]
+    assert thread is not threading.main_thread()  # drawn and sent off the training thread
+    assert Image.open(io.BytesIO(data)).size[0] >= 640
+    assert json.loads(store.artifacts["memory_view/step_0000500.json"][0])["anchors"][0]["negatives"][0]["sim"] == 0.75

@@ -84,3 +84,22 @@ def test_the_reader_keeps_a_partial_line_and_skips_bad_ones(tmp_path):
     assert reader.bad_lines == 4
     assert reader.poll() == []  # nothing new
     assert reader.offset == path.stat().st_size
+
+
+def test_a_memory_view_event_round_trips_through_a_file(tmp_path):
+    from xbmcore.events import MEMORY_VIEW_ANCHOR_FIELDS, MEMORY_VIEW_FIELDS, MEMORY_VIEW_NEGATIVE_FIELDS
+
+    neg = dict(index=41, sim=0.625, age=120, label=3, same_super=True)
+    view = dict(phase="xbm", k=1, anchors=[dict(index=7, label=2, super=0, negatives=[neg])],
+                age_edges=[0, 10], age_hist=[0, 1], age_quantiles={"p10": 120.0, "p50": 120.0, "p90": 120.0},
+                active_negatives=1, super_share=1.0, topk_super_share=1.0, memory_size=48)
+    sink = JsonlSink(tmp_path / "events.jsonl")
+    sink.emit(make_event("memory_view", 500, **view))
+    sink.close()
+    (ev,) = read_events(tmp_path / "events.jsonl")
+    assert ev["kind"] == "memory_view" and ev["step"] == 500
+    assert {k: ev[k] for k in MEMORY_VIEW_FIELDS} == view
+    assert set(ev["anchors"][0]) == set(MEMORY_VIEW_ANCHOR_FIELDS)
+    assert set(ev["anchors"][0]["negatives"][0]) == set(MEMORY_VIEW_NEGATIVE_FIELDS)
+    with pytest.raises(ValueError, match=r"memory_view event is missing fields \['memory_size'\]"):
+        make_event("memory_view", 1, **{k: v for k, v in view.items() if k != "memory_size"})
