@@ -1,4 +1,4 @@
-"""Cost of the memory view (xbmcore.memory_view, issue #35) next to the training step.
+"""Cost of the memory view (xbmcore.memory_view) next to the training step.
 
     python -m bench.memory_view                       # params.yaml (train.memory_view_every, _k, _anchors)
     python -m bench.memory_view --rounds 5 --steps 20

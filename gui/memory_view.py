@@ -1,4 +1,4 @@
-"""The Memory tab: what the memory hands the loss (issue #35). Each probe anchor's thumbnail beside its hardest
+"""The Memory tab: what the memory hands the loss. Each probe anchor's thumbnail beside its hardest
 memory negatives (similarity, age as the frame's colour, ● where the negative shares the anchor's super-class),
 the age histogram of the active negatives over the run (stacked shares per age bin, the same colours), and the
 share of the active negatives from the anchor's super-class.

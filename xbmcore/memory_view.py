@@ -1,4 +1,4 @@
-"""What the memory hands the loss: each probe anchor's hardest memory negatives, with their age (issue #35).
+"""What the memory hands the loss: each probe anchor's hardest memory negatives, with their age.
 
 Every ``train.memory_view_every`` steps of a phase with a memory, and at the phase's end, `MemoryView` embeds a
 fixed set of anchors (the drift probe's images, or a seeded subset of ``train.memory_view_anchors`` training images

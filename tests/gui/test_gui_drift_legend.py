@@ -1,4 +1,4 @@
-"""The drift plot's title carries its legend; at 1,600 px it wraps instead of being cut off (issue #35): every key,
+"""The drift plot's title carries its legend; at 1,600 px it wraps instead of being cut off: every key,
 "D(t; 1000)" included, lies within the plot's column, and the title's box is tall enough for all its lines."""
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QFontMetricsF

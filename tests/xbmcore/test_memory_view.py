@@ -1,4 +1,4 @@
-"""The memory view (issue #35): each anchor's hardest memory negatives against a brute-force float64 top-k from
+"""The memory view: each anchor's hardest memory negatives against a brute-force float64 top-k from
 the saved memory and model, the ages and super-class shares, and training bit-identical with the view on or off."""
 from __future__ import annotations
 
