@@ -150,7 +150,7 @@ def embed_files(model: torch.nn.Module, paths: list[Path], transform: Callable, 
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     names = names or [str(p) for p in paths]
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, transform, load), batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_split_failures, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
