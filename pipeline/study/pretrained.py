@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
+from xbmcore.backbones import resolve_input
 from xbmcore.config import Params, validate_params
 from pipeline import stages
 
@@ -130,11 +131,12 @@ def _lookup(d: Any, dotted: str) -> Any:
     return d
 
 
-def same_params(recorded: dict[str, Any], params: Params) -> bool:
+def same_params(recorded: dict[str, Any], params: Params, root: Path | None = None) -> bool:
     """Whether `params` hold the values dvc.lock recorded for a stage (its `params:` mapping, params.yaml only).
 
     The recorded keys (a section or a dotted key) are compared after validation, so a key that params.yaml left
-    to its default compares as that default."""
+    to its default compares as that default, and with `auto` data keys resolved on both sides (dvc.lock records
+    `auto`, the study runs with what it means for the model)."""
     if set(recorded) != {"params.yaml"} or not isinstance(recorded["params.yaml"], dict):
         return False
     values = recorded["params.yaml"]
@@ -146,10 +148,10 @@ def same_params(recorded: dict[str, Any], params: Params) -> bool:
             d = d.setdefault(s, {})
         d[name] = value
     try:
-        then = validate_params(raw, "dvc.lock").model_dump(mode="json")
+        then = resolve_input(validate_params(raw, "dvc.lock"), root).model_dump(mode="json")
+        now = resolve_input(params, root).model_dump(mode="json")
     except ValueError:
         return False
-    now = params.model_dump(mode="json")
     return all(_lookup(now, k) is not KeyError and _lookup(then, k) == _lookup(now, k) for k in values)
 
 
@@ -173,7 +175,7 @@ def _locked_md5(params: Params, root: Path) -> str | None:
         log.info("dvc.lock not read: %s", err)
         return None
     md5 = next((o.get("md5") for o in stage.get("outs") or [] if o.get("path") == PRETRAIN_OUT), None)
-    if md5 and not same_params(stage.get("params") or {}, params):
+    if md5 and not same_params(stage.get("params") or {}, params, root):
         log.info("dvc.lock's pretrain stage ran with other params than the study's")
         return None
     return md5 or None

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from pipeline.study import Worker, resolve_storage, run_study
 from pipeline.study.space import memory_on_step
+from xbmcore.backbones import resolve_input
 from xbmcore.config import validate_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -414,6 +415,8 @@ def test_dvc_lock_params_compare_with_the_studys_params():
 
     recorded = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["pretrain"]["params"]
     assert same_params(recorded, load_params(REPO / "params.yaml"))
+    # The study runs with the `auto` data keys resolved (pipeline.cli), dvc.lock records `auto`.
+    assert same_params(recorded, resolve_input(load_params(REPO / "params.yaml"), REPO), REPO)
     assert not same_params(recorded, load_params(REPO / "params.yaml", ["pretrain.steps=10"]))
     assert not same_params(recorded, load_params(REPO / "params.yaml", ["data.synthetic.seed=1"]))
     # a key the study's params do not touch (the warm-up's) leaves the pretrain out as it is
