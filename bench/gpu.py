@@ -208,6 +208,8 @@ def _step_params(sizes: Sizes, dev: torch.device, batch: int, precision: str, me
         f"data.train_size={sizes.image_size}", f"train.batch_size={batch}", "train.images_per_class=4",
         f"train.precision={precision}", f"train.device={dev.type}", "train.num_threads=null", "train.eval_every=0",
         "memory.mode=queue", "memory.ratio=1.0", f"memory.dtype={memory_dtype}",
+        # The loop alone: the memory view has its own benchmark (bench.memory_view).
+        "train.memory_view_every=0",
     ])
 
 

@@ -1,6 +1,8 @@
 """The download stage: params file in, prepared dataset and a summary out; bad input -> message and exit status."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import yaml
 
@@ -17,7 +19,8 @@ def test_stage_prepares_and_then_verifies(tmp_path, capsys):
     folder = tmp_path / "data" / "prepared" / "synthetic"  # relative to the params file's folder
     assert f"synthetic: prepared in {folder}" in out
     # 24 classes: 12 train (3 of them carved for validation), 12 test.
-    rows = {ln.split()[0]: (int(ln.split()[1]), int(ln.split()[3])) for ln in out.splitlines()[1:]}
+    # The split table's rows only: MLflow may print its own lines (a run's link) when a tracking server is set.
+    rows = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^\s+(\w+)\s+(\d+) images\s+(\d+) classes$", out, re.M)}
     assert {k: classes for k, (_, classes) in rows.items()} == {"train": 9, "val": 3, "test": 12}
     assert sum(n for n, _ in rows.values()) == len(np.load(folder / "images.npy", mmap_mode="r"))
     stamp = (folder / "images.npy").stat().st_mtime_ns

@@ -18,6 +18,7 @@ from gui.series import EventBatch, RunData
 from pipeline import stages
 from pipeline.tracking import run_key, tracking_uri
 from tiny_project import stage_env, write_params
+from xbmcore.backbones import resolve_input
 from xbmcore.checkpoint import list_checkpoints, load_checkpoint
 from xbmcore.config import load_params
 from xbmcore.events import read_events
@@ -52,7 +53,8 @@ def warm(tmp_path_factory):
     for var in ("MLFLOW_TRACKING_URI", "XBM_MLFLOW_RUN_ID", "XBM_MLFLOW_PARENT_RUN_ID"):
         os.environ.pop(var, None)
     root = tmp_path_factory.mktemp("warm")
-    p = load_params(write_params(root, **LONG))
+    # As the stages' entry points see them: the `auto` data keys resolved (pipeline.cli), so run_key(p) is theirs.
+    p = resolve_input(load_params(write_params(root, **LONG)), root)
     stages.run_download(p, root)
     stages.run_warmup(p, root)
     stages.run_memory_init(p, root)

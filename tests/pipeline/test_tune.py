@@ -309,7 +309,7 @@ def test_real_stages_share_the_pipelines_warmup(tmp_path, monkeypatch):
     # A constant schedule: the logged lr is then exactly the phase's own (the warm-up's, then the trial's).
     raw = tiny_params(train={"lr_schedule": "constant"}, tune={"n_trials": 2, "pruner": "none"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    base = validate_params(raw)
+    base = resolve_input(validate_params(raw), tmp_path)  # as the entry points resolve it (pipeline.cli)
     stages.run_download(base, tmp_path)
     stages.run_warmup(base, tmp_path)  # what `dvc repro` leaves in artifacts/warmup
 
@@ -361,7 +361,7 @@ def test_study_makes_the_missing_pretrained_weights_like_the_pretrain_stage(tmp_
     _tracking_free(monkeypatch)
     raw = tiny_params(model={"pretrained": "artifacts/pretrain/model.pt"}, tune={"n_trials": 1, "pruner": "none"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    base = validate_params(raw)
+    base = resolve_input(validate_params(raw), tmp_path)  # as the entry points resolve it (pipeline.cli)
     made = tmp_path / "artifacts/pretrain/model.pt"
     assert not made.exists()
 
