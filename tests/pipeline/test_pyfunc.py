@@ -4,6 +4,7 @@ names the row or the cap."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -134,6 +135,38 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+@contextlib.contextmanager
+def served(model_uri: str, uri: str):
+    """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, once it answers /ping (polled every 0.5 s,
+    within 180 s); stopped (its whole process group) on the way out. Yields (port, server process)."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env={**stage_env(), "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
+            time.sleep(0.5)
+        yield port, server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 
 def _post(port: int, cells: list[str]) -> tuple[int, dict]:
     body = {"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}
@@ -152,24 +185,7 @@ def _b64(data: bytes) -> str:
 
 def test_mlflow_models_serve_answers_an_image_with_its_embedding_and_hostile_requests_with_400(logged):
     root, uri, model_uri, embedder, paths, _ = logged
-    port = _free_port()
-    env = {**stage_env(), "MLFLOW_TRACKING_URI": uri}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
-            time.sleep(0.5)
+    with served(model_uri, uri) as (port, server):
         images = [_b64(p.read_bytes()) for p in paths[:3]]
         status, answer = _post(port, images)
         assert status == 200
@@ -189,13 +205,6 @@ def test_mlflow_models_serve_answers_an_image_with_its_embedding_and_hostile_req
         status, answer = _post(port, images)  # still up, and still right
         assert status == 200 and server.poll() is None
         np.testing.assert_array_equal(np.array(answer["predictions"], dtype=np.float32), got)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
     want, _, _ = embedder.embed_files(paths[:3], num_workers=0)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -273,31 +282,7 @@ def test_a_timm_model_is_served_and_embedded_with_its_own_input(tmp_path, monkey
     a, b = EmbeddingStore.load(tmp_path / "from_mlflow"), EmbeddingStore.load(tmp_path / "from_pt")
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
     assert a.model.digest == b.model.digest and len(a.embeddings) == len(paths) + 1  # and the BMP copy
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env={**stage_env(), "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
-            time.sleep(0.5)
+    with served(model_uri, uri) as (port, _):
         status, answer = _post(port, [_b64(p.read_bytes()) for p in paths[:2]])
         assert status == 200
         np.testing.assert_allclose(np.array(answer["predictions"], dtype=np.float32), want[:2], atol=1e-5)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
