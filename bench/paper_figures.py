@@ -931,7 +931,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fig1a/b steps after the warm-up (default: params.yaml's train.xbm_steps)")
     ap.add_argument("--method", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
                     help="a memory variant run beside the baseline, e.g. momentum0.99:memory.momentum=0.99 "
-                         "(repeatable; default: plain, the params as they are)")
+                         "(repeatable; default: plain:memory.momentum=0, the paper's memory written by the model "
+                         "itself, whatever params.yaml's memory.momentum says)")
     ap.add_argument("--no-baseline", action="store_true", help="fig1a: only the memory's runs (--method)")
     ap.add_argument("--probe", type=int, default=0, metavar="N",
                     help="fig1a/b: the drift probe's N images in every run, its D(t; dt) and the memory's staleness "
@@ -961,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown-out", default=None, metavar="PATH",
                     help="also write the tables as Markdown to PATH (the docs include docs/paper_figures/*.md)")
     args = ap.parse_args(argv)
-    args.method = [_method(m) for m in (args.method or ["plain"])]
+    args.method = [_method(m) for m in (args.method or ["plain:memory.momentum=0"])]
     from xbmcore.config import load_params
 
     base = load_params(args.params, args.overrides).train

@@ -246,8 +246,9 @@ class LossParams(_Section):
         ms_base: multi-similarity's similarity offset, in [-1, 1].
         ms_epsilon: multi-similarity's mining margin (>= 0).
         triplet_margin: the triplet loss's margin (>= 0).
-        reduction: ``mean_active`` (sum / active terms: independent of the memory size) or ``sum_over_batch``
-            (sum / B, as the official code: grows with the memory size).
+        reduction: ``mean_active`` (sum / active terms: independent of the memory size), ``sum_over_batch``
+            (sum / B, as the official code: grows with the memory size) or ``mean_per_kind`` (contrastive only:
+            the mean over the active positives plus the mean over the active negatives).
     """
 
     name: Literal["contrastive", "multi_similarity", "triplet"] = "contrastive"
@@ -257,7 +258,14 @@ class LossParams(_Section):
     ms_base: float = Field(0.5, ge=-1.0, le=1.0)
     ms_epsilon: float = Field(0.1, ge=0)
     triplet_margin: float = Field(0.1, ge=0)
-    reduction: Literal["mean_active", "sum_over_batch"] = "mean_active"
+    reduction: Literal["mean_active", "sum_over_batch", "mean_per_kind"] = "mean_active"
+
+    @model_validator(mode="after")
+    def _per_kind_is_contrastive(self) -> "LossParams":
+        if self.reduction == "mean_per_kind" and self.name != "contrastive":
+            raise _rule(f"mean_per_kind averages positive and negative pairs apart, which only the contrastive "
+                        f"loss's terms are; {self.name} takes mean_active or sum_over_batch", "name", "reduction")
+        return self
 
 
 class MemoryParams(_Section):

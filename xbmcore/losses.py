@@ -17,6 +17,10 @@ Reductions:
     "mean_active"    sum of the terms / number of active terms (pairs, anchors or triplets: see each loss);
                      0 with a zero gradient when nothing is active. Keeps the loss scale independent of K.
     "sum_over_batch" sum of the terms / B, as in the official XBM code; grows with the memory size.
+    "mean_per_kind"  contrastive only: mean of the active positives' terms + mean of the active negatives'
+                     (pytorch-metric-learning's ContrastiveLoss with its AvgNonZeroReducer). Pooled in one mean,
+                     thousands of memory negatives outweigh an anchor's few positives; per kind, the pull on
+                     the positives keeps its weight whatever K and the batch size.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ if TYPE_CHECKING:
     from .config import LossParams
     from .memory import CrossBatchMemory
 
-REDUCTIONS = ("mean_active", "sum_over_batch")
+REDUCTIONS = ("mean_active", "sum_over_batch", "mean_per_kind")
 # Official XBM code: a positive with s >= 1 - 1e-5 is a copy of the anchor (e.g. an image sampled twice),
 # not a pair to learn from.
 POS_EPS = 1e-5
@@ -58,12 +62,15 @@ class PairTerms(NamedTuple):
         num_terms: int64 scalar: the number of terms ``"mean_active"`` divides by (pairs, anchors or triplets).
         pos_pairs: int64 scalar: the active positive pairs.
         neg_pairs: int64 scalar: the active negative pairs.
+        pos_total: the positives' share of `total` (the ``"mean_per_kind"`` reduction; None for a loss whose terms
+            do not split by pair kind).
     """
 
     total: Tensor  # scalar sum of the loss terms, differentiable w.r.t. sim
     num_terms: Tensor  # int64 scalar: what "mean_active" divides by
     pos_pairs: Tensor  # int64 scalar
     neg_pairs: Tensor  # int64 scalar
+    pos_total: Tensor | None = None  # "mean_per_kind": the positives' part of total
 
 
 class PairLoss(nn.Module, ABC):
@@ -84,17 +91,38 @@ class PairLoss(nn.Module, ABC):
 
     Args:
         reduction: ``"mean_active"`` (sum of the terms / number of active terms: the loss scale does not depend
-            on K) or ``"sum_over_batch"`` (sum of the terms / B, as the official XBM code; grows with K).
+            on K), ``"sum_over_batch"`` (sum of the terms / B, as the official XBM code; grows with K) or
+            ``"mean_per_kind"`` (a loss whose terms split into positive and negative pairs: the mean of each kind's
+            active terms, summed).
 
     Raises:
-        ValueError: an unknown reduction.
+        ValueError: an unknown reduction, or ``"mean_per_kind"`` for a loss whose terms do not split by pair kind.
     """
+
+    #: whether pair_terms splits its total into positive and negative pairs (the "mean_per_kind" reduction)
+    splits_by_kind = False
 
     def __init__(self, reduction: str = "mean_active") -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"loss reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        if reduction == "mean_per_kind" and not self.splits_by_kind:
+            raise ValueError(f"loss reduction: mean_per_kind averages positive and negative pairs apart, which only "
+                             f"the contrastive loss's terms are; {type(self).__name__} takes mean_active or "
+                             f"sum_over_batch")
         self.reduction = reduction
+
+    def _reduce(self, terms: PairTerms, anchors: int, device: torch.device,
+                count: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The reduction of `terms` over `anchors` anchors; `count` sums a count over the ranks."""
+        count = count or (lambda n: n)
+        if self.reduction == "mean_active":
+            return terms.total / count(terms.num_terms).clamp(min=1)
+        if self.reduction == "mean_per_kind":
+            neg_total = terms.total - terms.pos_total
+            return (terms.pos_total / count(terms.pos_pairs).clamp(min=1)
+                    + neg_total / count(terms.neg_pairs).clamp(min=1))
+        return terms.total / count(torch.tensor(anchors, device=device))
 
     @abstractmethod
     def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:
@@ -157,13 +185,7 @@ class PairLoss(nn.Module, ABC):
             zero = torch.zeros((), dtype=torch.int64, device=emb.device)
             return LossOutput(sim.sum(), zero, zero)
         terms = self.pair_terms(sim, pos, neg)
-        if self.reduction == "mean_active":
-            n = terms.num_terms if count is None else count(terms.num_terms)
-            loss = terms.total / n.clamp(min=1)
-        else:
-            loss = terms.total / (sim.shape[0] if count is None else
-                                  count(torch.tensor(sim.shape[0], device=emb.device)))
-        return LossOutput(loss, terms.pos_pairs, terms.neg_pairs)
+        return LossOutput(self._reduce(terms, sim.shape[0], emb.device, count), terms.pos_pairs, terms.neg_pairs)
 
     def extra_repr(self) -> str:
         """The loss's settings in ``repr(loss)``."""
@@ -196,8 +218,7 @@ class PairLoss(nn.Module, ABC):
         negatives = neg.clone()
         if sim.shape[1] == 0:
             return torch.zeros_like(sim), negatives
-        terms = self.pair_terms(sim, pos, neg)
-        loss = terms.total / (terms.num_terms.clamp(min=1) if self.reduction == "mean_active" else sim.shape[0])
+        loss = self._reduce(self.pair_terms(sim, pos, neg), sim.shape[0], sim.device)
         if not loss.requires_grad:
             return torch.zeros_like(sim), negatives
         (g,) = torch.autograd.grad(loss, sim)
@@ -209,15 +230,18 @@ class ContrastiveLoss(PairLoss):
 
     Positive pair (same label): term 1 - s, active when s < 1 - 1e-5 (an exact copy is not a pair).
     Negative pair: term s - margin, active when s > margin (the hinge [s - margin]_+).
-    mean_active: sum / (active positive + active negative pairs); sum_over_batch: sum / B.
+    mean_active: sum / (active positive + active negative pairs); sum_over_batch: sum / B; mean_per_kind: the
+    positives' sum / active positives + the negatives' sum / active negatives.
     The official code adds s instead of s - margin for an active negative: same gradient, a loss value
     larger by margin per active negative; the hinge keeps the value continuous at the margin.
 
     Args:
         margin: the negative margin in cosine similarity: a negative pair is active (and pushed apart) while its
             similarity exceeds it. The paper's 0.5.
-        reduction: ``"mean_active"`` or ``"sum_over_batch"`` (see `PairLoss`).
+        reduction: ``"mean_active"``, ``"sum_over_batch"`` or ``"mean_per_kind"`` (see `PairLoss`).
     """
+
+    splits_by_kind = True
 
     def __init__(self, margin: float = 0.5, reduction: str = "mean_active") -> None:
         super().__init__(reduction)
@@ -242,7 +266,10 @@ class ContrastiveLoss(PairLoss):
         n_pos, n_neg = pos.count_nonzero(), neg.count_nonzero()
         # sum_pos (1 - s) + sum_neg (s - margin) = sum(coef * s) + n_pos - margin * n_neg
         total = _sum_of_product(coef, sim) + n_pos - self.margin * n_neg
-        return PairTerms(total, n_pos + n_neg, n_pos, n_neg)
+        # mean_per_kind needs the positives' part alone: one more B x K pass, only then
+        pos_total = n_pos - _sum_of_product(pos.view(torch.int8).to(sim.dtype), sim) \
+            if self.reduction == "mean_per_kind" else None
+        return PairTerms(total, n_pos + n_neg, n_pos, n_neg, pos_total)
 
     def extra_repr(self) -> str:
         """The loss's settings in ``repr(loss)``."""

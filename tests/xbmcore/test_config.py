@@ -223,3 +223,11 @@ def test_file_problems_are_said(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_params(empty) == Params()  # an empty file: the schema's defaults
+
+
+def test_mean_per_kind_reduction_is_for_the_contrastive_loss_only():
+    assert validate_params({"loss": {"reduction": "mean_per_kind"}}).loss.reduction == "mean_per_kind"
+    with pytest.raises(ParamsError) as exc:
+        validate_params({"loss": {"name": "multi_similarity", "reduction": "mean_per_kind"}})
+    (e,) = exc.value.errors
+    assert e.fields == ("loss.name", "loss.reduction") and "only the contrastive" in e.message

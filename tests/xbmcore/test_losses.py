@@ -96,6 +96,14 @@ def brute_force(kind, params, reduction, emb, labels, ref, ref_labels, excluded)
             if not excluded(i, j):
                 sims[i, j] = dot(emb[i], ref[j])
                 same[i, j] = int(labels[i]) == int(ref_labels[j])
+    if kind == "contrastive" and reduction == "mean_per_kind":  # each kind's mean, summed
+        means, counts = [], []
+        for kind_of_pair in (True, False):
+            part = {k: v for k, v in sims.items() if same[k] == kind_of_pair}
+            total, n, _, _ = ref_contrastive(part, same, params["margin"])
+            means.append(total / max(n, 1) if isinstance(total, torch.Tensor) else emb.sum() * 0)
+            counts.append(n)
+        return means[0] + means[1], counts[0], counts[1]
     if kind == "contrastive":
         total, n_terms, n_pos, n_neg = ref_contrastive(sims, same, params["margin"])
     elif kind == "multi_similarity":
@@ -145,8 +153,12 @@ def problem(seed, B=8, K=12, D=5, classes=3):
 # ---------------------------------------------------------------------- value and gradient
 
 
-@pytest.mark.parametrize("kind", list(LOSSES))
-@pytest.mark.parametrize("reduction", ["mean_active", "sum_over_batch"])
+# mean_per_kind splits positive and negative pairs, which only the contrastive loss's terms are
+KINDS_REDUCTIONS = [(k, r) for k in LOSSES for r in ("mean_active", "sum_over_batch")] + [
+    ("contrastive", "mean_per_kind")]
+
+
+@pytest.mark.parametrize(("kind", "reduction"), KINDS_REDUCTIONS)
 @pytest.mark.parametrize("setting", ["batch", "batch_indices", "memory", "memory_ref_grad"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_value_and_gradient_match_brute_force(kind, reduction, setting, seed):
@@ -250,8 +262,7 @@ def test_diagonal_excluded_without_indices():
     assert (int(out.pos_pairs), int(out.neg_pairs)) == (0, 0)
 
 
-@pytest.mark.parametrize("kind", list(LOSSES))
-@pytest.mark.parametrize("reduction", ["mean_active", "sum_over_batch"])
+@pytest.mark.parametrize(("kind", "reduction"), KINDS_REDUCTIONS)
 def test_zero_active_gives_zero_loss_and_zero_gradient(kind, reduction):
     # same label: identical vectors (s = 1, a copy); different labels: orthogonal (s = 0 < margins)
     e = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], requires_grad=True)
@@ -372,8 +383,7 @@ def test_bad_inputs_raise_value_errors():
             fn()
 
 
-@pytest.mark.parametrize("name", ["contrastive", "multi_similarity", "triplet"])
-@pytest.mark.parametrize("reduction", ["mean_active", "sum_over_batch"])
+@pytest.mark.parametrize(("name", "reduction"), KINDS_REDUCTIONS)
 def test_ranks_partial_losses_add_up_to_the_whole_batch(name, reduction):
     # Two "ranks" of 6 anchors each, paired with the whole batch of 12 and with a memory, their counts summed
     # (what the trainer's all_reduce does): the two losses add up to one process's loss, gradients included
@@ -406,3 +416,36 @@ def test_ranks_partial_losses_add_up_to_the_whole_batch(name, reduction):
     assert whole.item() > 0
     torch.testing.assert_close(total, whole, rtol=0, atol=1e-12)
     torch.testing.assert_close(parts.grad, whole_emb.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_mean_per_kind_matches_pytorch_metric_learning(with_memory):
+    """pml's ContrastiveLoss reduces its positive and its negative pairs apart (AvgNonZeroReducer, each kind's mean
+    over the pairs with a non-zero loss) and sums the two: our mean_per_kind, on the batch and against references."""
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.losses import ContrastiveLoss as PmlContrastive
+
+    emb, labels, _, mem, mem_labels, _ = problem(3, B=12, K=30)
+    peer = PmlContrastive(pos_margin=1.0, neg_margin=0.5, distance=CosineSimilarity())
+    ours = ContrastiveLoss(margin=0.5, reduction="mean_per_kind")
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    if with_memory:
+        out, expected = ours(e1, labels, mem, mem_labels), peer(e2, labels, ref_emb=mem, ref_labels=mem_labels)
+    else:
+        out, expected = ours(e1, labels), peer(e2, labels)
+    out.loss.backward()
+    expected.backward()
+    assert int(out.pos_pairs) > 0 and int(out.neg_pairs) > 0
+    assert out.loss.item() != pytest.approx(ContrastiveLoss(0.5)(emb, labels, *((mem, mem_labels) if with_memory
+                                                                               else ())).loss.item())
+    torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-10, atol=1e-12)
+    # pml normalises inside its distance: its gradient is ours without the radial part (the rows are unit vectors)
+    tangent = e1.grad - (e1.grad * emb).sum(1, keepdim=True) * emb
+    torch.testing.assert_close(tangent, e2.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [MultiSimilarityLoss, TripletLoss])
+def test_mean_per_kind_is_refused_where_terms_do_not_split(cls):
+    with pytest.raises(ValueError, match="mean_per_kind .* only the contrastive"):
+        cls(reduction="mean_per_kind")
