@@ -111,7 +111,7 @@ def groups(args) -> list[dict[str, Any]]:
                 if "fig1a" in args.only:
                     if not args.no_baseline:
                         runs.append(("fig1a", [*warm, "memory.enabled=false", "memory.ratio=1.0", *args.baseline_set],
-                                     dict(batch=b, memory=False, ratio=0.0, method="baseline")))
+                                     dict(batch=b, memory=False, ratio=0.0, method=args.baseline_name)))
                     for name, extra in args.method:
                         runs.append(("fig1a", [*warm, "memory.enabled=true", "memory.ratio=1.0",
                                                *_scaled(args, extra, b)],
@@ -679,12 +679,15 @@ def plot_methods(args, rows: list[dict[str, str]]) -> list[str]:
     fig1 = [r for r in rows if r["figure"] == "fig1a" and r["norm"] == "batch"]
     if fig1:
         fig, ax = plt.subplots(figsize=(6, 4.2))
+        if len(_method_order(fig1)) > 10:  # the default cycle has 10 colours
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for m in _method_order(fig1):
             pts: dict[float, list[float]] = {}
             for r in fig1:
                 if r["method"] == m:
                     pts.setdefault(float(r["batch"]), []).append(float(r["recall@1"]))
-            errorbars(ax, pts, "without XBM" if m == "baseline" else f"XBM, {m}")
+            # a baseline under other settings ("baseline per-kind") is a run without XBM too
+            errorbars(ax, pts, "without XBM" + m[len("baseline"):] if m.startswith("baseline") else f"XBM, {m}")
         bs = sorted({int(r["batch"]) for r in fig1})
         ax.set_xscale("log", base=2)
         ax.set_xticks(bs, [str(b) for b in bs])
@@ -715,7 +718,7 @@ def plot_methods(args, rows: list[dict[str, str]]) -> list[str]:
         for r in sorted((r for r in curves if int(r["seed"]) == seed), key=lambda r: order.index(r["method"])):
             c = _curve(args, r)
             ax.plot([x for x, _ in c], [y for _, y in c], marker=".", label=r["method"],
-                    color=f"C{order.index(r['method'])}")
+                    color=f"C{order.index(r['method'])}" if len(order) <= 10 else plt.cm.tab20(order.index(r["method"])))
         save(fig, ax, f"{prefix}val_curves.png", "step after the warm-up",
              f"Validation Recall@1 through the phase, batch {b0}, seed {seed}", ylabel="val Recall@1")
     written += _plot_staleness(args, rows, docs, plt, name=f"{prefix}staleness.png")
@@ -931,9 +934,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="fig1a/b steps after the warm-up (default: params.yaml's train.xbm_steps)")
     ap.add_argument("--method", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
                     help="a memory variant run beside the baseline, e.g. momentum0.99:memory.momentum=0.99 "
-                         "(repeatable; default: plain:memory.momentum=0, the paper's memory written by the model "
+                         "(repeatable; none: the baseline alone; default: plain:memory.momentum=0, the paper's memory written by the model "
                          "itself, whatever params.yaml's memory.momentum says)")
     ap.add_argument("--no-baseline", action="store_true", help="fig1a: only the memory's runs (--method)")
+    ap.add_argument("--baseline-name", default="baseline",
+                    help="fig1a: the method name of the runs without memory, for a baseline under other settings "
+                         "(e.g. -S loss.reduction=mean_per_kind) beside the plain one; the gains are paired with "
+                         "the one named baseline")
     ap.add_argument("--probe", type=int, default=0, metavar="N",
                     help="fig1a/b: the drift probe's N images in every run, its D(t; dt) and the memory's staleness "
                          "written to <out>/drift/<key>.csv (the drift figure's runs always probe 128)")
@@ -962,7 +969,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown-out", default=None, metavar="PATH",
                     help="also write the tables as Markdown to PATH (the docs include docs/paper_figures/*.md)")
     args = ap.parse_args(argv)
-    args.method = [_method(m) for m in (args.method or ["plain:memory.momentum=0"])]
+    # --method none: the baseline's runs alone
+    args.method = [] if args.method == ["none"] else [_method(m) for m in (args.method or ["plain:memory.momentum=0"])]
     from xbmcore.config import load_params
 
     base = load_params(args.params, args.overrides).train

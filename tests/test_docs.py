@@ -114,8 +114,13 @@ def test_paper_figure_tables_are_generated(tmp_path):
     fresh = ["--only", "fig1a", "fig1b", "--batches", "16", "32", "64", "128", "256", "--xbm-steps", "3000",
              "--same-images", "--scale-momentum", "--eval-every", "300", "--ratios", "0.01", "1.0",
              "--cost", str(DOCS / "selection" / "freshness" / "cost.json")]
-    for folder, args in (("paper_figures", earlier), ("fresh_memory", fresh)):
-        out = tmp_path / f"{folder}.md"
+    long = ["--only", "fig1a", "fig1b", "--batches", "16", "--xbm-steps", "6000", "--eval-every", "300",
+            "--ratios", "0.01", "1.0"]
+    selection = ["--split", "val", "--batches", "16", "256", "--xbm-steps", "6000", "--same-images", "--eval-every",
+                 "300", "--cost", str(DOCS / "selection" / "freshness" / "cost.json")]
+    for folder, args in (("paper_figures", earlier), ("fresh_memory", fresh), ("fresh_memory_long", long),
+                         ("selection/freshness", selection)):
+        out = tmp_path / f"{folder.replace('/', '_')}.md"
         proc = subprocess.run([sys.executable, "-m", "bench.paper_figures", "--plot", "--out", str(DOCS / folder),
                                "--docs", str(tmp_path), "--markdown-out", str(out), *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -123,3 +128,30 @@ def test_paper_figure_tables_are_generated(tmp_path):
         assert out.read_text() == (DOCS / folder / "tables.md").read_text(), \
             f"regenerate: python -m bench.paper_figures --plot --out docs/{folder} " \
             f"--markdown-out docs/{folder}/tables.md {' '.join(args)}"
+
+
+FAIR = ["--pair", "16", "docs/fresh_memory_fair/results.csv:baseline per-kind",
+        "docs/fresh_memory_long/results.csv:momentum0.999",
+        "--pair", "256", "docs/fresh_memory_fair/results.csv:baseline per-kind",
+        "docs/fresh_memory_fair/results.csv:momentum0.999 per-kind"]
+
+
+def test_fair_table_is_generated(tmp_path, monkeypatch):
+    """docs/fresh_memory_fair/fair.md is what bench.fair_table writes from the committed CSVs, and its gains are
+    the paired differences of the CSVs' rows."""
+    from bench import fair_table
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "fair.md"
+    assert fair_table.main([*FAIR, "--out", str(out)]) == 0
+    assert out.read_text() == (DOCS / "fresh_memory_fair" / "fair.md").read_text(), \
+        f"regenerate: python -m bench.fair_table {' '.join(repr(a) for a in FAIR)} --out docs/fresh_memory_fair/fair.md"
+    with open(DOCS / "fresh_memory_fair" / "results.csv", newline="") as f:
+        base = {int(r["seed"]): float(r["recall@1"]) for r in csv.DictReader(f)
+                if r["method"] == "baseline per-kind" and r["batch"] == "256" and r["split"] == "test"}
+    with open(DOCS / "fresh_memory_fair" / "results.csv", newline="") as f:
+        mem = {int(r["seed"]): float(r["recall@1"]) for r in csv.DictReader(f)
+               if r["method"] == "momentum0.999 per-kind" and r["batch"] == "256" and r["split"] == "test"}
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| 256 |"))
+    gains = [f"{100 * (mem[s] - base[s]):+.1f}" for s in sorted(base)]
+    assert row.endswith(f"({' / '.join(gains)}) |"), row
