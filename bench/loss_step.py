@@ -3,6 +3,7 @@
     python -m bench.loss_step                       # CPU, B=64, K=59,551 (SOP's train set), D=512
     python -m bench.loss_step --device cuda         # bfloat16 autocast on a GPU (--device auto: cuda if any)
     python -m bench.loss_step --iters 30 --threads 2
+    python -m bench.loss_step --reduction mean_per_kind   # the positives and negatives averaged apart
 
 One step = enqueue + XBMObjective(ContrastiveLoss) forward (batch + memory) + backward. The floor is the two
 B x K x D matrix products no implementation can avoid: sim = emb @ memory^T forward and
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run every step under bfloat16 autocast (default: on for cuda, off for cpu)",
     )
     p.add_argument("--memory-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--reduction", choices=["mean_active", "mean_per_kind"], default="mean_active",
+                   help="the loss's reduction (mean_per_kind sums the positives' terms apart: one more B x K pass)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     p.add_argument("--iters", type=int, default=20, help="timed rounds; medians reported (default 20)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     memory = CrossBatchMemory(K, a.dim, num_items=K, dtype=getattr(torch, a.memory_dtype), device=device)
     memory.enqueue(x["mem"], x["mem_labels"], x["mem_indices"], step=0)
-    objective = XBMObjective(ContrastiveLoss(margin=0.5), weight=1.0)
+    objective = XBMObjective(ContrastiveLoss(margin=0.5, reduction=a.reduction), weight=1.0)
     emb = x["emb"].clone().requires_grad_()
     step = [0]
 
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "autocast_bf16": use_amp,
         "memory_dtype": a.memory_dtype,
+        "reduction": a.reduction,
         **summary(ms),
         "cpu_time": None if device.type == "cuda" else summary(medians(cpu)),
         "warmup": a.warmup,
