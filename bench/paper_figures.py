@@ -96,6 +96,7 @@ def groups(args) -> list[dict[str, Any]]:
     still has every figure)."""
     W, X, b0 = args.warmup_steps, args.xbm_steps, min(args.batches)
     steps = [f"train.warmup_steps={W}", f"train.xbm_steps={X}", f"train.drift_probe={args.probe}"]
+    first = args.method[0][1] if args.method else []
     per_seed: list[list[dict[str, Any]]] = []
     for seed in args.seeds:
         mine = []
@@ -130,7 +131,8 @@ def groups(args) -> list[dict[str, Any]]:
                 warm = [*steps, f"train.batch_size={b}", f"train.seed={seed}", "model.norm=batch"]
                 runs = [("order", [*warm, "memory.enabled=false", "memory.ratio=1.0", *args.baseline_set],
                          dict(batch=b, memory=False, ratio=0.0))]
-                runs += [("order", [*warm, "memory.enabled=true", "memory.ratio=1.0", f"memory.enqueue={e}"],
+                # the memory of the first --method (the paper's plain memory by default), as in fig1a's rows
+                runs += [("order", [*warm, "memory.enabled=true", "memory.ratio=1.0", f"memory.enqueue={e}", *first],
                           dict(batch=b, memory=True, ratio=1.0)) for e in ("before", "after")]
                 mine.append({"name": f"order-b{b}-seed{seed}", "warm": warm, "runs": runs})
         per_seed.append(mine)
@@ -142,7 +144,7 @@ def groups(args) -> list[dict[str, Any]]:
                   [(True, name, extra) for name, extra in args.method]]} for seed in args.drift_seeds]
     auto = [] if "auto" not in args.only else [
         {"name": f"auto-seed{seed}", "warm": [f"train.seed={seed}", "train.warmup_steps=auto"], "drift": True,
-         "runs": [("auto", [f"train.seed={seed}", "train.warmup_steps=auto", "memory.enabled=true"],
+         "runs": [("auto", [f"train.seed={seed}", "train.warmup_steps=auto", "memory.enabled=true", *first],
                    dict(memory=True))]} for seed in args.seeds_auto]
     return [*(per_seed[0] if per_seed else []), *drift, *(g for s in per_seed[1:] for g in s), *auto]
 
