@@ -118,8 +118,10 @@ def test_paper_figure_tables_are_generated(tmp_path):
             "--ratios", "0.01", "1.0"]
     selection = ["--split", "val", "--batches", "16", "256", "--xbm-steps", "6000", "--same-images", "--eval-every",
                  "300", "--cost", str(DOCS / "selection" / "freshness" / "cost.json")]
+    ms = ["--only", "fig1a", "--batches", "16", "64", "--xbm-steps", "3000", "--same-images", "--eval-every", "300",
+          "-S", "loss.name=multi_similarity"]
     for folder, args in (("paper_figures", earlier), ("fresh_memory", fresh), ("fresh_memory_long", long),
-                         ("selection/freshness", selection)):
+                         ("selection/freshness", selection), ("fresh_memory_ms", ms)):
         out = tmp_path / f"{folder.replace('/', '_')}.md"
         proc = subprocess.run([sys.executable, "-m", "bench.paper_figures", "--plot", "--out", str(DOCS / folder),
                                "--docs", str(tmp_path), "--markdown-out", str(out), *args],
