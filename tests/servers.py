@@ -125,18 +125,25 @@ def start_mlflow_server(backend: str, base: Path, port: int | None = None) -> Ml
          "--workers", "1"],
         stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=base)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
+    if not wait_http(f"{uri}/health", proc):
+        stop(proc)
+        raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
+    return MlflowServer(uri, backend, artifacts, proc, log_path)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> bool:
+    """Whether `url` answers 200 before `proc` exits or `timeout` seconds pass. A server says it is ready only by
+    answering, so this polls: the 0.5 s sleep is the interval between checks of that condition."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
-                    return MlflowServer(uri, backend, artifacts, proc, log_path)
+                    return True
         except OSError:
             pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
+    return False
 
 
 class Gate:

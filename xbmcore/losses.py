@@ -115,14 +115,14 @@ class PairLoss(nn.Module, ABC):
     def _reduce(self, terms: PairTerms, anchors: int, device: torch.device,
                 count: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """The reduction of `terms` over `anchors` anchors; `count` sums a count over the ranks."""
+        if self.reduction == "sum_over_batch":  # a tensor (a copy to the device) only when the ranks sum it
+            return terms.total / (anchors if count is None else count(torch.tensor(anchors, device=device)))
         count = count or (lambda n: n)
         if self.reduction == "mean_active":
             return terms.total / count(terms.num_terms).clamp(min=1)
-        if self.reduction == "mean_per_kind":
-            neg_total = terms.total - terms.pos_total
-            return (terms.pos_total / count(terms.pos_pairs).clamp(min=1)
-                    + neg_total / count(terms.neg_pairs).clamp(min=1))
-        return terms.total / count(torch.tensor(anchors, device=device))
+        neg_total = terms.total - terms.pos_total  # mean_per_kind
+        return (terms.pos_total / count(terms.pos_pairs).clamp(min=1)
+                + neg_total / count(terms.neg_pairs).clamp(min=1))
 
     @abstractmethod
     def pair_terms(self, sim: Tensor, pos: Tensor, neg: Tensor) -> PairTerms:

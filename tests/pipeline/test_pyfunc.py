@@ -11,10 +11,8 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import warnings
@@ -23,6 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import servers
 import torch
 
 from bench.serve import blank_png
@@ -130,33 +129,20 @@ def test_embed_from_the_mlflow_model_equals_model_pt(logged, monkeypatch):
     np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 @contextlib.contextmanager
 def served(model_uri: str, uri: str):
     """`mlflow models serve` of `model_uri` on a free port of 127.0.0.1, once it answers /ping (polled every 0.5 s,
     within 180 s); stopped (its whole process group) on the way out. Yields (port, server process)."""
-    port = _free_port()
+    port = servers.free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
         env={**stage_env(), "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
-            time.sleep(0.5)
+        ready = servers.wait_http(f"http://127.0.0.1:{port}/ping", server)
+        assert server.poll() is None, server.stderr.read().decode()[-3000:]
+        assert ready, "the model server did not answer /ping within 180 s"
         yield port, server
     finally:
         os.killpg(server.pid, signal.SIGTERM)
